@@ -1,0 +1,117 @@
+"""The absl command line shared by every trainer: common flags, loading a trainer class, running it.
+
+`tapekit-train --trainer=NAME|package.module:ClassName [flags]`. The trainer class is
+resolved from `--trainer` before the full parse, so that its own flags (declared in its
+`define_flags` classmethod, named like its constructor's keyword arguments) are known and
+listed by `--helpfull`.
+"""
+
+import importlib
+import os
+import sys
+from typing import Dict, List, Optional, Sequence, Type
+
+from absl import app, flags, logging
+
+from tapekit.distribute import STRATEGY_NAMES
+from tapekit.errors import TapekitError, user_message
+from tapekit.trainer import Trainer
+
+FLAGS = flags.FLAGS
+
+# The flags every trainer gets; the first group maps to Trainer(...), the second to fit(...).
+TRAINER_FLAGS = ("model_dir", "strategy", "global_batch_size", "learning_rate", "seed",
+                 "jit_compile", "device", "cpu_replicas")
+
+
+def define_common_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+    """Declares the flags shared by all trainers (idempotent)."""
+    if "trainer" in flag_values:
+        return
+    def define(kind, name, default, help_text, **kwargs):
+        getattr(flags, f"DEFINE_{kind}")(name, default, help_text, flag_values=flag_values, **kwargs)
+    define("string", "trainer", "regression",
+           "A built-in trainer name or 'package.module:ClassName' (a tapekit.Trainer subclass; "
+           "the current directory is importable).")
+    define("string", "model_dir", None,
+           "Directory for metrics.jsonl (and checkpoints, summaries). Unset: write nothing.")
+    define("integer", "train_steps", 1000, "Train until the global step reaches this.", lower_bound=1)
+    define("integer", "steps_per_loop", 100,
+           "Steps per compiled in-graph loop; metrics are logged once per loop.", lower_bound=1)
+    define("integer", "global_batch_size", None,
+           "Examples per step over all replicas. Unset: the trainer's default.", lower_bound=1)
+    define("float", "learning_rate", None, "Unset: the trainer's default.", lower_bound=1e-300)
+    define("integer", "seed", 0, "Seeds Python, NumPy and TensorFlow (and synthetic data).")
+    flags.DEFINE_enum("strategy", "default", list(STRATEGY_NAMES), "tf.distribute strategy.",
+                      flag_values=flag_values)
+    define("string", "device", None, "Device for --strategy=one_device, e.g. /gpu:0.")
+    define("integer", "cpu_replicas", 1,
+           "Split the host CPU into this many logical devices (mirrored/auto on CPU).",
+           lower_bound=1)
+    define("bool", "jit_compile", False, "Compile the per-replica step with XLA.")
+
+
+def load_trainer_class(spec: str, builtins: Dict[str, str]) -> Type[Trainer]:
+    """Resolves `--trainer`: a built-in name or 'package.module:ClassName'."""
+    target = builtins.get(spec, spec)
+    module_name, _, class_name = target.partition(":")
+    if not module_name or not class_name:
+        raise TapekitError(
+            f"--trainer={spec!r} is neither a built-in trainer ({', '.join(sorted(builtins))}) "
+            "nor of the form package.module:ClassName.")
+    if os.getcwd() not in sys.path:  # like `python -m`: the user's own modules are importable
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # a missing module or a bug in it: one line either way
+        raise TapekitError(
+            f"--trainer={spec!r}: cannot import module {module_name!r} "
+            f"({type(error).__name__}: {error}).") from None
+    trainer_class = getattr(module, class_name, None)
+    if trainer_class is None:
+        raise TapekitError(f"--trainer={spec!r}: module {module_name!r} has no {class_name!r}.")
+    if not (isinstance(trainer_class, type) and issubclass(trainer_class, Trainer)):
+        raise TapekitError(
+            f"--trainer={spec!r}: {class_name} is not a subclass of tapekit.Trainer.")
+    return trainer_class
+
+
+def main(builtins: Dict[str, str], argv: Optional[Sequence[str]] = None,
+         program: str = "tapekit-train") -> None:
+    """Parses flags, builds the chosen trainer, trains it and prints what it learned."""
+    argv = list(sys.argv if argv is None else argv)
+    define_common_flags()
+    try:
+        FLAGS(argv, known_only=True)  # only to learn --trainer; app.run parses for real
+        trainer_spec = FLAGS.trainer
+    except flags.Error:
+        trainer_spec = FLAGS["trainer"].default
+    FLAGS.unparse_flags()
+    try:
+        trainer_class = load_trainer_class(trainer_spec, builtins)
+    except TapekitError as error:
+        _exit_with_error(program, error)
+    before = set(FLAGS)
+    trainer_class.define_flags()
+    own_flags = sorted(set(FLAGS) - before)
+    app.run(lambda args: _train(program, trainer_class, own_flags, args), argv=argv)
+
+
+def _train(program: str, trainer_class: Type[Trainer], own_flags: List[str], argv) -> None:
+    if len(argv) > 1:
+        _exit_with_error(program, TapekitError(f"unexpected arguments: {' '.join(argv[1:])}"))
+    kwargs = {name: FLAGS[name].value for name in TRAINER_FLAGS + tuple(own_flags)}
+    try:
+        trainer = trainer_class(**kwargs)
+        trainer.fit(train_steps=FLAGS.train_steps, steps_per_loop=FLAGS.steps_per_loop)
+        summary = trainer.results_summary()
+    except TapekitError as error:
+        _exit_with_error(program, error)
+    logging.info("trained %s to step %d", trainer_class.__name__, trainer.current_step)
+    if summary:
+        print(summary, flush=True)
+
+
+def _exit_with_error(program: str, error: BaseException):
+    print(f"{program}: error: {user_message(error)}", file=sys.stderr, flush=True)
+    sys.exit(2)

@@ -1,0 +1,132 @@
+"""Choosing a `tf.distribute.Strategy` by name: the only place tapekit touches devices.
+
+tapekit has no distribution machinery of its own: every name maps to TensorFlow's
+strategy, and several machines go through `MultiWorkerMirroredStrategy` + `TF_CONFIG`.
+"""
+
+import json
+import os
+from typing import Optional, Union
+
+import tensorflow as tf
+
+from tapekit.errors import TapekitError
+
+STRATEGY_NAMES = ("default", "auto", "one_device", "mirrored", "multi_worker")
+
+
+def split_cpu(num_replicas: int) -> None:
+    """Splits the host CPU into `num_replicas` logical devices (/cpu:0 … /cpu:N-1).
+
+    Must run before TensorFlow initialises its devices (before any op runs). Used by
+    tests and by CPU-only multi-replica runs (`--cpu_replicas`).
+    """
+    if num_replicas <= 1:
+        return
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    wanted = [tf.config.LogicalDeviceConfiguration()] * num_replicas
+    current = tf.config.get_logical_device_configuration(cpu)
+    if current is not None and len(current) == num_replicas:
+        return
+    try:
+        tf.config.set_logical_device_configuration(cpu, wanted)
+    except RuntimeError as error:
+        raise TapekitError(
+            f"cannot split the CPU into {num_replicas} replicas: TensorFlow's devices are "
+            f"already initialised ({error}); set cpu_replicas before any TensorFlow op runs."
+        ) from None
+
+
+def resolve_strategy(
+    strategy: Union[str, tf.distribute.Strategy, None] = "default",
+    device: Optional[str] = None,
+    cpu_replicas: int = 1,
+) -> tf.distribute.Strategy:
+    """Returns the `tf.distribute.Strategy` named by `strategy` (or `strategy` itself).
+
+    Runs eagerly, once per trainer. Names:
+      default       TensorFlow's default strategy (one device, no wrapping cost).
+      auto          Mirrored over all GPUs when there are several, OneDevice on a single
+                    GPU, and otherwise default (or Mirrored over `cpu_replicas` CPUs).
+      one_device    OneDeviceStrategy on `device` (e.g. "/gpu:0"; default "/cpu:0").
+      mirrored      MirroredStrategy over all local GPUs, or over `cpu_replicas` CPUs.
+      multi_worker  MultiWorkerMirroredStrategy, cluster read from TF_CONFIG.
+    """
+    if isinstance(strategy, tf.distribute.Strategy):
+        return strategy
+    name = strategy or "default"
+    if name not in STRATEGY_NAMES:
+        raise TapekitError(
+            f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGY_NAMES)}.")
+    if cpu_replicas < 1:
+        raise TapekitError(f"cpu_replicas must be at least 1, got {cpu_replicas}.")
+    if name == "multi_worker":
+        _check_tf_config()
+        split_cpu(cpu_replicas)
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    split_cpu(cpu_replicas)
+    gpus = tf.config.list_logical_devices("GPU")
+    cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+    if name == "auto":
+        if len(gpus) > 1:
+            return tf.distribute.MirroredStrategy()
+        if len(gpus) == 1:
+            return tf.distribute.OneDeviceStrategy(gpus[0].name)
+        name = "mirrored" if cpu_replicas > 1 else "default"
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "one_device":
+        return tf.distribute.OneDeviceStrategy(_existing_device(device or "/cpu:0"))
+    # mirrored
+    if gpus:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.MirroredStrategy(cpus[:max(cpu_replicas, 1)])
+
+
+def _existing_device(device: str) -> str:
+    try:
+        spec = tf.DeviceSpec.from_string(device)
+    except ValueError:
+        spec = None
+    if spec is None or spec.device_type is None:
+        raise TapekitError(f"cannot parse device {device!r}; write it like '/gpu:0' or '/cpu:0'.")
+    kind = spec.device_type.upper()
+    index = spec.device_index or 0
+    names = [d.name for d in tf.config.list_logical_devices(kind)]
+    if index >= len(names):
+        available = ", ".join(d.name for d in tf.config.list_logical_devices()) or "none"
+        raise TapekitError(
+            f"device {device!r} does not exist on this machine; available: {available}.")
+    return names[index]
+
+
+def _check_tf_config() -> None:
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        raise TapekitError(
+            "strategy 'multi_worker' needs the TF_CONFIG environment variable "
+            "(cluster and task); see BUILD.md, 'GPU batch jobs'.")
+    try:
+        config = json.loads(raw)
+        cluster = config["cluster"]
+        task = config["task"]
+        members = cluster[task["type"]]
+        if not 0 <= int(task["index"]) < len(members):
+            raise IndexError(task["index"])
+    except (ValueError, KeyError, TypeError, IndexError) as error:
+        raise TapekitError(
+            f"TF_CONFIG is not usable for 'multi_worker' ({type(error).__name__}: {error}); it "
+            "must be JSON with 'cluster' (e.g. {\"worker\": [\"host:port\", …]}) and 'task' "
+            "({\"type\": \"worker\", \"index\": i}); see BUILD.md.") from None
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """True on the task that writes checkpoints, summaries and metrics (TensorFlow's rule)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(strategy.extended, "_in_multi_worker_mode", lambda: False)():
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    if task_type in (None, "chief"):
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return task_type == "worker" and task_id == 0 and not has_chief
