@@ -308,7 +308,7 @@ class Trainer:
         """Creates every model variable and optimizer slot before the first step.
 
         Runs eagerly, once. `build()` runs in the strategy scope; then `train_step` is traced
-        once on placeholders in a scratch graph under `keras.StatelessScope` (no state is
+        once on placeholders in a scratch FuncGraph under `keras.StatelessScope` (no state is
         changed; Keras creates the models' variables on leaving the scope), and every
         optimizer passed to `apply_gradients` is built on its variables in the strategy
         scope. Building optimizers inside a replica context fails under MirroredStrategy
@@ -330,7 +330,9 @@ class Trainer:
         try:
             with self.strategy.scope():
                 with keras.StatelessScope():
-                    with tf.Graph().as_default():
+                    # A scratch FuncGraph, as Keras' own symbolic build uses: it can capture
+                    # variables that already exist, and nothing in it ever runs.
+                    with tf.__internal__.FuncGraph("tapekit_probe").as_default():
                         batch = tf.nest.map_structure(
                             lambda s: tf.compat.v1.placeholder(s.dtype, s.shape), spec)
                         outputs = step_fn(batch)

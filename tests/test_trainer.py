@@ -1,0 +1,191 @@
+"""The core Trainer: compiled loop, metrics, losses, gradients, the seed workloads."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tapekit
+from tapekit.models import MLP
+from tapekit.trainers import GANTrainer, RegressionTrainer
+
+
+class MyTrainer(tapekit.Trainer):
+    """The trainer from the issue's public-API example, on y = 2x₁ - x₂ + noise."""
+
+    def build(self):
+        self.model = MLP(hidden_units=10, output_units=1)
+        self.optimizer = keras.optimizers.Adam(0.01)
+
+    def train_dataset(self, input_context):
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((500, 2)).astype(np.float32)
+        y = (2 * x[:, :1] - x[:, 1:] + 0.01 * rng.standard_normal((500, 1))).astype(np.float32)
+        return tapekit.per_replica_batches(tf.data.Dataset.from_tensor_slices((x, y)),
+                                           input_context, self.global_batch_size,
+                                           shuffle_buffer_size=500)
+
+    def train_step(self, batch):
+        x, y = batch
+        with tf.GradientTape() as tape:
+            loss = self.compute_loss(tf.square(y - self.model(x, training=True)))
+        self.apply_gradients(tape, loss, self.model, self.optimizer)
+        return {"loss": loss}
+
+    def eval_step(self, batch):
+        x, y = batch
+        return {"loss": self.compute_loss(tf.square(y - self.model(x)))}
+
+
+def test_public_api_example_trains_and_writes_metrics(tmp_path):
+    trainer = MyTrainer(model_dir=str(tmp_path), strategy="default", global_batch_size=100)
+    history = trainer.fit(train_steps=500, steps_per_loop=50)
+    assert [h["step"] for h in history] == list(range(50, 501, 50))
+    assert history[-1]["loss"] < 0.2 * history[0]["loss"]
+    assert trainer.current_step == 500
+    lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert len(lines) == 10
+    assert {"split", "step", "loss", "steps_per_sec", "examples_per_sec"} <= set(lines[0])
+    assert lines[-1]["step"] == 500 and lines[-1]["split"] == "train"
+    assert lines[-1]["examples_per_sec"] == pytest.approx(lines[-1]["steps_per_sec"] * 100)
+    evaluation = trainer.evaluate(steps=5)
+    assert evaluation["loss"] == pytest.approx(history[-1]["loss"], rel=0.5)
+
+
+def test_compiled_loop_is_traced_once_across_many_loops():
+    trainer = MyTrainer(global_batch_size=50)
+    trainer.fit(train_steps=95, steps_per_loop=10)  # ten loops, the last one clamped to 5 steps
+    assert trainer.train_loop_trace_count == 1
+    trainer.fit(train_steps=120, steps_per_loop=7)  # a later fit continues to step 120
+    assert trainer.current_step == 120
+    assert trainer.train_loop_trace_count == 1
+
+
+def test_loop_metrics_are_the_mean_over_the_loop_steps():
+    class Counting(MyTrainer):
+        def train_step(self, batch):
+            super().train_step(batch)
+            return {"step_seen": tf.cast(self.global_step, tf.float32)}
+
+    trainer = Counting(global_batch_size=10)
+    history = trainer.fit(train_steps=8, steps_per_loop=4)
+    # the step counter reads 0..3 in the first loop and 4..7 in the second
+    assert [h["step_seen"] for h in history] == [1.5, 5.5]
+
+
+def test_fit_accepts_arrays_and_datasets_of_global_batches():
+    x = np.linspace(-1, 1, 200, dtype=np.float32).reshape(-1, 2)
+    y = x.sum(axis=1, keepdims=True)
+    trainer = MyTrainer(global_batch_size=20)
+    history = trainer.fit(train_steps=20, steps_per_loop=10, dataset=(x, y))
+    assert trainer.current_step == 20 and np.isfinite(history[-1]["loss"])
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(20)
+    history = trainer.fit(train_steps=40, steps_per_loop=10, dataset=dataset)
+    assert trainer.current_step == 40 and np.isfinite(history[-1]["loss"])
+
+
+def test_compute_loss_is_the_global_mean_and_rejects_scalars():
+    trainer = MyTrainer(global_batch_size=4)
+    loss = trainer.compute_loss(tf.constant([[1.0, 3.0], [2.0, 2.0], [0.0, 0.0], [4.0, 4.0]]))
+    assert float(loss) == pytest.approx(2.0)
+    with pytest.raises(tapekit.TapekitError, match="one loss per example"):
+        trainer.compute_loss(tf.constant(1.0))
+
+
+def test_a_variable_without_gradient_is_named_in_one_error():
+    class Forgetful(MyTrainer):
+        def build(self):
+            super().build()
+            self.unused = keras.layers.Dense(1, name="unused_head")
+            self.unused.build((None, 2))
+
+        def train_step(self, batch):
+            x, y = batch
+            with tf.GradientTape() as tape:
+                loss = self.compute_loss(tf.square(y - self.model(x)))
+            self.apply_gradients(tape, loss, [self.model, self.unused], self.optimizer)
+            return {"loss": loss}
+
+    trainer = Forgetful(global_batch_size=10)
+    with pytest.raises(tapekit.TapekitError) as raised:
+        trainer.fit(train_steps=2, steps_per_loop=1)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "no gradient for 2 variable(s)" in message and "unused_head/kernel" in message
+    assert trainer.current_step == 0  # nothing ran
+
+
+def test_train_step_must_return_a_dict_of_scalars():
+    class ReturnsVector(MyTrainer):
+        def train_step(self, batch):
+            super().train_step(batch)
+            return {"per_example": batch[1][:, 0]}
+
+    with pytest.raises(tapekit.TapekitError, match="'per_example' with shape"):
+        ReturnsVector(global_batch_size=10).fit(train_steps=1)
+
+
+def test_bad_constructor_arguments_raise_clear_errors():
+    with pytest.raises(tapekit.TapekitError, match="global_batch_size must be a positive"):
+        MyTrainer(global_batch_size=0)
+    with pytest.raises(tapekit.TapekitError, match="learning_rate must be positive"):
+        MyTrainer(learning_rate=-1.0)
+    with pytest.raises(tapekit.TapekitError, match="train_steps must be at least 1"):
+        MyTrainer(global_batch_size=10).fit(train_steps=0)
+
+
+def test_jit_compile_trains_the_same_workload():
+    trainer = MyTrainer(global_batch_size=50, jit_compile=True)
+    history = trainer.fit(train_steps=200, steps_per_loop=100)
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert trainer.train_loop_trace_count == 1
+
+
+# ------------------------------------------------------------------ the seed workloads
+
+
+def test_linear_regression_defaults_learn_the_seed_line():
+    trainer = RegressionTrainer(model="linear")
+    trainer.fit(train_steps=1000, steps_per_loop=100)
+    assert trainer.model.w.numpy().item() == pytest.approx(3.0, abs=0.05)
+    assert trainer.model.b.numpy().item() == pytest.approx(2.0, abs=0.05)
+    assert trainer.results_summary().startswith("Learned w: [3.")
+
+
+def test_seed_mlp_loss_falls_clearly():
+    trainer = RegressionTrainer(model="mlp")
+    history = trainer.fit(train_steps=500, steps_per_loop=50)
+    assert len(trainer.model.trainable_variables) == 4  # W1, b1, W2, b2 as in the seed
+    assert history[-1]["loss"] < 0.6 * history[0]["loss"]
+
+
+def _weights(model):
+    return [v.numpy().copy() for v in model.trainable_variables]
+
+
+def test_gan_updates_both_networks_every_step_with_finite_losses():
+    trainer = GANTrainer()
+    trainer.fit(train_steps=1, steps_per_loop=1)
+    generator, discriminator = trainer.gan.generator, trainer.gan.discriminator
+    count = len(trainer.gan.trainable_variables)
+    assert count == len(generator.trainable_variables) + len(discriminator.trainable_variables) == 8
+    assert not {id(v) for v in generator.trainable_variables} & {
+        id(v) for v in discriminator.trainable_variables}
+    for _ in range(3):
+        before_g, before_d = _weights(generator), _weights(discriminator)
+        logs = trainer.fit(train_steps=trainer.current_step + 1, steps_per_loop=1)[-1]
+        assert np.isfinite(logs["generator_loss"]) and np.isfinite(logs["discriminator_loss"])
+        for old, new in zip(before_g + before_d, _weights(generator) + _weights(discriminator)):
+            assert not np.array_equal(old, new)
+        assert len(trainer.gan.trainable_variables) == count
+
+
+def test_gan_learns_a_shifted_gaussian():
+    trainer = GANTrainer(real_mean=4.0, real_stddev=1.25, seed=1)
+    trainer.fit(train_steps=2000, steps_per_loop=500)
+    samples = trainer.sample()
+    assert abs(samples.mean() - 4.0) < 0.5
+    assert trainer.train_loop_trace_count == 1
