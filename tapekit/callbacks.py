@@ -59,6 +59,33 @@ class MetricsFile(Callback):
         self._append("eval", step, logs)
 
 
+class SaveCheckpoints(Callback):
+    """Saves after a loop that passes a multiple of `every_steps`, and at the end of training.
+
+    Runs on every worker (saving is collective under multi-worker strategies).
+    """
+
+    def __init__(self, checkpointer, every_steps: Optional[int]):
+        self.checkpointer = checkpointer
+        self.every_steps = every_steps
+        self._last_saved = None
+
+    def on_train_begin(self, step):
+        self._last_saved = step
+
+    def _save(self, step):
+        if step != self._last_saved:
+            self.checkpointer.save(step)
+            self._last_saved = step
+
+    def on_loop_end(self, step, logs):
+        if self.every_steps and step // self.every_steps > self._last_saved // self.every_steps:
+            self._save(step)
+
+    def on_train_end(self, step, logs):
+        self._save(step)
+
+
 class LogProgress(Callback):
     """One absl log line per loop: step, metrics and speed (what a batch job's log shows)."""
 

@@ -15,13 +15,15 @@ from absl import app, flags, logging
 
 from tapekit.distribute import STRATEGY_NAMES
 from tapekit.errors import TapekitError, user_message
+from tapekit.precision import PRECISIONS
 from tapekit.trainer import Trainer
 
 FLAGS = flags.FLAGS
 
 # The flags every trainer gets; the first group maps to Trainer(...), the second to fit(...).
 TRAINER_FLAGS = ("model_dir", "strategy", "global_batch_size", "learning_rate", "seed",
-                 "jit_compile", "device", "cpu_replicas")
+                 "jit_compile", "device", "cpu_replicas", "precision", "checkpoint_every_steps",
+                 "max_checkpoints_to_keep")
 
 
 def define_common_flags(flag_values: flags.FlagValues = FLAGS) -> None:
@@ -49,6 +51,14 @@ def define_common_flags(flag_values: flags.FlagValues = FLAGS) -> None:
            "Split the host CPU into this many logical devices (mirrored/auto on CPU).",
            lower_bound=1)
     define("bool", "jit_compile", False, "Compile the per-replica step with XLA.")
+    flags.DEFINE_enum("precision", "float32", list(PRECISIONS),
+                      "float32, mixed_float16 (dynamic loss scaling) or mixed_bfloat16.",
+                      flag_values=flag_values)
+    define("integer", "checkpoint_every_steps", None,
+           "Save a checkpoint every this many steps (at loop ends) and at the end; unset: "
+           "only at the end. Needs --model_dir.", lower_bound=1)
+    define("integer", "max_checkpoints_to_keep", 3, "Checkpoints kept in MODEL_DIR/checkpoints.",
+           lower_bound=1)
 
 
 def load_trainer_class(spec: str, builtins: Dict[str, str]) -> Type[Trainer]:

@@ -67,6 +67,29 @@ def per_replica_batches(
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 
+def shard_files(files, input_context: Optional[tf.distribute.InputContext]) -> tf.data.Dataset:
+    """This input pipeline's share of `files` (a glob pattern or a list): sharding by file.
+
+    File i goes to pipeline i mod num_input_pipelines (one pipeline per worker), in sorted
+    order, so workers read disjoint files. Read them with e.g. `.interleave(tf.data.TFRecordDataset)`.
+    Unlike `per_replica_batches`, the examples a step sees then depend on the number of
+    workers; use it when each worker cannot read the whole data set.
+    """
+    if isinstance(files, str):
+        names = sorted(tf.io.gfile.glob(files))
+    else:
+        names = sorted(str(name) for name in files)
+    pipelines = input_context.num_input_pipelines if input_context else 1
+    if len(names) < pipelines:
+        raise TapekitError(
+            f"sharding by file needs at least one file per worker: {len(names)} file(s) for "
+            f"{pipelines} workers; split the data into more files or shard by data.")
+    dataset = tf.data.Dataset.from_tensor_slices(names)
+    if pipelines > 1:
+        dataset = dataset.shard(pipelines, input_context.input_pipeline_id)
+    return dataset
+
+
 def _slice_rows(start, stop):
     def slice_rows(*batch):
         sliced = tf.nest.map_structure(lambda t: t[start:stop], batch)

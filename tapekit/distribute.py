@@ -14,6 +14,18 @@ from tapekit.errors import TapekitError
 
 STRATEGY_NAMES = ("default", "auto", "one_device", "mirrored", "multi_worker")
 
+# Mirrored strategies over the same devices share TensorFlow's collective keys: a second one
+# in the same process collides with the first ("Shape mismatch in the collective instance").
+# So each device set gets one strategy per process, reused by every trainer.
+_MIRRORED: dict = {}
+
+
+def _mirrored(devices=None) -> tf.distribute.MirroredStrategy:
+    key = tuple(devices) if devices else None
+    if key not in _MIRRORED:
+        _MIRRORED[key] = tf.distribute.MirroredStrategy(list(key) if key else None)
+    return _MIRRORED[key]
+
 
 def split_cpu(num_replicas: int) -> None:
     """Splits the host CPU into `num_replicas` logical devices (/cpu:0 … /cpu:N-1).
@@ -69,7 +81,7 @@ def resolve_strategy(
     cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
     if name == "auto":
         if len(gpus) > 1:
-            return tf.distribute.MirroredStrategy()
+            return _mirrored()
         if len(gpus) == 1:
             return tf.distribute.OneDeviceStrategy(gpus[0].name)
         name = "mirrored" if cpu_replicas > 1 else "default"
@@ -79,8 +91,8 @@ def resolve_strategy(
         return tf.distribute.OneDeviceStrategy(_existing_device(device or "/cpu:0"))
     # mirrored
     if gpus:
-        return tf.distribute.MirroredStrategy()
-    return tf.distribute.MirroredStrategy(cpus[:max(cpu_replicas, 1)])
+        return _mirrored()
+    return _mirrored(cpus[:cpu_replicas])
 
 
 def _existing_device(device: str) -> str:
@@ -121,12 +133,17 @@ def _check_tf_config() -> None:
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
-    """True on the task that writes checkpoints, summaries and metrics (TensorFlow's rule)."""
+    """True on the task that writes checkpoints, summaries and metrics (TensorFlow's rule:
+    the 'chief' task, or worker 0 when the cluster has no chief)."""
     resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not getattr(strategy.extended, "_in_multi_worker_mode", lambda: False)():
+    cluster = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    if not cluster:
         return True
-    task_type, task_id = resolver.task_type, resolver.task_id
-    if task_type in (None, "chief"):
+    if resolver.task_type == "chief":
         return True
-    has_chief = "chief" in resolver.cluster_spec().as_dict()
-    return task_type == "worker" and task_id == 0 and not has_chief
+    return resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in cluster
+
+
+def task_id(strategy: tf.distribute.Strategy) -> int:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    return int(resolver.task_id or 0) if resolver is not None else 0

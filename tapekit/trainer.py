@@ -19,9 +19,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from absl import logging
+
 from tapekit import callbacks as callbacks_lib
 from tapekit import data as data_lib
 from tapekit import distribute
+from tapekit import precision as precision_lib
+from tapekit.checkpointing import Checkpointer
 from tapekit.controller import Controller
 from tapekit.errors import TapekitError, user_message
 from tapekit.loop import CompiledLoop
@@ -44,6 +48,11 @@ class Trainer:
       jit_compile: compile the per-replica step with XLA.
       device: the device for `strategy="one_device"`.
       cpu_replicas: split the host CPU into this many logical devices (`mirrored`/`auto`).
+      precision: "float32", "mixed_float16" (with tapekit's dynamic loss scaling) or
+        "mixed_bfloat16"; the Keras dtype policy in force while `build()` creates models.
+      checkpoint_every_steps: save a checkpoint when a loop ends past each multiple of this
+        (and always at the end of `fit`); None saves only at the end. Needs `model_dir`.
+      max_checkpoints_to_keep: older checkpoints are deleted beyond this many.
     """
 
     default_learning_rate: float = 0.01
@@ -59,6 +68,9 @@ class Trainer:
         jit_compile: bool = False,
         device: Optional[str] = None,
         cpu_replicas: int = 1,
+        precision: str = "float32",
+        checkpoint_every_steps: Optional[int] = None,
+        max_checkpoints_to_keep: int = 3,
     ):
         if global_batch_size is None:
             global_batch_size = self.default_global_batch_size
@@ -76,6 +88,14 @@ class Trainer:
         self.strategy = distribute.resolve_strategy(strategy, device=device,
                                                     cpu_replicas=cpu_replicas)
         keras.utils.set_random_seed(self.seed)
+        precision_lib.check_precision(precision, self.strategy)
+        self.precision = precision
+        if checkpoint_every_steps is not None and checkpoint_every_steps < 1:
+            raise TapekitError(f"checkpoint_every_steps must be at least 1, got {checkpoint_every_steps}.")
+        if max_checkpoints_to_keep < 1:
+            raise TapekitError(f"max_checkpoints_to_keep must be at least 1, got {max_checkpoints_to_keep}.")
+        self.checkpoint_every_steps = checkpoint_every_steps
+        self.max_checkpoints_to_keep = max_checkpoints_to_keep
         replicas = self.strategy.num_replicas_in_sync
         if self.global_batch_size % replicas:
             raise TapekitError(
@@ -92,6 +112,8 @@ class Trainer:
         self._train_loop: Optional[CompiledLoop] = None
         self._eval_loop: Optional[CompiledLoop] = None
         self._train_iterator = None
+        self._loss_scales: Dict[int, precision_lib.DynamicLossScale] = {}
+        self.checkpointer: Optional[Checkpointer] = None
 
     # ------------------------------------------------------------------ the user contract
 
@@ -202,15 +224,23 @@ class Trainer:
         if self._recording is not None:  # the build probe: remember which optimizer updates what
             self._recording.append((optimizer, variables))
             return
-        gradients = tape.gradient(loss, variables)
+        loss_scale = self._loss_scales.get(id(optimizer))
+        # Seeding backprop with the scale is differentiating loss × scale (the tape has closed).
+        gradients = tape.gradient(
+            loss, variables,
+            output_gradients=tf.cast(loss_scale.scale, loss.dtype) if loss_scale is not None else None)
         missing = [variable_path(v) for g, v in zip(gradients, variables) if g is None]
         if missing and not allow_none_gradients:
             raise TapekitError(
                 f"no gradient for {len(missing)} variable(s): {', '.join(missing)}; the loss does "
                 "not depend on them. Run the forward pass inside the tape and pass only the models "
                 "that loss trains (or apply_gradients(..., allow_none_gradients=True)).")
-        optimizer.apply_gradients(
-            [(g, v) for g, v in zip(gradients, variables) if g is not None])
+        pairs = [(g, v) for g, v in zip(gradients, variables) if g is not None]
+        if loss_scale is None:
+            optimizer.apply_gradients(pairs)
+            return
+        gradients = [g / loss_scale.scale for g, _ in pairs]
+        _apply_if_finite(optimizer, gradients, [v for _, v in pairs], loss_scale)
 
     # ------------------------------------------------------------------ running
 
@@ -274,6 +304,8 @@ class Trainer:
         result: List[callbacks_lib.Callback] = [callbacks_lib.LogProgress(train_steps)]
         if self.model_dir and distribute.is_chief(self.strategy):
             result.append(callbacks_lib.MetricsFile(os.path.join(self.model_dir, "metrics.jsonl")))
+        if self.checkpointer is not None:  # every worker saves (the chief into model_dir)
+            result.append(callbacks_lib.SaveCheckpoints(self.checkpointer, self.checkpoint_every_steps))
         return result
 
     def _distribute(self, dataset, dataset_fn):
@@ -308,7 +340,8 @@ class Trainer:
         """Creates every model variable and optimizer slot before the first step.
 
         Runs eagerly, once. `build()` runs in the strategy scope; then `train_step` is traced
-        once on placeholders in a scratch FuncGraph under `keras.StatelessScope` (no state is
+        once on placeholders in a scratch FuncGraph under `keras.StatelessScope` and
+        `keras.SymbolicScope`, as Keras' own symbolic build does (no state is
         changed; Keras creates the models' variables on leaving the scope), and every
         optimizer passed to `apply_gradients` is built on its variables in the strategy
         scope. Building optimizers inside a replica context fails under MirroredStrategy
@@ -316,9 +349,14 @@ class Trainer:
         """
         if self._built:
             return
-        with self.strategy.scope():
+        with self.strategy.scope(), precision_lib.dtype_policy(self.precision):
             self.build()
         names = self._probe_metric_names(self.train_step, iterator, record_optimizers=True)
+        if self.model_dir:
+            self.checkpointer = Checkpointer(
+                self._state_objects(), self.model_dir, distribute.is_chief(self.strategy),
+                max_to_keep=self.max_checkpoints_to_keep, task_id=distribute.task_id(self.strategy))
+            self._resume()
         self._train_loop = CompiledLoop(self.strategy, self.train_step, names,
                                         step_counter=self.global_step,
                                         jit_compile=self.jit_compile, name="train_loop")
@@ -329,7 +367,7 @@ class Trainer:
         self._recording = []
         try:
             with self.strategy.scope():
-                with keras.StatelessScope():
+                with keras.StatelessScope(), keras.SymbolicScope():
                     # A scratch FuncGraph, as Keras' own symbolic build uses: it can capture
                     # variables that already exist, and nothing in it ever runs.
                     with tf.__internal__.FuncGraph("tapekit_probe").as_default():
@@ -342,15 +380,66 @@ class Trainer:
                     for optimizer, variables in self._recording:
                         if not optimizer.built:
                             optimizer.build(variables)
+                        if self.precision == "mixed_float16" and id(optimizer) not in self._loss_scales:
+                            self._loss_scales[id(optimizer)] = precision_lib.DynamicLossScale()
         finally:
             self._recording = None
         return names
+
+    def _state_objects(self) -> Dict[str, Any]:
+        """Everything a checkpoint holds: the global step and every model, optimizer, variable
+        and module the trainer has as a public attribute (plus tapekit's loss scales)."""
+        objects: Dict[str, Any] = {"global_step": self.global_step}
+        names = {}
+        for name, value in vars(self).items():
+            if name.startswith("_") or name in objects:
+                continue
+            if isinstance(value, (keras.Layer, keras.optimizers.Optimizer, tf.Variable, tf.Module)):
+                objects[name] = value
+                names[id(value)] = name
+        for key, scale in self._loss_scales.items():
+            objects[f"loss_scale_{names.get(key, key)}"] = scale
+        return objects
+
+    def _resume(self) -> None:
+        latest = self.checkpointer.latest
+        if latest:
+            self.checkpointer.restore(latest)
+            logging.info("resumed from checkpoint %s at step %d", latest, self.current_step)
 
     def _call_loop(self, loop: CompiledLoop, iterator, num_steps: int):
         try:
             return loop(iterator, num_steps)
         except TapekitError as error:
             raise TapekitError(user_message(error)) from None
+
+
+def _apply_if_finite(optimizer, gradients, variables, loss_scale=None) -> None:
+    """Applies `gradients` only if they are finite on every replica; updates `loss_scale`.
+
+    Runs per replica inside `train_step`. The replicas agree through an all-reduce, then one
+    `merge_call` takes a `tf.cond` in cross-replica context around the optimizer update
+    (a cond whose branch calls `merge_call` is not allowed in a replica context).
+    """
+    finite_here = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in gradients])
+    context = tf.distribute.get_replica_context()
+    bad_replicas = context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                      1.0 - tf.cast(finite_here, tf.float32))
+    finite = tf.equal(bad_replicas, 0.0)
+
+    def cross_replica(strategy, gradients, finite):
+        finite = strategy.experimental_local_results(finite)[0]
+
+        def apply():
+            strategy.extended.call_for_each_replica(
+                lambda grads: optimizer.apply_gradients(zip(grads, variables)), args=(gradients,))
+            return tf.constant(True)
+
+        tf.cond(finite, apply, lambda: tf.constant(False))
+        if loss_scale is not None:
+            loss_scale.update(finite)
+
+    context.merge_call(cross_replica, args=(gradients, finite))
 
 
 def metric_names(outputs, step_name: str) -> List[str]:

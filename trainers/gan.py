@@ -76,8 +76,9 @@ class GANTrainer(tapekit.Trainer):
         generator, discriminator = self.gan.generator, self.gan.discriminator
         with tf.GradientTape() as generator_tape, tf.GradientTape() as discriminator_tape:
             fake = generator(noise, training=True)
-            real_logits = discriminator(real, training=True)
-            fake_logits = discriminator(fake, training=True)
+            # logits in float32 whatever the precision policy: losses are computed in float32
+            real_logits = tf.cast(discriminator(real, training=True), tf.float32)
+            fake_logits = tf.cast(discriminator(fake, training=True), tf.float32)
             generator_loss = self.compute_loss(_bce(tf.ones_like(fake_logits), fake_logits))
             discriminator_loss = (
                 self.compute_loss(_bce(tf.ones_like(real_logits), real_logits))
@@ -86,12 +87,12 @@ class GANTrainer(tapekit.Trainer):
         self.apply_gradients(discriminator_tape, discriminator_loss, discriminator,
                              self.discriminator_optimizer)
         return {"generator_loss": generator_loss, "discriminator_loss": discriminator_loss,
-                "generated_mean": tf.reduce_mean(fake)}
+                "generated_mean": tf.reduce_mean(tf.cast(fake, tf.float32))}
 
     def sample(self, num_samples: int = 10000, seed: int = 12345) -> np.ndarray:
         """Generator samples for fixed noise (eager)."""
         noise = tf.random.stateless_normal([num_samples, self.noise_dim], seed=[seed, 0])
-        return self.gan.generator(noise, training=False).numpy()
+        return tf.cast(self.gan.generator(noise, training=False), tf.float32).numpy()
 
     def results_summary(self):
         samples = self.sample()

@@ -66,13 +66,15 @@ class RegressionTrainer(tapekit.Trainer):
     def train_step(self, batch):
         x, y = batch
         with tf.GradientTape() as tape:
-            loss = self.compute_loss(tf.square(y - self.model(x, training=True)))
+            prediction = tf.cast(self.model(x, training=True), tf.float32)  # float32 under mixed precision
+            loss = self.compute_loss(tf.square(y - prediction))
         self.apply_gradients(tape, loss, self.model, self.optimizer)
         return {"loss": loss}
 
     def eval_step(self, batch):
         x, y = batch
-        return {"loss": self.compute_loss(tf.square(y - self.model(x, training=False)))}
+        prediction = tf.cast(self.model(x, training=False), tf.float32)
+        return {"loss": self.compute_loss(tf.square(y - prediction))}
 
     def results_summary(self):
         if self.model_name == "linear":
