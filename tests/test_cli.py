@@ -102,3 +102,18 @@ def test_nonsensical_flags_are_rejected_by_flag_validation(cli_env):
         assert result.returncode != 0, flag
         assert "Traceback" not in result.stderr, flag
         assert flag.split("=")[0] in result.stderr, flag
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--strategy=multi_worker"], "needs the TF_CONFIG environment variable"),
+    (["--strategy=mirrored", "--cpu_replicas=2", "--global_batch_size=33"],
+     "global_batch_size=33 is not divisible by the 2 replicas"),
+    (["--strategy=one_device", "--device=/gpu:0"], "device '/gpu:0' does not exist"),
+])
+def test_strategy_errors_are_one_line_and_write_nothing(flags, expected, tmp_path, cli_env):
+    model_dir = tmp_path / "run"
+    result = run_cli(["--trainer=regression", f"--model_dir={model_dir}"] + flags, cli_env)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert expected in result.stderr.strip().splitlines()[-1]
+    assert not model_dir.exists()
