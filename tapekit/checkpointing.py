@@ -1,53 +1,146 @@
-"""Checkpoints of a trainer's whole state with `tf.train.CheckpointManager`.
+"""Checkpoints of a trainer's whole state with `tf.train.CheckpointManager`, checked on restore.
 
 Every worker calls `save` (under MultiWorkerMirroredStrategy saving may run collective
 ops); only the chief writes into `MODEL_DIR/checkpoints`, the others into a temporary
 directory of their own that is deleted right after (TensorFlow's convention).
+
+Restores never half-succeed: the checkpoint's variables are compared with the trainer's
+(names and shapes) first, every mismatch is listed in one error, and
+`assert_existing_objects_matched` confirms the restore. Nothing on disk is changed by a
+failed restore.
 """
 
 import os
 import shutil
 import tempfile
-from typing import Dict, Optional
+import time
+from typing import Dict, List, Optional
 
 import tensorflow as tf
 from absl import logging
 
 from tapekit.errors import TapekitError
 
+ITERATOR_KEY = "train_iterator"
+_IGNORED_KEYS = ("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter/")
+
+
+def prepare_model_dir(model_dir: str) -> str:
+    """Creates `model_dir` if needed and checks that files can be written there."""
+    model_dir = os.path.abspath(os.path.expanduser(model_dir))
+    try:
+        os.makedirs(model_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=model_dir, prefix=".tapekit-write-test-"):
+            pass
+    except FileExistsError:
+        raise TapekitError(
+            f"model_dir {model_dir!r} is a file, not a directory; choose another --model_dir.") from None
+    except OSError as error:
+        raise TapekitError(
+            f"cannot write to model_dir {model_dir!r} ({error.strerror or error}); choose a "
+            "writable --model_dir.") from None
+    return model_dir
+
+
+def check_restorable(path: str) -> None:
+    """Raises if `path` (a checkpoint prefix such as .../ckpt-100) has no index file."""
+    if not tf.io.gfile.exists(path + ".index"):
+        directory = os.path.dirname(path) or "."
+        found = tf.train.get_checkpoint_state(directory)
+        hint = (f"; checkpoints there: {', '.join(_names(found.all_model_checkpoint_paths))}"
+                if found else "")
+        raise TapekitError(
+            f"--restore_from={path!r} is not a checkpoint (no {os.path.basename(path)}.index)"
+            f"{hint}. Give the prefix, e.g. MODEL_DIR/checkpoints/ckpt-1000.")
+
+
+def saved_step(path: str) -> int:
+    """The global step stored in checkpoint `path`, read without restoring anything."""
+    try:
+        return int(tf.train.load_variable(path, "global_step/.ATTRIBUTES/VARIABLE_VALUE"))
+    except (tf.errors.OpError, ValueError) as error:
+        raise _corrupt(path, error) from None
+
+
+def has_iterator(path: str) -> bool:
+    try:
+        return any(name.startswith(ITERATOR_KEY + "/") for name, _ in tf.train.list_variables(path))
+    except (tf.errors.OpError, ValueError) as error:
+        raise _corrupt(path, error) from None
+
 
 class Checkpointer:
-    """Saves and restores `objects` (name → trackable) for one trainer. Eager, outer loop only."""
+    """Saves and restores `objects` (name → trackable) for one trainer. Eager, outer loop only.
 
-    def __init__(self, objects: Dict[str, object], model_dir: str, is_chief: bool,
+    `model_dir=None` makes a restore-only checkpointer.
+    """
+
+    def __init__(self, objects: Dict[str, object], model_dir: Optional[str], is_chief: bool,
                  max_to_keep: int = 3, task_id: int = 0):
         self.checkpoint = tf.train.Checkpoint(**objects)
-        self.directory = os.path.join(model_dir, "checkpoints")
+        self.directory = os.path.join(model_dir, "checkpoints") if model_dir else None
         self.is_chief = is_chief
+        self.max_to_keep = max_to_keep
         self._temporary = None
-        if is_chief:
-            write_dir = self.directory
-        else:
-            self._temporary = tempfile.mkdtemp(prefix=f"tapekit-worker{task_id}-")
-            write_dir = self._temporary
+        self.manager = None
+        if model_dir:
+            if not is_chief:
+                self._temporary = tempfile.mkdtemp(prefix=f"tapekit-worker{task_id}-")
+            self._make_manager()
+
+    def _make_manager(self) -> None:
+        write_dir = self.directory if self.is_chief else self._temporary
         self.manager = tf.train.CheckpointManager(self.checkpoint, write_dir,
-                                                  max_to_keep=max_to_keep)
+                                                  max_to_keep=self.max_to_keep)
 
     @property
     def latest(self) -> Optional[str]:
         """The newest checkpoint in MODEL_DIR/checkpoints (the chief's), or None."""
-        return tf.train.latest_checkpoint(self.directory)
+        return tf.train.latest_checkpoint(self.directory) if self.directory else None
+
+    def track_iterator(self, iterator) -> None:
+        """Saves and restores the position of a (non-distributed) `tf.data` iterator."""
+        setattr(self.checkpoint, ITERATOR_KEY, iterator)
 
     def restore(self, path: str) -> None:
-        """Restores every object from `path`; all of the trainer's state must be found there."""
+        """Restores every object from `path`; raises one TapekitError if anything does not match."""
+        mismatches = self._mismatches(path)
+        if mismatches:
+            shown = "; ".join(mismatches[:12]) + (f"; … {len(mismatches) - 12} more"
+                                                 if len(mismatches) > 12 else "")
+            raise TapekitError(
+                f"checkpoint {path!r} does not fit this trainer ({len(mismatches)} mismatches: "
+                f"{shown}). It was written by a different model or configuration; use a new "
+                "--model_dir or --restore_from a checkpoint of this trainer. Nothing was changed.")
         try:
             status = self.checkpoint.restore(path)
             status.assert_existing_objects_matched()
-        except (tf.errors.OpError, AssertionError, ValueError) as error:
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise TapekitError(
-                f"cannot restore checkpoint {path!r}: {first_line}. Point --restore_from at a "
-                "checkpoint of this trainer, or use a new --model_dir.") from None
+        except (tf.errors.OpError, ValueError) as error:
+            raise _corrupt(path, error) from None
+        except AssertionError as error:
+            raise TapekitError(f"checkpoint {path!r} restored only partly: {_first_line(error)}; "
+                               "use a checkpoint of this trainer.") from None
+
+    def _mismatches(self, path: str) -> List[str]:
+        try:
+            saved = _variable_shapes(path)
+        except (tf.errors.OpError, ValueError) as error:
+            raise _corrupt(path, error) from None
+        scratch = tempfile.mkdtemp(prefix="tapekit-expected-")
+        try:
+            # What this trainer would write, to compare names and shapes before restoring.
+            expected = _variable_shapes(self.checkpoint.write(os.path.join(scratch, "expected")))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        problems = []
+        for name, shape in expected.items():
+            if name not in saved:
+                problems.append(f"{name} missing from the checkpoint")
+            elif saved[name] != shape:
+                problems.append(f"{name} has shape {saved[name]} in the checkpoint, {shape} here")
+        problems += [f"{name} in the checkpoint is not in this trainer"
+                     for name in saved if name not in expected]
+        return problems
 
     def save(self, step: int) -> None:
         path = self.manager.save(checkpoint_number=step)
@@ -56,6 +149,64 @@ class Checkpointer:
         else:
             shutil.rmtree(self._temporary, ignore_errors=True)
 
+    def set_aside_checkpoints_after(self, step: int) -> None:
+        """Moves checkpoints newer than `step` (e.g. a damaged one the run was restarted
+        around) into checkpoints/set_aside-TIME/, so later saves neither overwrite nor delete
+        them, and the manager only knows the checkpoints up to `step`."""
+        if not (self.is_chief and self.directory):
+            return
+        state = tf.train.get_checkpoint_state(self.directory)
+        if state is None:
+            return
+        kept, newer = [], []
+        for path in state.all_model_checkpoint_paths:
+            path = path if os.path.isabs(path) else os.path.join(self.directory, path)
+            number = path.rsplit("-", 1)[-1]
+            (newer if number.isdigit() and int(number) > step else kept).append(path)
+        if not newer:
+            return
+        aside = os.path.join(self.directory, time.strftime("set_aside-%Y%m%d-%H%M%S"))
+        os.makedirs(aside, exist_ok=True)
+        for path in newer:
+            for name in tf.io.gfile.glob(path + ".*"):
+                shutil.move(name, os.path.join(aside, os.path.basename(name)))
+        tf.compat.v1.train.update_checkpoint_state(
+            self.directory, kept[-1] if kept else "", all_model_checkpoint_paths=kept)
+        logging.warning("moved %d checkpoint(s) newer than step %d to %s", len(newer), step, aside)
+        self._make_manager()
+
     def close(self) -> None:
         if self._temporary:
             shutil.rmtree(self._temporary, ignore_errors=True)
+
+
+def _variable_shapes(path: str) -> Dict[str, List[int]]:
+    return {name: shape for name, shape in tf.train.list_variables(path)
+            if not name.startswith(_IGNORED_KEYS) and not name.startswith(ITERATOR_KEY + "/")}
+
+
+def _corrupt(path: str, error: BaseException) -> TapekitError:
+    directory = os.path.dirname(path)
+    state = tf.train.get_checkpoint_state(directory) if directory else None
+    older = [p for p in (state.all_model_checkpoint_paths if state else []) if p != path
+             and _number(p) < _number(path)]
+    hint = (f"--restore_from={older[-1]} (an older checkpoint)" if older
+            else "--restore_from an older checkpoint, or a new --model_dir")
+    data_files = tf.io.gfile.glob(path + ".data-*") or [path + ".data-*"]
+    return TapekitError(
+        f"checkpoint {path!r} is damaged or unreadable ({', '.join(data_files)}: "
+        f"{type(error).__name__}: {_first_line(error)}); it was left as it is. Use {hint}.")
+
+
+def _number(path: str) -> int:
+    tail = str(path).rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
+def _names(paths) -> List[str]:
+    return [os.path.basename(p) for p in paths]
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

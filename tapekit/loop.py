@@ -2,25 +2,37 @@
 
 Python runs once per loop, not once per step: the `tf.function` below holds a
 `tf.range` loop that reads the distributed iterator, runs the step on every replica
-and keeps per-replica running sums of the step's metrics. Cross-replica reduction
-happens once, after the loop.
+and keeps per-replica running sums of the step's metrics, skipping non-finite values
+but remembering the first one. Cross-replica reduction happens once, after the loop.
 """
 
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, NamedTuple, Optional, Sequence
 
 import tensorflow as tf
 
+NO_BAD_STEP = tf.int64.max
+
+
+class LoopResult(NamedTuple):
+    """What one compiled loop reports (eager values)."""
+
+    metrics: Dict[str, float]  # mean over the loop's steps (finite values only), over replicas
+    steps_run: int  # < steps asked for when the iterator ran out
+    nonfinite_steps: int  # steps where some metric was NaN or infinite (on any replica)
+    first_nonfinite_offset: Optional[int]  # 0-based step within the loop, or None
+    first_nonfinite_metric: Optional[str]
+
 
 class CompiledLoop:
-    """Runs `num_steps` calls of `replica_step` under `strategy` in one `tf.function`.
+    """Runs up to `num_steps` calls of `replica_step` under `strategy` in one `tf.function`.
 
     The contract of `replica_step(batch) -> dict[str, scalar tensor]`: it is traced (never
     run eagerly), runs once per replica per step, and returns replica-local values whose
     mean over replicas is the global value (what `Trainer.compute_loss` returns).
 
-    Calling the loop returns the mean over the loop's steps of each metric, reduced
-    across replicas, as eager scalar tensors. It is traced once per (iterator type);
-    `trace_count` counts traces so tests and the retrace guard can check it.
+    The loop reads the iterator with `get_next_as_optional` and stops early, cleanly, when
+    it runs out. It is traced once per iterator type; `trace_count` counts traces so that
+    tests and the retrace guard can check it.
     """
 
     def __init__(
@@ -35,31 +47,86 @@ class CompiledLoop:
         self.strategy = strategy
         self.metric_names = tuple(metric_names)
         self.step_counter = step_counter
+        self.name = name
         self.trace_count = 0
         self._replica_step = (
             tf.function(replica_step, jit_compile=True) if jit_compile else replica_step)
         self._function = tf.function(self._loop)
-        self.name = name
 
-    def _zeros(self) -> Dict[str, tf.Tensor]:
-        return {name: tf.zeros([], tf.float32) for name in self.metric_names}
+    def _initial_state(self):
+        zeros = {name: tf.zeros([], tf.float32) for name in self.metric_names}
+        counts = {name: tf.zeros([], tf.float32) for name in self.metric_names}
+        return {"sums": zeros, "counts": counts,
+                "first_bad": tf.constant(NO_BAD_STEP, tf.int64),
+                "bad_steps": tf.zeros([], tf.float32)}
 
-    def _step_and_accumulate(self, batch, totals):
+    def _step_and_accumulate(self, batch, state, offset):
         outputs = self._replica_step(batch) or {}
-        return {name: totals[name] + tf.cast(outputs[name], tf.float32)
-                for name in self.metric_names}
+        sums, counts = dict(state["sums"]), dict(state["counts"])
+        bad = []
+        for name in self.metric_names:
+            value = tf.cast(outputs[name], tf.float32)
+            finite = tf.math.is_finite(value)
+            sums[name] = sums[name] + tf.where(finite, value, 0.0)
+            counts[name] = counts[name] + tf.cast(finite, tf.float32)
+            bad.append(tf.logical_not(finite))
+        first_bad, bad_steps = state["first_bad"], state["bad_steps"]
+        if bad:
+            bad = tf.stack(bad)
+            any_bad = tf.reduce_any(bad)
+            # One int64 code per (step, metric): offset * num_metrics + metric index.
+            code = offset * len(bad) + tf.argmax(tf.cast(bad, tf.int32), output_type=tf.int64)
+            first_bad = tf.where(any_bad & tf.equal(first_bad, NO_BAD_STEP), code, first_bad)
+            bad_steps = bad_steps + tf.cast(any_bad, tf.float32)
+        return {"sums": sums, "counts": counts, "first_bad": first_bad, "bad_steps": bad_steps}
 
     def _loop(self, iterator, num_steps):
         self.trace_count += 1  # Python side effect: runs only while tracing.
         strategy = self.strategy
-        totals = strategy.run(self._zeros)
-        for _ in tf.range(num_steps):
-            totals = strategy.run(self._step_and_accumulate, args=(next(iterator), totals))
+        state = strategy.run(self._initial_state)
+        steps_run = tf.constant(0, tf.int64)
+        for offset in tf.range(num_steps):
+            batch = iterator.get_next_as_optional()
+            if not batch.has_value():
+                break
+            state = strategy.run(self._step_and_accumulate,
+                                 args=(batch.get_value(), state, offset))
             if self.step_counter is not None:
                 self.step_counter.assign_add(1)
-        count = tf.cast(num_steps, tf.float32)
-        return {name: strategy.reduce(tf.distribute.ReduceOp.MEAN, total, axis=None) / count
-                for name, total in totals.items()}
+            steps_run += 1
+        sums = {name: strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
+                for name, value in state["sums"].items()}
+        counts = {name: strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
+                  for name, value in state["counts"].items()}
+        means = {name: tf.math.divide_no_nan(sums[name], counts[name]) for name in sums}
+        first_bad = _min_over_replicas(strategy, state["first_bad"])
+        bad_steps = _max_over_replicas(strategy, state["bad_steps"])
+        return means, steps_run, bad_steps, first_bad
 
-    def __call__(self, iterator, num_steps: int) -> Dict[str, tf.Tensor]:
-        return self._function(iterator, tf.constant(num_steps, tf.int64))
+    def __call__(self, iterator, num_steps: int) -> LoopResult:
+        means, steps_run, bad_steps, first_bad = self._function(
+            iterator, tf.constant(num_steps, tf.int64))
+        first_bad = int(first_bad)
+        offset = metric = None
+        if first_bad != NO_BAD_STEP and self.metric_names:
+            offset, index = divmod(first_bad, len(self.metric_names))
+            metric = self.metric_names[index]
+        return LoopResult({name: float(value) for name, value in means.items()},
+                          int(steps_run), int(bad_steps), offset, metric)
+
+
+def _gather(strategy, value):
+    per_replica = strategy.run(lambda v: tf.expand_dims(v, 0), args=(value,))
+    return strategy.gather(per_replica, axis=0)
+
+
+def _min_over_replicas(strategy, value):
+    if strategy.num_replicas_in_sync == 1:
+        return strategy.experimental_local_results(value)[0]
+    return tf.reduce_min(_gather(strategy, value))
+
+
+def _max_over_replicas(strategy, value):
+    if strategy.num_replicas_in_sync == 1:
+        return strategy.experimental_local_results(value)[0]
+    return tf.reduce_max(_gather(strategy, value))

@@ -13,7 +13,7 @@ and optimizer state before the first step, compiling `steps_per_loop` steps into
 """
 
 import os
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import keras
 import numpy as np
@@ -22,14 +22,17 @@ import tensorflow as tf
 from absl import logging
 
 from tapekit import callbacks as callbacks_lib
+from tapekit import checkpointing
 from tapekit import data as data_lib
 from tapekit import distribute
 from tapekit import precision as precision_lib
 from tapekit.checkpointing import Checkpointer
 from tapekit.controller import Controller
 from tapekit.errors import TapekitError, user_message
-from tapekit.loop import CompiledLoop
+from tapekit.loop import CompiledLoop, LoopResult
+from tapekit.updates import GradientUpdater
 
+NAN_POLICIES = ("stop", "skip_step")
 ModelsOrVariables = Union[keras.Model, keras.Layer, tf.Variable, Sequence[Any]]
 
 
@@ -71,49 +74,74 @@ class Trainer:
         precision: str = "float32",
         checkpoint_every_steps: Optional[int] = None,
         max_checkpoints_to_keep: int = 3,
+        restore_from: Optional[str] = None,
+        deterministic: bool = False,
+        nan_policy: str = "stop",
+        clip_global_norm: Optional[float] = None,
+        gradient_accumulation_steps: int = 1,
     ):
         if global_batch_size is None:
             global_batch_size = self.default_global_batch_size
-        if not isinstance(global_batch_size, (int, np.integer)) or global_batch_size < 1:
-            raise TapekitError(f"global_batch_size must be a positive integer, got {global_batch_size!r}.")
-        if learning_rate is not None and not learning_rate > 0:
-            raise TapekitError(f"learning_rate must be positive, got {learning_rate}.")
-        self.model_dir = model_dir
+        _require(isinstance(global_batch_size, (int, np.integer)) and global_batch_size >= 1,
+                 f"global_batch_size must be a positive integer, got {global_batch_size!r}.")
+        _require(learning_rate is None or learning_rate > 0,
+                 f"learning_rate must be positive, got {learning_rate}.")
+        _require(checkpoint_every_steps is None or checkpoint_every_steps >= 1,
+                 f"checkpoint_every_steps must be at least 1, got {checkpoint_every_steps}.")
+        _require(max_checkpoints_to_keep >= 1,
+                 f"max_checkpoints_to_keep must be at least 1, got {max_checkpoints_to_keep}.")
+        _require(nan_policy in NAN_POLICIES,
+                 f"nan_policy must be one of {', '.join(NAN_POLICIES)}, got {nan_policy!r}.")
+        _require(clip_global_norm is None or clip_global_norm > 0,
+                 f"clip_global_norm must be positive, got {clip_global_norm}.")
+        _require(gradient_accumulation_steps >= 1,
+                 f"gradient_accumulation_steps must be at least 1, got {gradient_accumulation_steps}.")
         self.global_batch_size = int(global_batch_size)
         self.learning_rate = float(learning_rate if learning_rate is not None
                                    else self.default_learning_rate)
         self.seed = int(seed)
         self.jit_compile = bool(jit_compile)
+        self.checkpoint_every_steps = checkpoint_every_steps
+        self.max_checkpoints_to_keep = max_checkpoints_to_keep
+        self.restore_from = restore_from
+        self.nan_policy = nan_policy
+        self.clip_global_norm = clip_global_norm
+        self.gradient_accumulation_steps = int(gradient_accumulation_steps)
         # The strategy first: splitting the CPU must happen before TensorFlow starts its devices.
         self.strategy = distribute.resolve_strategy(strategy, device=device,
                                                     cpu_replicas=cpu_replicas)
-        keras.utils.set_random_seed(self.seed)
         precision_lib.check_precision(precision, self.strategy)
         self.precision = precision
-        if checkpoint_every_steps is not None and checkpoint_every_steps < 1:
-            raise TapekitError(f"checkpoint_every_steps must be at least 1, got {checkpoint_every_steps}.")
-        if max_checkpoints_to_keep < 1:
-            raise TapekitError(f"max_checkpoints_to_keep must be at least 1, got {max_checkpoints_to_keep}.")
-        self.checkpoint_every_steps = checkpoint_every_steps
-        self.max_checkpoints_to_keep = max_checkpoints_to_keep
         replicas = self.strategy.num_replicas_in_sync
-        if self.global_batch_size % replicas:
-            raise TapekitError(
-                f"global_batch_size={self.global_batch_size} is not divisible by the {replicas} "
-                f"replicas in sync; use a multiple of {replicas}.")
+        _require(self.global_batch_size % replicas == 0,
+                 f"global_batch_size={self.global_batch_size} is not divisible by the {replicas} "
+                 f"replicas in sync; use a multiple of {replicas}.")
+        if restore_from is not None:
+            checkpointing.check_restorable(restore_from)
+        # Last of the checks, and the first thing written.
+        self.model_dir = checkpointing.prepare_model_dir(model_dir) if model_dir else None
+        if deterministic:
+            tf.config.experimental.enable_op_determinism()
+        keras.utils.set_random_seed(self.seed)
         with self.strategy.scope():
             self.global_step = tf.Variable(
                 0, dtype=tf.int64, trainable=False, name="global_step",
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+            # For randomness inside train_step that must resume exactly (checkpointed).
+            self.rng = tf.random.Generator.from_seed(self.seed)
         self.stop_training = False
+        self.preempted = False
         self.history: List[Dict[str, float]] = []
+        self.last_loop: Optional[LoopResult] = None
+        self.checkpointer: Optional[Checkpointer] = None
         self._built = False
+        self._restored = False
+        self._train_spec = None
         self._recording: Optional[List] = None
         self._train_loop: Optional[CompiledLoop] = None
         self._eval_loop: Optional[CompiledLoop] = None
         self._train_iterator = None
-        self._loss_scales: Dict[int, precision_lib.DynamicLossScale] = {}
-        self.checkpointer: Optional[Checkpointer] = None
+        self._updaters: Dict[Tuple[int, ...], GradientUpdater] = {}
 
     # ------------------------------------------------------------------ the user contract
 
@@ -224,29 +252,36 @@ class Trainer:
         if self._recording is not None:  # the build probe: remember which optimizer updates what
             self._recording.append((optimizer, variables))
             return
-        loss_scale = self._loss_scales.get(id(optimizer))
-        # Seeding backprop with the scale is differentiating loss × scale (the tape has closed).
-        gradients = tape.gradient(
-            loss, variables,
-            output_gradients=tf.cast(loss_scale.scale, loss.dtype) if loss_scale is not None else None)
+        updater = self._updaters.get(_updater_key(optimizer, variables))
+        if updater is None:
+            raise TapekitError(
+                "apply_gradients was called with an optimizer/variables pair that train_step did "
+                "not use when tapekit built the trainer; call apply_gradients the same way every step.")
+        # Seeding backprop with the loss scale is differentiating loss × scale (the tape has closed).
+        gradients = tape.gradient(loss, variables, output_gradients=updater.backprop_seed(loss.dtype))
         missing = [variable_path(v) for g, v in zip(gradients, variables) if g is None]
         if missing and not allow_none_gradients:
             raise TapekitError(
                 f"no gradient for {len(missing)} variable(s): {', '.join(missing)}; the loss does "
                 "not depend on them. Run the forward pass inside the tape and pass only the models "
                 "that loss trains (or apply_gradients(..., allow_none_gradients=True)).")
-        pairs = [(g, v) for g, v in zip(gradients, variables) if g is not None]
-        if loss_scale is None:
-            optimizer.apply_gradients(pairs)
-            return
-        gradients = [g / loss_scale.scale for g, _ in pairs]
-        _apply_if_finite(optimizer, gradients, [v for _, v in pairs], loss_scale)
+        if updater.is_plain:
+            pairs = [(g, v) for g, v in zip(gradients, variables) if g is not None]
+            updater.apply([g for g, _ in pairs], [v for _, v in pairs])
+        else:
+            updater.apply([tf.zeros_like(v) if g is None else g for g, v in zip(gradients, variables)],
+                          variables)
 
     # ------------------------------------------------------------------ running
 
     @property
     def current_step(self) -> int:
         return int(self.global_step.numpy())
+
+    @property
+    def loss_scales(self) -> List[precision_lib.DynamicLossScale]:
+        """The dynamic loss scales (one per optimizer) under mixed_float16, else empty."""
+        return [u.loss_scale for u in self._updaters.values() if u.loss_scale is not None]
 
     @property
     def train_loop_trace_count(self) -> int:
@@ -259,72 +294,95 @@ class Trainer:
         steps_per_loop: int = 100,
         dataset=None,
         callbacks: Sequence[callbacks_lib.Callback] = (),
+        eval_every_steps: Optional[int] = None,
+        eval_steps: int = 10,
     ) -> List[Dict[str, float]]:
         """Trains until the global step reaches `train_steps`. Runs eagerly (the outer loop).
 
+        On the first call, builds the models and optimizers, then resumes from `restore_from`
+        or from the latest checkpoint in `MODEL_DIR/checkpoints` if there is one.
+
         Args:
           train_steps: the global step to stop at (a resumed run continues to it).
-          steps_per_loop: steps per compiled loop; metrics are logged once per loop.
+          steps_per_loop: steps per compiled loop; metrics are logged once per loop; the
+            last loop is clamped to what is left.
           dataset: None uses `train_dataset`; a `tf.data.Dataset` of GLOBAL batches is split
             across replicas; arrays (or a tuple/dict of arrays) of examples are shuffled each
             epoch and batched by `global_batch_size`.
           callbacks: extra `tapekit.Callback`s, called after tapekit's own.
+          eval_every_steps: evaluate for `eval_steps` steps after each loop that passes a
+            multiple of this, and at the end; None: never.
 
         Returns:
           One dict per loop: `step`, the loop's mean metrics, `steps_per_sec`, `examples_per_sec`.
         """
-        if dataset is not None or self._train_iterator is None:
-            self._train_iterator = iter(self._distribute(dataset, self.train_dataset))
-        self._ensure_built(self._train_iterator)
-        controller = Controller(self, self._default_callbacks(train_steps) + list(callbacks))
+        _require(train_steps >= 1, f"train_steps must be at least 1, got {train_steps}.")
+        _require(steps_per_loop >= 1, f"steps_per_loop must be at least 1, got {steps_per_loop}.")
+        _require(eval_every_steps is None or eval_every_steps >= 1,
+                 f"eval_every_steps must be at least 1, got {eval_every_steps}.")
+        if not self._built:
+            self._ensure_built(self._distribute(dataset, self.train_dataset).element_spec)
+        if not self._restored:
+            self._restored = True
+            self._train_iterator = self._restore_and_position(dataset)
+        elif dataset is not None or self._train_iterator is None:
+            self._train_iterator = self._make_train_iterator(dataset, skip_steps=0)
+        controller = Controller(self, self._default_callbacks(train_steps) + list(callbacks),
+                                eval_every_steps=eval_every_steps, eval_steps=eval_steps)
         history = controller.train(int(train_steps), int(steps_per_loop), self._train_iterator)
         self.history.extend(history)
         return history
 
     def evaluate(self, steps: int, dataset=None) -> Dict[str, float]:
-        """Runs `eval_step` for `steps` steps and returns the mean metrics (eager, outer loop)."""
-        if steps < 1:
-            raise TapekitError(f"evaluation steps must be at least 1, got {steps}.")
-        iterator = iter(self._distribute(dataset, self.eval_dataset))
-        self._ensure_built(iterator)
+        """Runs `eval_step` for up to `steps` steps (fewer if the data runs out) and returns
+        the mean metrics. Eager; the steps run in one compiled loop."""
+        _require(steps >= 1, f"evaluation steps must be at least 1, got {steps}.")
+        distributed = self._distribute(dataset, self.eval_dataset)
+        if not self._built:
+            self._ensure_built(self._distribute(None, self.train_dataset).element_spec)
         if self._eval_loop is None:
-            names = self._probe_metric_names(self.eval_step, iterator)
+            names = self._probe_metric_names(self.eval_step, distributed.element_spec)
             self._eval_loop = CompiledLoop(self.strategy, self.eval_step, names,
                                            jit_compile=self.jit_compile, name="eval_loop")
-        outputs = self._call_loop(self._eval_loop, iterator, steps)
-        return {name: float(value) for name, value in outputs.items()}
+        return self._call_loop(self._eval_loop, iter(distributed), steps).metrics
 
-    def run_train_loop(self, iterator, num_steps: int) -> Dict[str, tf.Tensor]:
-        """Runs one compiled loop of `num_steps` training steps; returns its mean metrics."""
-        return self._call_loop(self._train_loop, iterator, num_steps)
+    def run_train_loop(self, iterator, num_steps: int) -> LoopResult:
+        """Runs one compiled loop of up to `num_steps` training steps (eager call)."""
+        self.last_loop = self._call_loop(self._train_loop, iterator, num_steps)
+        return self.last_loop
 
     # ------------------------------------------------------------------ internals
 
     def _default_callbacks(self, train_steps: int) -> List[callbacks_lib.Callback]:
-        result: List[callbacks_lib.Callback] = [callbacks_lib.LogProgress(train_steps)]
+        # Order matters: the guard raises before anything records or saves a bad loop.
+        result: List[callbacks_lib.Callback] = [callbacks_lib.NonFiniteGuard(self.nan_policy),
+                                                callbacks_lib.LogProgress(train_steps)]
         if self.model_dir and distribute.is_chief(self.strategy):
             result.append(callbacks_lib.MetricsFile(os.path.join(self.model_dir, "metrics.jsonl")))
         if self.checkpointer is not None:  # every worker saves (the chief into model_dir)
             result.append(callbacks_lib.SaveCheckpoints(self.checkpointer, self.checkpoint_every_steps))
         return result
 
-    def _distribute(self, dataset, dataset_fn):
+    def _distribute(self, dataset, dataset_fn, skip_steps: int = 0):
+        """A distributed dataset; `skip_steps` global steps of it already consumed."""
         strategy = self.strategy
         if dataset is None:
             return strategy.distribute_datasets_from_function(
-                lambda context: self._checked_dataset(dataset_fn(context)))
+                lambda context: _skip(self._checked_dataset(dataset_fn(context)), context, skip_steps))
         if isinstance(dataset, tf.distribute.DistributedDataset):
+            _require(skip_steps == 0, "cannot resume a tf.distribute.DistributedDataset at a "
+                     "step; pass the tf.data.Dataset (or train_dataset) instead.")
             return dataset
         if isinstance(dataset, tf.data.Dataset):
-            return strategy.experimental_distribute_dataset(dataset)
+            return strategy.experimental_distribute_dataset(dataset.skip(skip_steps))
         if isinstance(dataset, (np.ndarray, tf.Tensor, tuple, list, dict)):
             examples = tf.data.Dataset.from_tensor_slices(
                 tuple(dataset) if isinstance(dataset, list) else dataset)
             size = int(examples.cardinality())
             return strategy.distribute_datasets_from_function(
-                lambda context: data_lib.per_replica_batches(
+                lambda context: _skip(data_lib.per_replica_batches(
                     examples, context, self.global_batch_size,
-                    shuffle_buffer_size=size, seed=self.seed))
+                    shuffle_buffer_size=size, seed=self.seed), context, skip_steps))
         raise TapekitError(
             f"fit/evaluate got a dataset of type {type(dataset).__name__}; pass a tf.data.Dataset "
             "of global batches, NumPy arrays (or a tuple/dict of them), or None.")
@@ -336,34 +394,32 @@ class Trainer:
                 f"got {type(dataset).__name__}.")
         return dataset
 
-    def _ensure_built(self, iterator) -> None:
+    def _ensure_built(self, element_spec) -> None:
         """Creates every model variable and optimizer slot before the first step.
 
-        Runs eagerly, once. `build()` runs in the strategy scope; then `train_step` is traced
-        once on placeholders in a scratch FuncGraph under `keras.StatelessScope` and
-        `keras.SymbolicScope`, as Keras' own symbolic build does (no state is
-        changed; Keras creates the models' variables on leaving the scope), and every
-        optimizer passed to `apply_gradients` is built on its variables in the strategy
-        scope. Building optimizers inside a replica context fails under MirroredStrategy
-        (keras-team/keras#19246) and unbuilt slots are skipped by restores (keras#19389).
+        Runs eagerly, once. `build()` runs in the strategy scope under the precision policy;
+        then `train_step` is traced once on placeholders in a scratch FuncGraph under
+        `keras.StatelessScope` and `keras.SymbolicScope`, as Keras' own symbolic build does
+        (no state changes; Keras creates the models' variables on leaving the scope). Every
+        optimizer passed to `apply_gradients` is then built on its variables in the strategy
+        scope: building one inside a replica context fails under MirroredStrategy
+        (keras-team/keras#19246), and unbuilt slots are skipped by restores (keras#19389).
         """
-        if self._built:
-            return
         with self.strategy.scope(), precision_lib.dtype_policy(self.precision):
             self.build()
-        names = self._probe_metric_names(self.train_step, iterator, record_optimizers=True)
+        self._train_spec = per_replica_spec(element_spec)
+        names = self._probe_metric_names(self.train_step, element_spec, build_updaters=True)
+        self._train_loop = CompiledLoop(self.strategy, self.train_step, names,
+                                        step_counter=self.global_step,
+                                        jit_compile=self.jit_compile, name="train_loop")
         if self.model_dir:
             self.checkpointer = Checkpointer(
                 self._state_objects(), self.model_dir, distribute.is_chief(self.strategy),
                 max_to_keep=self.max_checkpoints_to_keep, task_id=distribute.task_id(self.strategy))
-            self._resume()
-        self._train_loop = CompiledLoop(self.strategy, self.train_step, names,
-                                        step_counter=self.global_step,
-                                        jit_compile=self.jit_compile, name="train_loop")
         self._built = True
 
-    def _probe_metric_names(self, step_fn, iterator, record_optimizers=False) -> List[str]:
-        spec = per_replica_spec(iterator.element_spec)
+    def _probe_metric_names(self, step_fn, element_spec, build_updaters=False) -> List[str]:
+        spec = per_replica_spec(element_spec)
         self._recording = []
         try:
             with self.strategy.scope():
@@ -373,73 +429,92 @@ class Trainer:
                     with tf.__internal__.FuncGraph("tapekit_probe").as_default():
                         batch = tf.nest.map_structure(
                             lambda s: tf.compat.v1.placeholder(s.dtype, s.shape), spec)
-                        outputs = step_fn(batch)
+                        try:
+                            outputs = step_fn(batch)
+                        except TapekitError:
+                            raise
+                        except Exception as error:  # shapes/dtypes that do not fit the model
+                            raise TapekitError(
+                                f"{step_fn.__name__} cannot run on this data: batches are "
+                                f"{describe_spec(spec)}; {type(error).__name__}: "
+                                f"{_first_line(error)}") from None
                         names = metric_names(outputs, step_fn.__name__)
-            if record_optimizers:
+            if build_updaters:
                 with self.strategy.scope():
                     for optimizer, variables in self._recording:
-                        if not optimizer.built:
-                            optimizer.build(variables)
-                        if self.precision == "mixed_float16" and id(optimizer) not in self._loss_scales:
-                            self._loss_scales[id(optimizer)] = precision_lib.DynamicLossScale()
+                        self._add_updater(optimizer, variables)
         finally:
             self._recording = None
         return names
 
+    def _add_updater(self, optimizer, variables) -> None:
+        key = _updater_key(optimizer, variables)
+        if key in self._updaters:
+            return
+        if not optimizer.built:
+            optimizer.build(variables)
+        loss_scale = (precision_lib.DynamicLossScale() if self.precision == "mixed_float16"
+                      else None)
+        self._updaters[key] = GradientUpdater(
+            optimizer, variables, loss_scale=loss_scale, clip_global_norm=self.clip_global_norm,
+            accumulation_steps=self.gradient_accumulation_steps,
+            skip_nonfinite=self.nan_policy == "skip_step", name=f"updater_{len(self._updaters)}")
+
     def _state_objects(self) -> Dict[str, Any]:
-        """Everything a checkpoint holds: the global step and every model, optimizer, variable
-        and module the trainer has as a public attribute (plus tapekit's loss scales)."""
-        objects: Dict[str, Any] = {"global_step": self.global_step}
-        names = {}
+        """Everything a checkpoint holds: the global step, the random generator, every
+        model, optimizer, variable and module the trainer has as a public attribute, and
+        tapekit's per-optimizer update state (loss scales, gradient accumulators)."""
+        objects: Dict[str, Any] = {"global_step": self.global_step, "rng": self.rng}
         for name, value in vars(self).items():
             if name.startswith("_") or name in objects:
                 continue
-            if isinstance(value, (keras.Layer, keras.optimizers.Optimizer, tf.Variable, tf.Module)):
+            if isinstance(value, (keras.Layer, keras.optimizers.Optimizer, tf.Variable, tf.Module,
+                                  tf.random.Generator)):
                 objects[name] = value
-                names[id(value)] = name
-        for key, scale in self._loss_scales.items():
-            objects[f"loss_scale_{names.get(key, key)}"] = scale
+        for index, updater in enumerate(self._updaters.values()):
+            if not updater.is_plain:
+                objects[f"updater_{index}"] = updater
         return objects
 
-    def _resume(self) -> None:
-        latest = self.checkpointer.latest
-        if latest:
-            self.checkpointer.restore(latest)
-            logging.info("resumed from checkpoint %s at step %d", latest, self.current_step)
+    def _make_train_iterator(self, dataset, skip_steps: int):
+        return iter(self._distribute(dataset, self.train_dataset, skip_steps=skip_steps))
 
-    def _call_loop(self, loop: CompiledLoop, iterator, num_steps: int):
+    def _restore_and_position(self, dataset):
+        """Restores `restore_from` or the latest checkpoint, and returns the training iterator
+        positioned where that checkpoint left off.
+
+        With one replica the iterator itself is checkpointed (TensorFlow can save a plain
+        `tf.data` iterator); distributed iterators cannot be (tensorflow/tensorflow#24408),
+        so their input is re-created and skipped to the restored step, which is exact when
+        the input pipeline is a deterministic function of the seed.
+        """
+        checkpointer = self.checkpointer
+        path = self.restore_from or (checkpointer.latest if checkpointer else None)
+        if checkpointer is None:
+            if path:  # no model_dir: restore the state, nothing is saved later
+                Checkpointer(self._state_objects(), None, True).restore(path)
+                logging.info("restored checkpoint %s at step %d", path, self.current_step)
+            return self._make_train_iterator(dataset, skip_steps=self.current_step)
+        saved_step = checkpointing.saved_step(path) if path else None
+        iterator = self._make_train_iterator(dataset, skip_steps=0)
+        iterator_in_checkpoint = (isinstance(iterator, tf.data.Iterator)
+                                  and (path is None or checkpointing.has_iterator(path)))
+        if iterator_in_checkpoint:
+            checkpointer.track_iterator(iterator)
+        elif saved_step:
+            iterator = self._make_train_iterator(dataset, skip_steps=saved_step)
+        if path:
+            checkpointer.restore(path)
+            if self.restore_from:
+                checkpointer.set_aside_checkpoints_after(self.current_step)
+            logging.info("resumed from checkpoint %s at step %d", path, self.current_step)
+        return iterator
+
+    def _call_loop(self, loop: CompiledLoop, iterator, num_steps: int) -> LoopResult:
         try:
             return loop(iterator, num_steps)
         except TapekitError as error:
             raise TapekitError(user_message(error)) from None
-
-
-def _apply_if_finite(optimizer, gradients, variables, loss_scale=None) -> None:
-    """Applies `gradients` only if they are finite on every replica; updates `loss_scale`.
-
-    Runs per replica inside `train_step`. The replicas agree through an all-reduce, then one
-    `merge_call` takes a `tf.cond` in cross-replica context around the optimizer update
-    (a cond whose branch calls `merge_call` is not allowed in a replica context).
-    """
-    finite_here = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in gradients])
-    context = tf.distribute.get_replica_context()
-    bad_replicas = context.all_reduce(tf.distribute.ReduceOp.SUM,
-                                      1.0 - tf.cast(finite_here, tf.float32))
-    finite = tf.equal(bad_replicas, 0.0)
-
-    def cross_replica(strategy, gradients, finite):
-        finite = strategy.experimental_local_results(finite)[0]
-
-        def apply():
-            strategy.extended.call_for_each_replica(
-                lambda grads: optimizer.apply_gradients(zip(grads, variables)), args=(gradients,))
-            return tf.constant(True)
-
-        tf.cond(finite, apply, lambda: tf.constant(False))
-        if loss_scale is not None:
-            loss_scale.update(finite)
-
-    context.merge_call(cross_replica, args=(gradients, finite))
 
 
 def metric_names(outputs, step_name: str) -> List[str]:
@@ -483,3 +558,34 @@ def trainable_variables(models_or_variables: ModelsOrVariables) -> List[tf.Varia
 
 def variable_path(variable) -> str:
     return getattr(variable, "path", None) or getattr(variable, "name", repr(variable))
+
+
+def describe_spec(spec) -> str:
+    """'(float32[100, 5], float32[100, 1])' for a structure of TensorSpecs."""
+    def one(s):
+        return f"{s.dtype.name}{list(s.shape) if s.shape.rank is not None else '[?]'}"
+    parts = [one(s) for s in tf.nest.flatten(spec)]
+    return parts[0] if len(parts) == 1 else "(" + ", ".join(parts) + ")"
+
+
+def _updater_key(optimizer, variables) -> Tuple[int, ...]:
+    return (id(optimizer),) + tuple(id(v) for v in variables)
+
+
+def _skip(dataset: tf.data.Dataset, context, steps: int) -> tf.data.Dataset:
+    """Skips `steps` global steps of a per-replica dataset (each step takes one batch per
+    local replica)."""
+    if not steps:
+        return dataset
+    local_replicas = context.num_replicas_in_sync // context.num_input_pipelines if context else 1
+    return dataset.skip(steps * local_replicas)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise TapekitError(message)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -94,7 +94,7 @@ def test_mixed_float16_under_mirrored_uses_tapekit_loss_scaling():
     trainer = RegressionTrainer(strategy="mirrored", cpu_replicas=2, precision="mixed_float16")
     trainer.fit(train_steps=600, steps_per_loop=200)
     assert trainer.model.compute_dtype == "float16" and trainer.model.w.dtype == "float32"
-    (scale,) = trainer._loss_scales.values()
+    (scale,) = trainer.loss_scales
     assert 1.0 <= float(scale.scale.numpy()) <= 2.0 ** 15
     assert trainer.model.w.numpy().item() == pytest.approx(3.0, abs=0.05)
     assert trainer.model.b.numpy().item() == pytest.approx(2.0, abs=0.05)
@@ -115,7 +115,7 @@ def test_loss_scaling_skips_overflowing_steps_on_every_replica_and_shrinks():
     trainer = Overflowing(strategy="mirrored", cpu_replicas=2, precision="mixed_float16")
     trainer.fit(train_steps=1, steps_per_loop=1)
     w_before = trainer.model.w.numpy().copy()
-    (scale,) = trainer._loss_scales.values()
+    (scale,) = trainer.loss_scales
     start_scale = float(scale.scale.numpy())
     trainer.fit(train_steps=3, steps_per_loop=2)
     assert float(scale.scale.numpy()) < start_scale

@@ -65,7 +65,7 @@ class GANTrainer(tapekit.Trainer):
         # Noise block k (of 1024 rows) is drawn from the stateless seed (seed, k): the same
         # rows at the same step however the batch is split, and cheap (one op per block).
         seed, noise_dim, block = self.seed, self.noise_dim, 1024
-        noise = tf.data.Dataset.range(2**62).map(
+        noise = tf.data.Dataset.counter().map(
             lambda k: tf.random.stateless_normal([block, noise_dim], seed=tf.stack([seed, k]))
         ).unbatch()
         return tapekit.per_replica_batches(tf.data.Dataset.zip((real, noise)), input_context,

@@ -1,0 +1,116 @@
+"""What happens between gradients and `optimizer.apply_gradients`, in the graph, per optimizer.
+
+Loss-scale unscaling, skipping non-finite steps, clipping by global norm and gradient
+accumulation all have to agree across replicas. The pattern used for every conditional
+update: replicas agree on a flag through an all-reduce, then one `merge_call` takes a
+`tf.cond` in cross-replica context whose branch runs the optimizer on every replica
+(`call_for_each_replica`). A cond in a replica context whose branch calls `merge_call`
+(Keras optimizers do, to all-reduce) is not allowed by tf.distribute.
+"""
+
+from typing import List, Optional
+
+import tensorflow as tf
+
+from tapekit.precision import DynamicLossScale
+
+SUM = tf.distribute.ReduceOp.SUM
+
+
+class GradientUpdater(tf.Module):
+    """Applies one optimizer's gradients with the trainer's update options.
+
+    Created eagerly in the strategy scope (its variables are checkpointed with the trainer);
+    `apply` runs inside `train_step`, per replica.
+
+    Args:
+      optimizer: a built Keras optimizer; it sums gradients over replicas.
+      variables: the variables this optimizer updates (accumulators mirror them).
+      loss_scale: a `DynamicLossScale` for mixed_float16, else None.
+      clip_global_norm: clip the global-batch gradient to this global norm, else None.
+      accumulation_steps: apply the mean gradient of this many micro-steps (1: every step).
+      skip_nonfinite: do not apply an update whose gradients are not all finite.
+    """
+
+    def __init__(self, optimizer, variables, loss_scale: Optional[DynamicLossScale] = None,
+                 clip_global_norm: Optional[float] = None, accumulation_steps: int = 1,
+                 skip_nonfinite: bool = False, name: str = "updater"):
+        super().__init__(name=name)
+        self.optimizer = optimizer
+        self.loss_scale = loss_scale
+        self.clip_global_norm = clip_global_norm
+        self.accumulation_steps = int(accumulation_steps)
+        self.skip_nonfinite = skip_nonfinite or loss_scale is not None
+        self.variable_ids = [id(v) for v in variables]
+        if self.accumulation_steps > 1:
+            # Local to each replica (ON_READ): summed into the update only when it is applied.
+            self.accumulators = [
+                tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name="accumulator",
+                            synchronization=tf.VariableSynchronization.ON_READ,
+                            aggregation=tf.VariableAggregation.SUM)
+                for v in variables]
+            self.micro_steps = tf.Variable(
+                0, dtype=tf.int64, trainable=False, name="micro_steps",
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
+    @property
+    def is_plain(self) -> bool:
+        """True when this is just `optimizer.apply_gradients` (the fast path)."""
+        return (self.loss_scale is None and self.clip_global_norm is None
+                and self.accumulation_steps == 1 and not self.skip_nonfinite)
+
+    def backprop_seed(self, dtype):
+        """What to seed backprop with: the loss scale (differentiating loss × scale) or None."""
+        return None if self.loss_scale is None else tf.cast(self.loss_scale.scale, dtype)
+
+    def apply(self, gradients: List[tf.Tensor], variables: List[tf.Variable]) -> None:
+        """Runs per replica: unscale, accumulate, check, clip and (maybe) apply `gradients`."""
+        if self.is_plain:
+            self.optimizer.apply_gradients(zip(gradients, variables))
+            return
+        context = tf.distribute.get_replica_context()
+        replicas = context.num_replicas_in_sync
+        if self.loss_scale is not None:
+            gradients = [g / self.loss_scale.scale for g in gradients]
+        if self.accumulation_steps > 1:
+            for accumulator, gradient in zip(self.accumulators, gradients):
+                accumulator.assign_add(gradient)
+            gradients = [a.read_value() / self.accumulation_steps for a in self.accumulators]
+        finite = tf.constant(True)
+        if self.skip_nonfinite:
+            finite_here = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in gradients])
+            bad_replicas = context.all_reduce(SUM, 1.0 - tf.cast(finite_here, tf.float32))
+            finite = tf.equal(bad_replicas, 0.0)
+        if self.clip_global_norm is not None:
+            # Clip the gradient the optimizer will apply (the sum over replicas), not each
+            # replica's share: scale every share by the factor computed from the sum.
+            total = context.all_reduce(SUM, gradients) if replicas > 1 else gradients
+            norm = tf.linalg.global_norm(total)
+            factor = tf.minimum(1.0, self.clip_global_norm / tf.maximum(norm, 1e-12))
+            gradients = [g * tf.cast(factor, g.dtype) for g in gradients]
+        context.merge_call(self._cross_replica_apply, args=(gradients, variables, finite))
+
+    def _cross_replica_apply(self, strategy, gradients, variables, finite):
+        finite = strategy.experimental_local_results(finite)[0]
+        if self.accumulation_steps > 1:
+            self.micro_steps.assign_add(1)
+            due = tf.equal(self.micro_steps % self.accumulation_steps, 0)
+        else:
+            due = tf.constant(True)
+
+        def apply():
+            strategy.extended.call_for_each_replica(
+                lambda grads: self.optimizer.apply_gradients(zip(grads, variables)),
+                args=(gradients,))
+            return tf.constant(True)
+
+        tf.cond(tf.logical_and(due, finite), apply, lambda: tf.constant(False))
+        if self.accumulation_steps > 1:
+            def reset():
+                strategy.extended.call_for_each_replica(
+                    lambda: [a.assign(tf.zeros_like(a)) for a in self.accumulators] and None)
+                return tf.constant(True)
+            tf.cond(due, reset, lambda: tf.constant(False))
+        if self.loss_scale is not None:
+            tf.cond(due, lambda: self.loss_scale.update(finite) or tf.constant(True),
+                    lambda: tf.constant(False))
