@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 import tensorflow as tf
 from absl import logging
 
-from tapekit.errors import TapekitError
+from tapekit.errors import TapekitError, summarize
 
 ITERATOR_KEY = "train_iterator"
 _IGNORED_KEYS = ("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter/")
@@ -58,14 +58,14 @@ def saved_step(path: str) -> int:
     """The global step stored in checkpoint `path`, read without restoring anything."""
     try:
         return int(tf.train.load_variable(path, "global_step/.ATTRIBUTES/VARIABLE_VALUE"))
-    except (tf.errors.OpError, ValueError) as error:
+    except Exception as error:  # the reader raises OpError, IndexError, … on damaged files
         raise _corrupt(path, error) from None
 
 
 def has_iterator(path: str) -> bool:
     try:
         return any(name.startswith(ITERATOR_KEY + "/") for name, _ in tf.train.list_variables(path))
-    except (tf.errors.OpError, ValueError) as error:
+    except Exception as error:  # damaged files: see saved_step
         raise _corrupt(path, error) from None
 
 
@@ -115,16 +115,16 @@ class Checkpointer:
         try:
             status = self.checkpoint.restore(path)
             status.assert_existing_objects_matched()
-        except (tf.errors.OpError, ValueError) as error:
-            raise _corrupt(path, error) from None
         except AssertionError as error:
-            raise TapekitError(f"checkpoint {path!r} restored only partly: {_first_line(error)}; "
+            raise TapekitError(f"checkpoint {path!r} restored only partly: {summarize(error)}; "
                                "use a checkpoint of this trainer.") from None
+        except Exception as error:  # damaged data the listing did not touch
+            raise _corrupt(path, error) from None
 
     def _mismatches(self, path: str) -> List[str]:
         try:
             saved = _variable_shapes(path)
-        except (tf.errors.OpError, ValueError) as error:
+        except Exception as error:  # damaged files: see saved_step
             raise _corrupt(path, error) from None
         scratch = tempfile.mkdtemp(prefix="tapekit-expected-")
         try:
@@ -132,15 +132,13 @@ class Checkpointer:
             expected = _variable_shapes(self.checkpoint.write(os.path.join(scratch, "expected")))
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        problems = []
-        for name, shape in expected.items():
-            if name not in saved:
-                problems.append(f"{name} missing from the checkpoint")
-            elif saved[name] != shape:
-                problems.append(f"{name} has shape {saved[name]} in the checkpoint, {shape} here")
-        problems += [f"{name} in the checkpoint is not in this trainer"
-                     for name in saved if name not in expected]
-        return problems
+        shapes = [f"{_short(name)} has shape {saved[name]} in the checkpoint, {shape} here"
+                  for name, shape in expected.items() if name in saved and saved[name] != shape]
+        extra = [f"{_short(name)} in the checkpoint is not in this trainer"
+                 for name in saved if name not in expected]
+        missing = [f"{_short(name)} missing from the checkpoint"
+                   for name in expected if name not in saved]
+        return shapes + extra + missing
 
     def save(self, step: int) -> None:
         path = self.manager.save(checkpoint_number=step)
@@ -195,7 +193,11 @@ def _corrupt(path: str, error: BaseException) -> TapekitError:
     data_files = tf.io.gfile.glob(path + ".data-*") or [path + ".data-*"]
     return TapekitError(
         f"checkpoint {path!r} is damaged or unreadable ({', '.join(data_files)}: "
-        f"{type(error).__name__}: {_first_line(error)}); it was left as it is. Use {hint}.")
+        f"{type(error).__name__}: {summarize(error)}); it was left as it is. Use {hint}.")
+
+
+def _short(key: str) -> str:
+    return key.replace("/.ATTRIBUTES/VARIABLE_VALUE", "")
 
 
 def _number(path: str) -> int:
@@ -206,7 +208,3 @@ def _number(path: str) -> int:
 def _names(paths) -> List[str]:
     return [os.path.basename(p) for p in paths]
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Sequence, Type
 
 from absl import app, flags, logging
 
+from tapekit.callbacks import EarlyStopping
 from tapekit.distribute import STRATEGY_NAMES
 from tapekit.errors import TapekitError, user_message
 from tapekit.precision import PRECISIONS
@@ -23,7 +24,9 @@ FLAGS = flags.FLAGS
 # The flags every trainer gets; the first group maps to Trainer(...), the second to fit(...).
 TRAINER_FLAGS = ("model_dir", "strategy", "global_batch_size", "learning_rate", "seed",
                  "jit_compile", "device", "cpu_replicas", "precision", "checkpoint_every_steps",
-                 "max_checkpoints_to_keep")
+                 "max_checkpoints_to_keep", "restore_from", "deterministic", "nan_policy",
+                 "clip_global_norm", "gradient_accumulation_steps")
+FIT_FLAGS = ("train_steps", "steps_per_loop", "eval_every_steps", "eval_steps")
 
 
 def define_common_flags(flag_values: flags.FlagValues = FLAGS) -> None:
@@ -59,6 +62,31 @@ def define_common_flags(flag_values: flags.FlagValues = FLAGS) -> None:
            "only at the end. Needs --model_dir.", lower_bound=1)
     define("integer", "max_checkpoints_to_keep", 3, "Checkpoints kept in MODEL_DIR/checkpoints.",
            lower_bound=1)
+    define("string", "restore_from", None,
+           "Start from this checkpoint (a prefix like DIR/ckpt-1000) instead of the latest one "
+           "in MODEL_DIR/checkpoints; newer checkpoints there are moved aside, not deleted.")
+    define("bool", "deterministic", False,
+           "Turn on TensorFlow op determinism: with --seed, a killed and resumed run ends "
+           "bitwise equal to an uninterrupted one.")
+    flags.DEFINE_enum("nan_policy", "stop", ["stop", "skip_step"],
+                      "On a NaN/inf loss or metric: stop with an error at the end of the loop "
+                      "(nothing bad is checkpointed), or skip the update of that step.",
+                      flag_values=flag_values)
+    define("float", "clip_global_norm", None,
+           "Clip the global-batch gradient of each optimizer to this global norm.",
+           lower_bound=1e-300)
+    define("integer", "gradient_accumulation_steps", 1,
+           "Apply the mean gradient of this many steps (micro-batches) at once.", lower_bound=1)
+    define("integer", "eval_every_steps", None,
+           "Evaluate after each loop passing a multiple of this, and at the end.", lower_bound=1)
+    define("integer", "eval_steps", 10, "Steps per evaluation.", lower_bound=1)
+    define("string", "early_stopping_metric", None,
+           "Stop when this metric stops improving: a training metric ('loss') or an "
+           "evaluation one ('eval_loss').")
+    define("integer", "early_stopping_patience", 5,
+           "Checks (loops, or evaluations) without improvement before stopping.", lower_bound=1)
+    define("float", "early_stopping_min_delta", 0.0,
+           "The least change that counts as an improvement.", lower_bound=0.0)
 
 
 def load_trainer_class(spec: str, builtins: Dict[str, str]) -> Type[Trainer]:
@@ -111,9 +139,16 @@ def _train(program: str, trainer_class: Type[Trainer], own_flags: List[str], arg
     if len(argv) > 1:
         _exit_with_error(program, TapekitError(f"unexpected arguments: {' '.join(argv[1:])}"))
     kwargs = {name: FLAGS[name].value for name in TRAINER_FLAGS + tuple(own_flags)}
+    callbacks = []
+    if FLAGS.early_stopping_metric:
+        callbacks.append(EarlyStopping(FLAGS.early_stopping_metric,
+                                       patience=FLAGS.early_stopping_patience,
+                                       min_delta=FLAGS.early_stopping_min_delta))
     try:
         trainer = trainer_class(**kwargs)
-        trainer.fit(train_steps=FLAGS.train_steps, steps_per_loop=FLAGS.steps_per_loop)
+        trainer.fit(callbacks=callbacks, **{name: FLAGS[name].value for name in FIT_FLAGS})
+        if trainer.preempted:  # exit 0 so that the scheduler's requeue resumes the run
+            return
         summary = trainer.results_summary()
     except TapekitError as error:
         _exit_with_error(program, error)

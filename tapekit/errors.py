@@ -1,4 +1,6 @@
-"""The one exception type tapekit raises for mistakes a user can fix."""
+"""The one exception type tapekit raises for mistakes a user can fix, and message helpers."""
+
+import re
 
 
 class TapekitError(Exception):
@@ -18,3 +20,15 @@ def user_message(error: BaseException) -> str:
     last = text.splitlines()[-1].strip() if text else ""
     prefix = "TapekitError: "
     return last[len(prefix):] if last.startswith(prefix) else last
+
+
+def summarize(error: BaseException) -> str:
+    """The most informative single line of an exception from TensorFlow or Keras.
+
+    Keras wraps layer errors as "Exception encountered when calling X.call()." followed by
+    the real message (in ANSI bold) and the arguments; this returns the real message.
+    """
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
+    useful = [line for line in lines if line and not line.startswith(
+        ("Exception encountered when calling", "Arguments received by", "•"))]
+    return useful[0] if useful else type(error).__name__

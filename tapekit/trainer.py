@@ -28,7 +28,7 @@ from tapekit import distribute
 from tapekit import precision as precision_lib
 from tapekit.checkpointing import Checkpointer
 from tapekit.controller import Controller
-from tapekit.errors import TapekitError, user_message
+from tapekit.errors import TapekitError, summarize, user_message
 from tapekit.loop import CompiledLoop, LoopResult
 from tapekit.updates import GradientUpdater
 
@@ -56,6 +56,13 @@ class Trainer:
       checkpoint_every_steps: save a checkpoint when a loop ends past each multiple of this
         (and always at the end of `fit`); None saves only at the end. Needs `model_dir`.
       max_checkpoints_to_keep: older checkpoints are deleted beyond this many.
+      restore_from: start from this checkpoint instead of the latest in `model_dir`;
+        checkpoints there newer than it are moved aside (never overwritten or deleted).
+      deterministic: turn on TensorFlow op determinism (exact, bitwise resume).
+      nan_policy: "stop" (error at the end of the loop, nothing bad checkpointed) or
+        "skip_step" (updates whose gradients are not finite are not applied).
+      clip_global_norm: clip each optimizer's global-batch gradient to this global norm.
+      gradient_accumulation_steps: apply the mean gradient of this many steps at once.
     """
 
     default_learning_rate: float = 0.01
@@ -437,7 +444,7 @@ class Trainer:
                             raise TapekitError(
                                 f"{step_fn.__name__} cannot run on this data: batches are "
                                 f"{describe_spec(spec)}; {type(error).__name__}: "
-                                f"{_first_line(error)}") from None
+                                f"{summarize(error)}") from None
                         names = metric_names(outputs, step_fn.__name__)
             if build_updaters:
                 with self.strategy.scope():
@@ -585,7 +592,3 @@ def _require(condition: bool, message: str) -> None:
     if not condition:
         raise TapekitError(message)
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
