@@ -72,7 +72,7 @@ class Controller:
                     eval_logs = trainer.evaluate(self.eval_steps)
                     for callback in self.callbacks:
                         callback.on_eval_end(step, eval_logs)
-                if sigterm.raised:
+                if trainer.any_worker(sigterm.raised):
                     trainer.preempted = trainer.stop_training = True
         for callback in self.callbacks:
             callback.on_train_end(step, logs)

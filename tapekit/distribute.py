@@ -135,13 +135,18 @@ def _check_tf_config() -> None:
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
     """True on the task that writes checkpoints, summaries and metrics (TensorFlow's rule:
     the 'chief' task, or worker 0 when the cluster has no chief)."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    cluster = resolver.cluster_spec().as_dict() if resolver is not None else {}
-    if not cluster:
+    if not is_multi_worker(strategy):
         return True
+    resolver = strategy.cluster_resolver
+    cluster = resolver.cluster_spec().as_dict()
     if resolver.task_type == "chief":
         return True
     return resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in cluster
+
+
+def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    return bool(resolver is not None and resolver.cluster_spec().as_dict())
 
 
 def task_id(strategy: tf.distribute.Strategy) -> int:

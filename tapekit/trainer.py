@@ -353,6 +353,17 @@ class Trainer:
                                            jit_compile=self.jit_compile, name="eval_loop")
         return self._call_loop(self._eval_loop, iter(distributed), steps).metrics
 
+    def any_worker(self, flag: bool) -> bool:
+        """True if `flag` is True on any worker (eager; a collective only when multi-worker).
+
+        Used at loop ends so that a SIGTERM sent to one worker stops all of them at the
+        same step, where every worker then takes part in saving the checkpoint.
+        """
+        if not distribute.is_multi_worker(self.strategy):
+            return bool(flag)
+        votes = self.strategy.run(lambda: tf.constant(float(flag)))
+        return float(self.strategy.reduce(tf.distribute.ReduceOp.SUM, votes, axis=None)) > 0
+
     def run_train_loop(self, iterator, num_steps: int) -> LoopResult:
         """Runs one compiled loop of up to `num_steps` training steps (eager call)."""
         self.last_loop = self._call_loop(self._train_loop, iterator, num_steps)

@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import signal
 import time
 
 import pytest
@@ -29,23 +30,25 @@ def _weights(stdout):
     return json.loads(line[len("WEIGHTS "):])
 
 
-def test_two_workers_train_in_sync_and_only_the_chief_writes(tmp_path, cli_env):
-    model_dir = tmp_path / "run"  # shared by both workers, as on a cluster file system
+def _launch(tmp_path, env, flags):
+    """Starts two workers on loopback ports, each with its own TF_CONFIG and TMPDIR."""
     workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
     processes = []
     for index in range(2):
-        env = dict(cli_env)
-        env["TF_CONFIG"] = json.dumps({"cluster": {"worker": workers},
-                                       "task": {"type": "worker", "index": index}})
-        env["TMPDIR"] = str(tmp_path / f"tmp{index}")
-        os.makedirs(env["TMPDIR"])
+        worker_env = dict(env)
+        worker_env["TF_CONFIG"] = json.dumps({"cluster": {"worker": workers},
+                                              "task": {"type": "worker", "index": index}})
+        worker_env["TMPDIR"] = str(tmp_path / f"tmp{index}")
+        os.makedirs(worker_env["TMPDIR"], exist_ok=True)
         processes.append(subprocess.Popen(
-            [sys.executable, "-m", "tapekit.trainers",
-             "--trainer=weights_reporting:WeightsReportingRegression", "--model=linear",
-             "--strategy=multi_worker", "--train_steps=120", "--steps_per_loop=40",
-             "--checkpoint_every_steps=40", "--global_batch_size=100", f"--model_dir={model_dir}"],
-            cwd=TESTS, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    deadline = time.monotonic() + 240
+            [sys.executable, "-m", "tapekit.trainers", "--trainer=resumable:Regression",
+             "--model=linear", "--strategy=multi_worker", "--global_batch_size=100"] + flags,
+            cwd=TESTS, env=worker_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return processes
+
+
+def _finish(processes, timeout=240):
+    deadline = time.monotonic() + timeout
     outputs = []
     try:
         for process in processes:
@@ -55,8 +58,16 @@ def test_two_workers_train_in_sync_and_only_the_chief_writes(tmp_path, cli_env):
             if process.poll() is None:
                 process.kill()
                 process.wait()
-    for process, (stdout, stderr) in zip(processes, outputs):
+    for process, (_, stderr) in zip(processes, outputs):
         assert process.returncode == 0, stderr[-3000:]
+    return outputs
+
+
+def test_two_workers_train_in_sync_and_only_the_chief_writes(tmp_path, cli_env):
+    model_dir = tmp_path / "run"  # shared by both workers, as on a cluster file system
+    outputs = _finish(_launch(tmp_path, cli_env, [
+        "--train_steps=120", "--steps_per_loop=40", "--checkpoint_every_steps=40",
+        f"--model_dir={model_dir}"]))
     chief, other = (_weights(stdout) for stdout, _ in outputs)
     assert chief["step"] == other["step"] == 120
     assert chief["weights"] == other["weights"]  # identical, not just close
@@ -70,3 +81,19 @@ def test_two_workers_train_in_sync_and_only_the_chief_writes(tmp_path, cli_env):
     assert sorted(os.listdir(model_dir)) == ["checkpoints", "metrics.jsonl"]
     # the other worker's temporary checkpoint directories are gone
     assert os.listdir(tmp_path / "tmp1") == []
+
+
+def test_sigterm_to_one_worker_stops_both_at_the_same_step_with_a_checkpoint(tmp_path, cli_env):
+    model_dir = tmp_path / "run"
+    processes = _launch(tmp_path, cli_env, [
+        "--train_steps=5000", "--steps_per_loop=10", "--sleep_per_loop=0.1",
+        f"--model_dir={model_dir}"])
+    deadline = time.monotonic() + 120
+    while not (model_dir / "metrics.jsonl").exists():
+        assert all(p.poll() is None for p in processes) and time.monotonic() < deadline
+        time.sleep(0.05)
+    processes[1].send_signal(signal.SIGTERM)  # the non-chief worker is preempted
+    outputs = _finish(processes)
+    steps = [int(stderr.split("preempted at step ")[1].split(",")[0]) for _, stderr in outputs]
+    assert steps[0] == steps[1] and 0 < steps[0] < 5000
+    assert (model_dir / "checkpoints" / f"ckpt-{steps[0]}.index").exists()
