@@ -195,6 +195,24 @@ class Trainer:
         """A human-readable line on what was learned, printed by the command line at the end."""
         return None
 
+    def export_model(self) -> Optional[Tuple[keras.Model, List[tf.TensorSpec]]]:
+        """The model to serve and its input signature, for `--export_dir` / `tapekit-export`.
+
+        Eager. Default None: this trainer has nothing to export. E.g. a GAN returns
+        `(self.gan.generator, [tf.TensorSpec([None, noise_dim], tf.float32)])`.
+        """
+        return None
+
+    def sample_images(self, num_images: int) -> Optional[np.ndarray]:
+        """Images [num_images, height, width, channels] with values in [0, 1] to show as a
+        grid (TensorBoard and MODEL_DIR/samples/*.png). Eager. Default None: no images."""
+        return None
+
+    def sample_histograms(self) -> Dict[str, np.ndarray]:
+        """Named 1-D arrays of values to write as TensorBoard histograms (e.g. generated vs
+        real samples of a 1-D GAN). Eager. Default: none."""
+        return {}
+
     # ------------------------------------------------------------------ helpers for train_step
 
     @property
