@@ -25,7 +25,8 @@ FLAGS = flags.FLAGS
 TRAINER_FLAGS = ("model_dir", "strategy", "global_batch_size", "learning_rate", "seed",
                  "jit_compile", "device", "cpu_replicas", "precision", "checkpoint_every_steps",
                  "max_checkpoints_to_keep", "restore_from", "deterministic", "nan_policy",
-                 "clip_global_norm", "gradient_accumulation_steps")
+                 "clip_global_norm", "gradient_accumulation_steps", "max_retraces",
+                 "profile_steps")
 FIT_FLAGS = ("train_steps", "steps_per_loop", "eval_every_steps", "eval_steps")
 
 
@@ -77,6 +78,12 @@ def define_common_flags(flag_values: flags.FlagValues = FLAGS) -> None:
            lower_bound=1e-300)
     define("integer", "gradient_accumulation_steps", 1,
            "Apply the mean gradient of this many steps (micro-batches) at once.", lower_bound=1)
+    define("integer", "max_retraces", None,
+           "Fail once the compiled loop is traced more than this many extra times (each "
+           "retrace logs which input's shape or dtype changed). Unset: only warn.", lower_bound=0)
+    flags.DEFINE_list("profile_steps", None,
+                      "START,END: write a TensorBoard profiler trace of these global steps to "
+                      "MODEL_DIR/profile.", flag_values=flag_values)
     define("integer", "eval_every_steps", None,
            "Evaluate after each loop passing a multiple of this, and at the end.", lower_bound=1)
     define("integer", "eval_steps", 10, "Steps per evaluation.", lower_bound=1)

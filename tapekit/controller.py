@@ -10,8 +10,9 @@ Everything here runs eagerly in Python, once per loop.
 import signal
 import threading
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
+import tensorflow as tf
 from absl import logging
 
 from tapekit.callbacks import Callback
@@ -21,11 +22,13 @@ class Controller:
     """Drives `trainer`'s compiled loop until its global step reaches `train_steps`."""
 
     def __init__(self, trainer, callbacks: Sequence[Callback] = (),
-                 eval_every_steps: Optional[int] = None, eval_steps: int = 10):
+                 eval_every_steps: Optional[int] = None, eval_steps: int = 10,
+                 profile_steps: Optional[Tuple[int, int]] = None, profile_dir: Optional[str] = None):
         self.trainer = trainer
         self.callbacks = list(callbacks)
         self.eval_every_steps = eval_every_steps
         self.eval_steps = eval_steps
+        self.profiler = _Profiler(profile_steps, profile_dir) if profile_steps else None
         for callback in self.callbacks:
             callback.set_trainer(trainer)
 
@@ -48,10 +51,14 @@ class Controller:
         with _SigtermFlag() as sigterm:
             while step < train_steps and not trainer.stop_training:
                 num_steps = min(steps_per_loop, train_steps - step)
+                if self.profiler:
+                    num_steps = self.profiler.before_loop(step, num_steps)
                 start_step, start = step, time.perf_counter()
                 result = trainer.run_train_loop(iterator, num_steps)
                 seconds = max(time.perf_counter() - start, 1e-9)
                 step = trainer.current_step
+                if self.profiler:
+                    self.profiler.after_loop(step)
                 if result.steps_run < num_steps:
                     logging.warning(
                         "the training data ran out: %d of this loop's %d steps ran, training "
@@ -74,6 +81,8 @@ class Controller:
                         callback.on_eval_end(step, eval_logs)
                 if trainer.any_worker(sigterm.raised):
                     trainer.preempted = trainer.stop_training = True
+        if self.profiler:
+            self.profiler.stop()
         for callback in self.callbacks:
             callback.on_train_end(step, logs)
         if trainer.preempted:
@@ -85,6 +94,39 @@ class Controller:
         if not every:
             return False
         return step // every > start_step // every or step >= train_steps or self.trainer.stop_training
+
+
+class _Profiler:
+    """Records a TensorBoard profiler trace of global steps START..END (inclusive).
+
+    Profiling starts and stops between loops, so loops are cut to begin at START and to
+    end at END.
+    """
+
+    def __init__(self, steps: Tuple[int, int], logdir: str):
+        self.start, self.end = steps
+        self.logdir = logdir
+        self.active = False
+
+    def before_loop(self, step: int, num_steps: int) -> int:
+        if step < self.start - 1:
+            return min(num_steps, self.start - 1 - step)
+        if step < self.end:
+            if not self.active:
+                tf.profiler.experimental.start(self.logdir)
+                self.active = True
+                logging.info("profiling steps %d to %d into %s", step + 1, self.end, self.logdir)
+            return min(num_steps, self.end - step)
+        return num_steps
+
+    def after_loop(self, step: int) -> None:
+        if self.active and step >= self.end:
+            self.stop()
+
+    def stop(self) -> None:
+        if self.active:
+            tf.profiler.experimental.stop()
+            self.active = False
 
 
 class _SigtermFlag:

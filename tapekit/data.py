@@ -8,6 +8,8 @@ run's input is a deterministic function of (seed, step) — the basis for exact 
 
 from typing import Optional
 
+import numpy as np
+
 import tensorflow as tf
 
 from tapekit.errors import TapekitError
@@ -95,3 +97,69 @@ def _slice_rows(start, stop):
         sliced = tf.nest.map_structure(lambda t: t[start:stop], batch)
         return sliced[0] if len(sliced) == 1 else sliced
     return slice_rows
+
+
+class InMemoryExamples:
+    """Examples kept on every replica's device; each step's batch is computed in the graph.
+
+    The device-resident input path: no `tf.data` iterator per step. The examples are
+    copied once into non-trainable variables created in the strategy scope (one copy per
+    device under MirroredStrategy). The batch of global step t holds the examples at
+    positions [t·G, (t+1)·G) of an endless stream in which epoch e is a stateless
+    pseudorandom permutation of all N examples (`RandomIndexShuffle`, the op
+    behind `tf.random.experimental.index_shuffle`, seeded by (seed, e)); replica r takes the r-th slice. So the input is a pure function
+    of (seed, step): identical for any number of replicas, and exact on resume.
+
+    Args:
+      strategy: the trainer's strategy (variables are created in its scope).
+      arrays: an array, or a tuple/dict of arrays with the same first dimension.
+      global_batch_size: examples per step over all replicas.
+      seed: the shuffle seed.
+    """
+
+    def __init__(self, strategy: tf.distribute.Strategy, arrays, global_batch_size: int, seed: int):
+        flat = tf.nest.flatten(arrays)
+        lengths = {int(len(a)) for a in flat}
+        if len(lengths) != 1:
+            raise TapekitError(f"in-memory arrays differ in length ({sorted(lengths)}); they must match.")
+        (self.num_examples,) = lengths
+        replicas = strategy.num_replicas_in_sync
+        if self.num_examples < global_batch_size:
+            raise TapekitError(
+                f"{self.num_examples} examples are fewer than one global batch "
+                f"({global_batch_size}); lower global_batch_size.")
+        self.global_batch_size = global_batch_size
+        self.per_replica_batch = global_batch_size // replicas
+        self.seed = int(seed)
+        with strategy.scope():
+            self._tensors = tf.nest.map_structure(
+                lambda a: tf.Variable(a, trainable=False, name="in_memory_examples"), arrays)
+
+    @property
+    def element_spec(self):
+        """The spec of one replica's batch (static batch dimension)."""
+        return tf.nest.map_structure(
+            lambda v: tf.TensorSpec([self.per_replica_batch] + v.shape[1:], v.dtype), self._tensors)
+
+    def batch(self, step):
+        """This replica's batch for global step `step` (int64). Traced, per replica."""
+        replica = tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group, tf.int64)
+        positions = (step * self.global_batch_size + replica * self.per_replica_batch
+                     + tf.range(self.per_replica_batch, dtype=tf.int64))
+        epochs = positions // self.num_examples
+        # One [3]-element seed per index. The raw op, because the index_shuffle wrapper pads
+        # a batched [n, 2] seed along the wrong axis (TF 2.21).
+        seeds = tf.stack([tf.fill(tf.shape(epochs), tf.constant(self.seed, tf.int64)), epochs,
+                          tf.zeros_like(epochs)], 1)
+        indices = tf.raw_ops.RandomIndexShuffle(
+            index=positions % self.num_examples, seed=seeds,
+            max_index=tf.constant(self.num_examples - 1, tf.int64), rounds=4)
+        return tf.nest.map_structure(lambda t: tf.gather(t, indices), self._tensors)
+
+
+def is_arrays(value) -> bool:
+    """True for an array or a tuple/dict of arrays (not a tf.data / distributed dataset)."""
+    if isinstance(value, (tf.data.Dataset, tf.distribute.DistributedDataset)) or value is None:
+        return False
+    flat = tf.nest.flatten(value)
+    return bool(flat) and all(isinstance(a, (np.ndarray, tf.Tensor)) for a in flat)

@@ -9,6 +9,9 @@ but remembering the first one. Cross-replica reduction happens once, after the l
 from typing import Callable, Dict, NamedTuple, Optional, Sequence
 
 import tensorflow as tf
+from absl import logging
+
+from tapekit.errors import TapekitError
 
 NO_BAD_STEP = tf.int64.max
 
@@ -43,12 +46,17 @@ class CompiledLoop:
         step_counter: Optional[tf.Variable] = None,
         jit_compile: bool = False,
         name: str = "train_loop",
+        in_memory=None,
+        max_retraces: Optional[int] = None,
     ):
         self.strategy = strategy
         self.metric_names = tuple(metric_names)
         self.step_counter = step_counter
         self.name = name
+        self.in_memory = in_memory  # a tapekit.data.InMemoryExamples, or None: read an iterator
+        self.max_retraces = max_retraces
         self.trace_count = 0
+        self._traced_spec = None
         self._replica_step = (
             tf.function(replica_step, jit_compile=True) if jit_compile else replica_step)
         self._function = tf.function(self._loop)
@@ -59,6 +67,9 @@ class CompiledLoop:
         return {"sums": zeros, "counts": counts,
                 "first_bad": tf.constant(NO_BAD_STEP, tf.int64),
                 "bad_steps": tf.zeros([], tf.float32)}
+
+    def _in_memory_step_and_accumulate(self, step, state, offset):
+        return self._step_and_accumulate(self.in_memory.batch(step), state, offset)
 
     def _step_and_accumulate(self, batch, state, offset):
         outputs = self._replica_step(batch) or {}
@@ -81,19 +92,27 @@ class CompiledLoop:
         return {"sums": sums, "counts": counts, "first_bad": first_bad, "bad_steps": bad_steps}
 
     def _loop(self, iterator, num_steps):
-        self.trace_count += 1  # Python side effect: runs only while tracing.
+        self._count_trace(iterator)  # Python side effects: run only while tracing
         strategy = self.strategy
         state = strategy.run(self._initial_state)
         steps_run = tf.constant(0, tf.int64)
-        for offset in tf.range(num_steps):
-            batch = iterator.get_next_as_optional()
-            if not batch.has_value():
-                break
-            state = strategy.run(self._step_and_accumulate,
-                                 args=(batch.get_value(), state, offset))
-            if self.step_counter is not None:
+        if self.in_memory is not None:
+            first_step = self.step_counter.read_value()
+            for offset in tf.range(num_steps):
+                state = strategy.run(self._in_memory_step_and_accumulate,
+                                     args=(first_step + offset, state, offset))
                 self.step_counter.assign_add(1)
-            steps_run += 1
+            steps_run = num_steps
+        else:
+            for offset in tf.range(num_steps):
+                batch = iterator.get_next_as_optional()
+                if not batch.has_value():
+                    break
+                state = strategy.run(self._step_and_accumulate,
+                                     args=(batch.get_value(), state, offset))
+                if self.step_counter is not None:
+                    self.step_counter.assign_add(1)
+                steps_run += 1
         sums = {name: strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
                 for name, value in state["sums"].items()}
         counts = {name: strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
@@ -102,6 +121,23 @@ class CompiledLoop:
         first_bad = _min_over_replicas(strategy, state["first_bad"])
         bad_steps = _max_over_replicas(strategy, state["bad_steps"])
         return means, steps_run, bad_steps, first_bad
+
+    def _count_trace(self, iterator) -> None:
+        """Counts traces; a retrace logs which input changed, and too many raise."""
+        spec = None if iterator is None else iterator.element_spec
+        self.trace_count += 1
+        previous, self._traced_spec = self._traced_spec, spec
+        if self.trace_count == 1:
+            return
+        changes = describe_spec_changes(previous, spec)
+        logging.warning("%s traced again (%d traces): %s. Each retrace rebuilds the graph; feed "
+                        "batches of one shape and dtype (drop_remainder=True).", self.name,
+                        self.trace_count, changes)
+        if self.max_retraces is not None and self.trace_count - 1 > self.max_retraces:
+            raise TapekitError(
+                f"{self.name} was traced {self.trace_count} times (more than max_retraces="
+                f"{self.max_retraces} retraces); last change: {changes}. Give every batch the same "
+                "shape and dtype (e.g. drop_remainder=True), or raise --max_retraces.")
 
     def __call__(self, iterator, num_steps: int) -> LoopResult:
         means, steps_run, bad_steps, first_bad = self._function(
@@ -113,6 +149,32 @@ class CompiledLoop:
             metric = self.metric_names[index]
         return LoopResult({name: float(value) for name, value in means.items()},
                           int(steps_run), int(bad_steps), offset, metric)
+
+
+def describe_spec_changes(old, new) -> str:
+    """'input[0]: float32[100, 5] -> float32[50, 5]' for each input whose spec changed."""
+    def leaves(spec, path="input"):
+        if spec is None:
+            return {}
+        if isinstance(spec, (tuple, list)):
+            return {k: v for i, item in enumerate(spec) for k, v in leaves(item, f"{path}[{i}]").items()}
+        if isinstance(spec, dict):
+            return {k: v for key in sorted(spec) for k, v in leaves(spec[key], f"{path}[{key!r}]").items()}
+        return {path: spec}
+
+    def show(leaf):
+        specs = getattr(leaf, "_value_specs", None)  # tf.distribute's PerReplicaSpec
+        leaf = specs[0] if specs else leaf
+        shape = getattr(leaf, "shape", None)
+        dtype = getattr(getattr(leaf, "dtype", None), "name", "?")
+        return f"{dtype}{list(shape) if shape is not None and shape.rank is not None else '[?]'}"
+
+    before, after = leaves(old), leaves(new)
+    changed = [f"{path}: {show(before[path]) if path in before else 'absent'} -> "
+               f"{show(after[path]) if path in after else 'absent'}"
+               for path in sorted(set(before) | set(after))
+               if path not in before or path not in after or show(before[path]) != show(after[path])]
+    return "; ".join(changed) or "the input's type changed (same shapes and dtypes)"
 
 
 def _gather(strategy, value):

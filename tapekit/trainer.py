@@ -63,6 +63,10 @@ class Trainer:
         "skip_step" (updates whose gradients are not finite are not applied).
       clip_global_norm: clip each optimizer's global-batch gradient to this global norm.
       gradient_accumulation_steps: apply the mean gradient of this many steps at once.
+      max_retraces: raise once the compiled loop is traced more than this many extra times
+        (each retrace logs a warning naming the input that changed). None: never raise.
+      profile_steps: (START, END) global steps to record a TensorBoard profiler trace of,
+        written to MODEL_DIR/profile.
     """
 
     default_learning_rate: float = 0.01
@@ -86,6 +90,8 @@ class Trainer:
         nan_policy: str = "stop",
         clip_global_norm: Optional[float] = None,
         gradient_accumulation_steps: int = 1,
+        max_retraces: Optional[int] = None,
+        profile_steps: Optional[Sequence[int]] = None,
     ):
         if global_batch_size is None:
             global_batch_size = self.default_global_batch_size
@@ -101,6 +107,13 @@ class Trainer:
                  f"nan_policy must be one of {', '.join(NAN_POLICIES)}, got {nan_policy!r}.")
         _require(clip_global_norm is None or clip_global_norm > 0,
                  f"clip_global_norm must be positive, got {clip_global_norm}.")
+        _require(max_retraces is None or max_retraces >= 0,
+                 f"max_retraces must be at least 0, got {max_retraces}.")
+        if profile_steps is not None:
+            profile_steps = tuple(int(x) for x in profile_steps)
+            _require(len(profile_steps) == 2 and 1 <= profile_steps[0] <= profile_steps[1],
+                     f"profile_steps must be START,END with 1 <= START <= END, got {profile_steps}.")
+            _require(model_dir is not None, "profile_steps needs a model_dir to write the trace to.")
         _require(gradient_accumulation_steps >= 1,
                  f"gradient_accumulation_steps must be at least 1, got {gradient_accumulation_steps}.")
         self.global_batch_size = int(global_batch_size)
@@ -114,6 +127,8 @@ class Trainer:
         self.nan_policy = nan_policy
         self.clip_global_norm = clip_global_norm
         self.gradient_accumulation_steps = int(gradient_accumulation_steps)
+        self.max_retraces = max_retraces
+        self.profile_steps = profile_steps
         # The strategy first: splitting the CPU must happen before TensorFlow starts its devices.
         self.strategy = distribute.resolve_strategy(strategy, device=device,
                                                     cpu_replicas=cpu_replicas)
@@ -148,6 +163,9 @@ class Trainer:
         self._train_loop: Optional[CompiledLoop] = None
         self._eval_loop: Optional[CompiledLoop] = None
         self._train_iterator = None
+        self._train_metric_names: List[str] = []
+        self._in_memory: Optional[data_lib.InMemoryExamples] = None
+        self._in_memory_key = None
         self._updaters: Dict[Tuple[int, ...], GradientUpdater] = {}
 
     # ------------------------------------------------------------------ the user contract
@@ -173,6 +191,16 @@ class Trainer:
         raise NotImplementedError(
             f"{type(self).__name__} must override train_dataset(input_context), "
             "or pass dataset= to fit().")
+
+    def train_arrays(self):
+        """In-memory training examples: an array or a tuple/dict of arrays (same length).
+
+        Optional; when it returns arrays, `fit` uses the device-resident input path
+        (examples copied once to every replica's device, each step's shuffled batch gathered
+        inside the compiled loop: no per-step iterator) instead of `train_dataset`.
+        Called eagerly. Default None.
+        """
+        return None
 
     def train_step(self, batch) -> Optional[Dict[str, tf.Tensor]]:
         """One training step on one replica's batch. Traced, never run eagerly.
@@ -331,9 +359,9 @@ class Trainer:
           train_steps: the global step to stop at (a resumed run continues to it).
           steps_per_loop: steps per compiled loop; metrics are logged once per loop; the
             last loop is clamped to what is left.
-          dataset: None uses `train_dataset`; a `tf.data.Dataset` of GLOBAL batches is split
-            across replicas; arrays (or a tuple/dict of arrays) of examples are shuffled each
-            epoch and batched by `global_batch_size`.
+          dataset: None uses `train_arrays()` or else `train_dataset`; a `tf.data.Dataset`
+            of GLOBAL batches is split across replicas; arrays (or a tuple/dict of arrays)
+            of examples take the device-resident path (`tapekit.data.InMemoryExamples`).
           callbacks: extra `tapekit.Callback`s, called after tapekit's own.
           eval_every_steps: evaluate for `eval_steps` steps after each loop that passes a
             multiple of this, and at the end; None: never.
@@ -345,16 +373,23 @@ class Trainer:
         _require(steps_per_loop >= 1, f"steps_per_loop must be at least 1, got {steps_per_loop}.")
         _require(eval_every_steps is None or eval_every_steps >= 1,
                  f"eval_every_steps must be at least 1, got {eval_every_steps}.")
+        in_memory = self._in_memory_examples(dataset)
         if not self._built:
-            self._ensure_built(self._distribute(dataset, self.train_dataset).element_spec)
+            self._ensure_built(in_memory.element_spec if in_memory is not None
+                               else self._distribute(dataset, self.train_dataset).element_spec)
+        self._use_train_loop(in_memory)
         if not self._restored:
             self._restored = True
-            self._train_iterator = self._restore_and_position(dataset)
-        elif dataset is not None or self._train_iterator is None:
+            self._train_iterator = self._restore_and_position(dataset, in_memory)
+        elif in_memory is None and (dataset is not None or self._train_iterator is None):
             self._train_iterator = self._make_train_iterator(dataset, skip_steps=0)
         controller = Controller(self, self._default_callbacks(train_steps) + list(callbacks),
-                                eval_every_steps=eval_every_steps, eval_steps=eval_steps)
-        history = controller.train(int(train_steps), int(steps_per_loop), self._train_iterator)
+                                eval_every_steps=eval_every_steps, eval_steps=eval_steps,
+                                profile_steps=self.profile_steps,
+                                profile_dir=os.path.join(self.model_dir, "profile")
+                                if self.model_dir else None)
+        history = controller.train(int(train_steps), int(steps_per_loop),
+                                   None if in_memory is not None else self._train_iterator)
         self.history.extend(history)
         return history
 
@@ -444,10 +479,8 @@ class Trainer:
         with self.strategy.scope(), precision_lib.dtype_policy(self.precision):
             self.build()
         self._train_spec = per_replica_spec(element_spec)
-        names = self._probe_metric_names(self.train_step, element_spec, build_updaters=True)
-        self._train_loop = CompiledLoop(self.strategy, self.train_step, names,
-                                        step_counter=self.global_step,
-                                        jit_compile=self.jit_compile, name="train_loop")
+        self._train_metric_names = self._probe_metric_names(
+            self.train_step, element_spec, build_updaters=True)
         if self.model_dir:
             self.checkpointer = Checkpointer(
                 self._state_objects(), self.model_dir, distribute.is_chief(self.strategy),
@@ -512,14 +545,37 @@ class Trainer:
                 objects[f"updater_{index}"] = updater
         return objects
 
+    def _in_memory_examples(self, dataset) -> Optional[data_lib.InMemoryExamples]:
+        """The device-resident input for `dataset` arrays (or `train_arrays()`), else None."""
+        arrays = dataset if data_lib.is_arrays(dataset) else (
+            self.train_arrays() if dataset is None else None)
+        if arrays is None:
+            return None
+        key = tuple(id(a) for a in tf.nest.flatten(arrays))
+        if self._in_memory is None or self._in_memory_key != key:  # copy to the devices once
+            self._in_memory = data_lib.InMemoryExamples(self.strategy, arrays,
+                                                        self.global_batch_size, self.seed)
+            self._in_memory_key = key
+        return self._in_memory
+
+    def _use_train_loop(self, in_memory) -> None:
+        """Builds the compiled loop for this kind of input (once per trainer and input)."""
+        if self._train_loop is not None and self._train_loop.in_memory is in_memory:
+            return
+        self._train_loop = CompiledLoop(
+            self.strategy, self.train_step, self._train_metric_names, step_counter=self.global_step,
+            jit_compile=self.jit_compile, name="train_loop", in_memory=in_memory,
+            max_retraces=self.max_retraces)
+
     def _make_train_iterator(self, dataset, skip_steps: int):
         return iter(self._distribute(dataset, self.train_dataset, skip_steps=skip_steps))
 
-    def _restore_and_position(self, dataset):
+    def _restore_and_position(self, dataset, in_memory=None):
         """Restores `restore_from` or the latest checkpoint, and returns the training iterator
         positioned where that checkpoint left off.
 
-        With one replica the iterator itself is checkpointed (TensorFlow can save a plain
+        In-memory input needs no positioning (it is a function of the step). With one
+        replica and a `tf.data` input the iterator itself is checkpointed (TensorFlow can save a plain
         `tf.data` iterator); distributed iterators cannot be (tensorflow/tensorflow#24408),
         so their input is re-created and skipped to the restored step, which is exact when
         the input pipeline is a deterministic function of the seed.
@@ -530,7 +586,14 @@ class Trainer:
             if path:  # no model_dir: restore the state, nothing is saved later
                 Checkpointer(self._state_objects(), None, True).restore(path)
                 logging.info("restored checkpoint %s at step %d", path, self.current_step)
-            return self._make_train_iterator(dataset, skip_steps=self.current_step)
+            return None if in_memory else self._make_train_iterator(dataset, self.current_step)
+        if in_memory is not None:  # the input is a function of the global step: nothing to position
+            if path:
+                checkpointer.restore(path)
+                if self.restore_from:
+                    checkpointer.set_aside_checkpoints_after(self.current_step)
+                logging.info("resumed from checkpoint %s at step %d", path, self.current_step)
+            return None
         saved_step = checkpointing.saved_step(path) if path else None
         iterator = self._make_train_iterator(dataset, skip_steps=0)
         iterator_in_checkpoint = (isinstance(iterator, tf.data.Iterator)

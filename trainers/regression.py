@@ -57,6 +57,10 @@ class RegressionTrainer(tapekit.Trainer):
                              activation="sigmoid", name="mlp")
             self.optimizer = keras.optimizers.Adam(self.learning_rate)
 
+    def train_arrays(self):
+        # In memory: tapekit keeps them on the devices and batches them inside the loop.
+        return (self.arrays["x"], self.arrays["y"])
+
     def train_dataset(self, input_context):
         examples = tf.data.Dataset.from_tensor_slices((self.arrays["x"], self.arrays["y"]))
         return tapekit.per_replica_batches(
@@ -85,3 +89,8 @@ class RegressionTrainer(tapekit.Trainer):
             first, last = self.history[0]["loss"], self.history[-1]["loss"]
             return f"MLP loss: {first:.5f} (first loop) -> {last:.5f} (last loop)"
         return None
+
+    def export_model(self):
+        """The fitted model, served on x [batch, input_dim] float32. Eager."""
+        input_dim = self.arrays["x"].shape[-1]
+        return self.model, [tf.TensorSpec([None, input_dim], tf.float32, name="x")]
