@@ -56,7 +56,7 @@ class Controller:
                 start_step, start = step, time.perf_counter()
                 result = trainer.run_train_loop(iterator, num_steps)
                 seconds = max(time.perf_counter() - start, 1e-9)
-                step = trainer.current_step
+                step += result.steps_run  # what the loop added to the global step
                 if self.profiler:
                     self.profiler.after_loop(step)
                 if result.steps_run < num_steps:

@@ -106,9 +106,10 @@ class InMemoryExamples:
     copied once into non-trainable variables created in the strategy scope (one copy per
     device under MirroredStrategy). The batch of global step t holds the examples at
     positions [t·G, (t+1)·G) of an endless stream in which epoch e is a stateless
-    pseudorandom permutation of all N examples (`RandomIndexShuffle`, the op
-    behind `tf.random.experimental.index_shuffle`, seeded by (seed, e)); replica r takes the r-th slice. So the input is a pure function
-    of (seed, step): identical for any number of replicas, and exact on resume.
+    pseudorandom permutation of all N examples (`stateless_shuffle` seeded by (seed, e));
+    replica r takes the r-th slice. So the input is a pure function of (seed, step):
+    identical for any number of replicas, and exact on resume. Each replica caches the
+    permutations of the current and the next epoch, recomputed once per epoch.
 
     Args:
       strategy: the trainer's strategy (variables are created in its scope).
@@ -131,9 +132,15 @@ class InMemoryExamples:
         self.global_batch_size = global_batch_size
         self.per_replica_batch = global_batch_size // replicas
         self.seed = int(seed)
+        local = dict(trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
+                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         with strategy.scope():
             self._tensors = tf.nest.map_structure(
                 lambda a: tf.Variable(a, trainable=False, name="in_memory_examples"), arrays)
+            # Per-replica cache: permutations of epochs (cached_epoch, cached_epoch + 1).
+            self._permutations = tf.Variable(tf.zeros([2, self.num_examples], tf.int64),
+                                             name="epoch_permutations", **local)
+            self._cached_epoch = tf.Variable(tf.constant(-1, tf.int64), name="cached_epoch", **local)
 
     @property
     def element_spec(self):
@@ -141,19 +148,27 @@ class InMemoryExamples:
         return tf.nest.map_structure(
             lambda v: tf.TensorSpec([self.per_replica_batch] + v.shape[1:], v.dtype), self._tensors)
 
+    def _permutation(self, epoch):
+        return tf.random.experimental.stateless_shuffle(
+            tf.range(self.num_examples, dtype=tf.int64), seed=tf.stack([self.seed, epoch]))
+
     def batch(self, step):
         """This replica's batch for global step `step` (int64). Traced, per replica."""
         replica = tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group, tf.int64)
         positions = (step * self.global_batch_size + replica * self.per_replica_batch
                      + tf.range(self.per_replica_batch, dtype=tf.int64))
         epochs = positions // self.num_examples
-        # One [3]-element seed per index. The raw op, because the index_shuffle wrapper pads
-        # a batched [n, 2] seed along the wrong axis (TF 2.21).
-        seeds = tf.stack([tf.fill(tf.shape(epochs), tf.constant(self.seed, tf.int64)), epochs,
-                          tf.zeros_like(epochs)], 1)
-        indices = tf.raw_ops.RandomIndexShuffle(
-            index=positions % self.num_examples, seed=seeds,
-            max_index=tf.constant(self.num_examples - 1, tf.int64), rounds=4)
+        first_epoch = epochs[0]  # a batch spans at most two epochs, since N >= G
+
+        def refresh():
+            self._permutations.assign(
+                tf.stack([self._permutation(first_epoch), self._permutation(first_epoch + 1)]))
+            self._cached_epoch.assign(first_epoch)
+            return tf.constant(True)
+
+        tf.cond(tf.equal(self._cached_epoch, first_epoch), lambda: tf.constant(False), refresh)
+        indices = tf.gather_nd(self._permutations,
+                               tf.stack([epochs - first_epoch, positions % self.num_examples], 1))
         return tf.nest.map_structure(lambda t: tf.gather(t, indices), self._tensors)
 
 

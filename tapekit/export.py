@@ -13,7 +13,7 @@ trainer from the same flags as `tapekit-train`, restores its latest checkpoint (
 import os
 import re
 import sys
-from typing import List, Optional, Sequence, Tuple, Type
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
 
 import keras
 import tensorflow as tf
@@ -104,25 +104,29 @@ def restore_for_export(trainer: Trainer, checkpoint_path: str) -> Tuple[keras.Mo
         model(zeros[0] if len(zeros) == 1 else zeros, training=False)
     layers = {name: value for name, value in vars(trainer).items()
               if not name.startswith("_") and isinstance(value, keras.Layer)}
-    checkpoint = tf.train.Checkpoint(global_step=trainer.global_step, **layers)
+    failure = _restore({"global_step": trainer.global_step, **layers}, checkpoint_path)
+    if failure:
+        raise TapekitError(
+            f"checkpoint {checkpoint_path!r} does not fit {type(trainer).__name__} ({failure}); "
+            "export with the same trainer flags the run was trained with.")
+    return model, list(signature)
+
+
+def _restore(objects: Dict[str, Any], path: str) -> Optional[str]:
+    """Restores `objects` (name → trackable, named as in the trainer's checkpoints) from
+    `path`; returns None, or what did not fit."""
     try:
-        status = checkpoint.restore(checkpoint_path)
+        status = tf.train.Checkpoint(**objects).restore(path)
         status.expect_partial()  # optimizer slots and other unbuilt state stay behind
         status.assert_existing_objects_matched()
     except AssertionError as error:  # variables the checkpoint has no value for
-        # The message lists them as <Variable path=..., shape=..., value=[...]>; keep the paths.
+        # It lists them as <Variable path=..., shape=..., value=[...]>; keep the paths.
         paths = re.findall(r"path=([^,>]+)", str(error))
-        shown = ", ".join(paths[:6]) + (", …" if len(paths) > 6 else "")
-        raise TapekitError(
-            f"checkpoint {checkpoint_path!r} does not fit {type(trainer).__name__}: no values "
-            f"for {shown or summarize(error)}; export with the same trainer flags the run was "
-            "trained with.") from None
+        return (f"no values for {', '.join(paths[:6])}{', …' if len(paths) > 6 else ''}"
+                if paths else summarize(error))
     except Exception as error:  # shapes that differ, damaged files
-        raise TapekitError(
-            f"checkpoint {checkpoint_path!r} does not fit {type(trainer).__name__} "
-            f"({type(error).__name__}: {summarize(error)}); export with the same trainer flags "
-            "the run was trained with.") from None
-    return model, list(signature)
+        return f"{type(error).__name__}: {summarize(error)}"
+    return None
 
 
 # ------------------------------------------------------------------ the command line
@@ -177,8 +181,9 @@ def _export(trainer_class: Type[Trainer], own_flags: List[str], argv) -> None:
     except TapekitError as error:
         _exit_with_error(error)
     logging.info("exported %s from %s", model.name, checkpoint_path)
+    arguments = ", ".join(f"{spec.name}: {describe_spec(spec)}" for spec in signature)
     print(f"Exported {model.name} (step {trainer.current_step}, {checkpoint_path}) to "
-          f"{export_dir}: signature serving_default({describe_spec(signature)})", flush=True)
+          f"{export_dir}: signature serving_default({arguments})", flush=True)
 
 
 def _checkpoint_to_export(model_dir: Optional[str], restore_from: Optional[str]) -> str:
@@ -197,6 +202,9 @@ def _checkpoint_to_export(model_dir: Optional[str], restore_from: Optional[str])
 
 
 def _exit_with_error(error: BaseException):
+    # A restore that failed half-way logs each unused checkpoint value when it is collected
+    # at exit: keep the error the last line.
+    tf.get_logger().setLevel("ERROR")
     print(f"{PROGRAM}: error: {user_message(error)}", file=sys.stderr, flush=True)
     sys.exit(2)
 

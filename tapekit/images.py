@@ -19,17 +19,19 @@ SEPARATOR_VALUE = 128  # mid grey: visible against black and white tiles
 
 
 def grid_shape(num_images: int, columns: Optional[int] = None):
-    """(rows, columns) of the grid: `columns` default ceil(sqrt(n)), the nearest to square."""
+    """(rows, columns) of the grid: `columns` default ceil(sqrt(n)), the nearest to square;
+    never more columns than images."""
     if columns is None:
-        columns = max(1, math.ceil(math.sqrt(num_images)))
+        columns = math.ceil(math.sqrt(num_images))
+    columns = max(1, min(columns, num_images))
     return math.ceil(num_images / columns), columns
 
 
 def image_grid(images, columns: Optional[int] = None) -> np.ndarray:
     """Tiles images [n, h, w, c] with values in [0, 1] into one uint8 image [H, W, c].
 
-    Tiles fill rows left to right; `columns` defaults to ceil(sqrt(n)) and rows to
-    ceil(n / columns). Tiles are separated by `SEPARATOR_PIXELS` (2) grey pixels, with no
+    Tiles fill rows left to right; `columns` defaults to ceil(sqrt(n)) (and is at most n),
+    rows are ceil(n / columns). Tiles are separated by `SEPARATOR_PIXELS` (2) grey pixels, with no
     outer border: H = rows·h + 2·(rows − 1), W = columns·w + 2·(columns − 1); e.g. 10
     images of 28×28 → 3 rows × 4 columns → 88×118. Unused cells are grey. Values outside
     [0, 1] are clipped, NaN becomes 0.

@@ -2,8 +2,8 @@
 
 Python runs once per loop, not once per step: the `tf.function` below holds a
 `tf.range` loop that reads the distributed iterator, runs the step on every replica
-and keeps per-replica running sums of the step's metrics, skipping non-finite values
-but remembering the first one. Cross-replica reduction happens once, after the loop.
+and keeps per-replica running sums of the step's metrics and the first step where one was
+not finite. Cross-replica reduction happens once, after the loop.
 """
 
 from typing import Callable, Dict, NamedTuple, Optional, Sequence
@@ -19,9 +19,9 @@ NO_BAD_STEP = tf.int64.max
 class LoopResult(NamedTuple):
     """What one compiled loop reports (eager values)."""
 
-    metrics: Dict[str, float]  # mean over the loop's steps (finite values only), over replicas
+    metrics: Dict[str, float]  # mean over the loop's steps (and replicas)
     steps_run: int  # < steps asked for when the iterator ran out
-    nonfinite_steps: int  # steps where some metric was NaN or infinite (on any replica)
+    nonfinite_steps: int  # steps where some metric was NaN or infinite (counted with skip_step)
     first_nonfinite_offset: Optional[int]  # 0-based step within the loop, or None
     first_nonfinite_metric: Optional[str]
 
@@ -48,6 +48,7 @@ class CompiledLoop:
         name: str = "train_loop",
         in_memory=None,
         max_retraces: Optional[int] = None,
+        finite_means: bool = False,
     ):
         self.strategy = strategy
         self.metric_names = tuple(metric_names)
@@ -55,16 +56,17 @@ class CompiledLoop:
         self.name = name
         self.in_memory = in_memory  # a tapekit.data.InMemoryExamples, or None: read an iterator
         self.max_retraces = max_retraces
+        self.finite_means = finite_means  # skip_step: non-finite values are left out of means
         self.trace_count = 0
         self._traced_spec = None
+        self._concrete = None
         self._replica_step = (
             tf.function(replica_step, jit_compile=True) if jit_compile else replica_step)
         self._function = tf.function(self._loop)
 
     def _initial_state(self):
-        zeros = {name: tf.zeros([], tf.float32) for name in self.metric_names}
-        counts = {name: tf.zeros([], tf.float32) for name in self.metric_names}
-        return {"sums": zeros, "counts": counts,
+        count = len(self.metric_names)
+        return {"sums": tf.zeros([count], tf.float32), "counts": tf.zeros([count], tf.float32),
                 "first_bad": tf.constant(NO_BAD_STEP, tf.int64),
                 "bad_steps": tf.zeros([], tf.float32)}
 
@@ -73,23 +75,22 @@ class CompiledLoop:
 
     def _step_and_accumulate(self, batch, state, offset):
         outputs = self._replica_step(batch) or {}
-        sums, counts = dict(state["sums"]), dict(state["counts"])
-        bad = []
-        for name in self.metric_names:
-            value = tf.cast(outputs[name], tf.float32)
-            finite = tf.math.is_finite(value)
-            sums[name] = sums[name] + tf.where(finite, value, 0.0)
-            counts[name] = counts[name] + tf.cast(finite, tf.float32)
-            bad.append(tf.logical_not(finite))
-        first_bad, bad_steps = state["first_bad"], state["bad_steps"]
-        if bad:
-            bad = tf.stack(bad)
-            any_bad = tf.reduce_any(bad)
-            # One int64 code per (step, metric): offset * num_metrics + metric index.
-            code = offset * len(bad) + tf.argmax(tf.cast(bad, tf.int32), output_type=tf.int64)
-            first_bad = tf.where(any_bad & tf.equal(first_bad, NO_BAD_STEP), code, first_bad)
-            bad_steps = bad_steps + tf.cast(any_bad, tf.float32)
-        return {"sums": sums, "counts": counts, "first_bad": first_bad, "bad_steps": bad_steps}
+        if not self.metric_names:
+            return state
+        # All metrics as one vector: a handful of ops per step, whatever their number.
+        values = tf.stack([tf.cast(outputs[name], tf.float32) for name in self.metric_names])
+        finite = tf.math.is_finite(values)
+        all_finite = tf.reduce_all(finite)
+        state = dict(state)
+        state["first_bad"] = tf.minimum(state["first_bad"],
+                                        tf.where(all_finite, NO_BAD_STEP, offset))
+        if self.finite_means:  # bad steps were skipped: average the others, count the bad ones
+            state["sums"] = state["sums"] + tf.where(finite, values, 0.0)
+            state["counts"] = state["counts"] + tf.cast(finite, tf.float32)
+            state["bad_steps"] = state["bad_steps"] + 1.0 - tf.cast(all_finite, tf.float32)
+        else:  # training stops at the first bad step: plain sums suffice
+            state["sums"] = state["sums"] + values
+        return state
 
     def _loop(self, iterator, num_steps):
         self._count_trace(iterator)  # Python side effects: run only while tracing
@@ -113,14 +114,22 @@ class CompiledLoop:
                 if self.step_counter is not None:
                     self.step_counter.assign_add(1)
                 steps_run += 1
-        sums = {name: strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
-                for name, value in state["sums"].items()}
-        counts = {name: strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
-                  for name, value in state["counts"].items()}
-        means = {name: tf.math.divide_no_nan(sums[name], counts[name]) for name in sums}
+        sums = strategy.reduce(tf.distribute.ReduceOp.SUM, state["sums"], axis=None)
+        if self.finite_means:
+            counts = strategy.reduce(tf.distribute.ReduceOp.SUM, state["counts"], axis=None)
+        else:
+            counts = tf.cast(steps_run, tf.float32) * strategy.num_replicas_in_sync
+        means = tf.math.divide_no_nan(sums, counts)
         first_bad = _min_over_replicas(strategy, state["first_bad"])
-        bad_steps = _max_over_replicas(strategy, state["bad_steps"])
-        return means, steps_run, bad_steps, first_bad
+        if self.finite_means:
+            bad_steps = _max_over_replicas(strategy, state["bad_steps"])
+        else:
+            bad_steps = tf.cast(first_bad != NO_BAD_STEP, tf.float32)
+        first_bad = tf.where(first_bad == NO_BAD_STEP, tf.constant(-1, tf.int64), first_bad)
+        # One float64 vector, so reading the results back is one copy, not four.
+        return tf.concat([tf.cast(means, tf.float64),
+                          tf.cast(tf.stack([steps_run, first_bad]), tf.float64),
+                          tf.cast(tf.reshape(bad_steps, [1]), tf.float64)], 0)
 
     def _count_trace(self, iterator) -> None:
         """Counts traces; a retrace logs which input changed, and too many raise."""
@@ -140,15 +149,27 @@ class CompiledLoop:
                 "shape and dtype (e.g. drop_remainder=True), or raise --max_retraces.")
 
     def __call__(self, iterator, num_steps: int) -> LoopResult:
-        means, steps_run, bad_steps, first_bad = self._function(
-            iterator, tf.constant(num_steps, tf.int64))
-        first_bad = int(first_bad)
+        num_steps = tf.constant(num_steps, tf.int64)
+        if iterator is None:
+            # A concrete function called directly skips tf.function's per-call argument
+            # binding and cache lookup (a fraction of a millisecond per loop).
+            if self._concrete is None:
+                self._concrete = self._function.get_concrete_function(None, num_steps)
+            packed = self._concrete(num_steps)
+        else:
+            packed = self._function(iterator, num_steps)
+        packed = packed.numpy()
+        count = len(self.metric_names)
+        means = [float(value) for value in packed[:count]]
+        steps_run, first_bad, bad_steps = (int(value) for value in packed[count:])
         offset = metric = None
-        if first_bad != NO_BAD_STEP and self.metric_names:
-            offset, index = divmod(first_bad, len(self.metric_names))
-            metric = self.metric_names[index]
-        return LoopResult({name: float(value) for name, value in means.items()},
-                          int(steps_run), int(bad_steps), offset, metric)
+        if first_bad >= 0:
+            offset = first_bad
+            # The metric named is the first whose loop mean is not finite (with stop, the sums
+            # keep every value), else the first metric.
+            metric = next((name for name, value in zip(self.metric_names, means)
+                           if value != value or abs(value) == float("inf")), self.metric_names[0])
+        return LoopResult(dict(zip(self.metric_names, means)), steps_run, bad_steps, offset, metric)
 
 
 def describe_spec_changes(old, new) -> str:

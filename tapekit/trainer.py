@@ -272,8 +272,11 @@ class Trainer:
         if losses.shape.rank > 1:
             losses = tf.reduce_mean(losses, axis=list(range(1, losses.shape.rank)))
         replicas = self.num_replicas
-        global_batch = tf.cast(tf.shape(losses)[0] * replicas, tf.float32)
-        share = tf.reduce_sum(losses) / global_batch
+        local_batch = losses.shape[0]
+        if local_batch is not None:  # static: one multiply by a constant
+            share = tf.reduce_sum(losses) * (1.0 / (local_batch * replicas))
+        else:
+            share = tf.reduce_sum(losses) / tf.cast(tf.shape(losses)[0] * replicas, tf.float32)
         if regularization_losses:
             regularization = [tf.cast(loss, tf.float32) for loss in regularization_losses]
             share += tf.add_n(regularization) / replicas
@@ -565,7 +568,7 @@ class Trainer:
         self._train_loop = CompiledLoop(
             self.strategy, self.train_step, self._train_metric_names, step_counter=self.global_step,
             jit_compile=self.jit_compile, name="train_loop", in_memory=in_memory,
-            max_retraces=self.max_retraces)
+            max_retraces=self.max_retraces, finite_means=self.nan_policy == "skip_step")
 
     def _make_train_iterator(self, dataset, skip_steps: int):
         return iter(self._distribute(dataset, self.train_dataset, skip_steps=skip_steps))

@@ -1,0 +1,543 @@
+"""Side-by-side speed of tapekit and the other ways to write the same training loop.
+
+    .venv/bin/python benchmarks/bench.py [--quick] [--json benchmarks/results.json]
+    make bench            # the same, full run
+
+For each workload, in ONE process, every approach below trains the same model on the same
+data with the same batch size; each is timed by its marginal cost per step (time for
+`long` steps minus time for `short` steps, divided by the difference, so per-call set-up
+cancels out), repeated after a warm-up with the approaches interleaved, and the median
+over repeats is reported in µs per step.
+
+  eager           the seed article's style: a Python loop of eager GradientTape steps
+  tf.function     a compiled step called from a Python loop over a tf.data dataset
+  graph+data      a hand-written in-graph loop (tf.range) reading a tf.data iterator
+  graph+memory    a hand-written in-graph loop slicing tensors already in memory
+  keras_fit       Keras 3 fit(steps_per_execution=100) on the tf.data pipeline
+                  (a train_step override for the GANs)
+  keras_arrays    Keras 3 fit(x, y, steps_per_execution=100) given the in-memory arrays
+  tapekit         tapekit on the tf.data pipeline (train_dataset), steps_per_loop=100
+  tapekit_memory  tapekit's device-resident path (fit(dataset=arrays)), steps_per_loop=100
+
+The machine is shared and noisy: compare ratios from one run, never absolute numbers
+across runs. Nothing here is tuned for tapekit: the baselines are written the way an
+expert would write them for the same job.
+"""
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import logging  # noqa: E402
+
+import tapekit  # noqa: E402
+from tapekit.models import MLP, DCGANDiscriminator, DCGANGenerator, Discriminator, Generator  # noqa: E402
+from tapekit.models import LinearRegression  # noqa: E402
+from tapekit.trainers import datasets  # noqa: E402
+
+logging.set_verbosity(logging.ERROR)
+
+
+# ------------------------------------------------------------------ workloads: the science
+
+
+class Supervised:
+    """A regression/classification workload: one model, one optimizer, a per-example loss."""
+
+    kind = "supervised"
+
+    def __init__(self, name, x, y, batch, make_model, make_optimizer, per_example_loss):
+        self.name, self.x, self.y, self.batch = name, x, y, batch
+        self.make_model, self.make_optimizer = make_model, make_optimizer
+        self.per_example_loss = per_example_loss
+
+    def fresh(self):
+        keras.utils.set_random_seed(0)
+        model, optimizer = self.make_model(), self.make_optimizer()
+        model(self.x[: self.batch])
+        optimizer.build(model.trainable_variables)
+        return model, optimizer
+
+    def step_fn(self, model, optimizer):
+        def step(x, y):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean(self.per_example_loss(y, model(x, training=True)))
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            return loss
+        return step
+
+    def examples(self):
+        return tf.data.Dataset.from_tensor_slices((self.x, self.y))
+
+    def arrays(self):
+        return (self.x, self.y)
+
+
+class Adversarial:
+    """A GAN workload: generator and discriminator, two tapes, two Adam optimizers.
+
+    Noise comes with the data (from the input pipeline), as in tapekit's GANTrainer.
+    """
+
+    kind = "gan"
+
+    def __init__(self, name, real, batch, noise_dim, make_generator, make_discriminator):
+        self.name, self.real, self.batch, self.noise_dim = name, real, batch, noise_dim
+        self.make_generator, self.make_discriminator = make_generator, make_discriminator
+        rng = np.random.default_rng(1)
+        self.noise = rng.standard_normal((len(real), noise_dim)).astype(np.float32)
+
+    def fresh(self):
+        keras.utils.set_random_seed(0)
+        generator, discriminator = self.make_generator(), self.make_discriminator()
+        discriminator(generator(self.noise[: self.batch]))
+        g_opt, d_opt = keras.optimizers.Adam(1e-3), keras.optimizers.Adam(1e-3)
+        g_opt.build(generator.trainable_variables)
+        d_opt.build(discriminator.trainable_variables)
+        return (generator, discriminator), (g_opt, d_opt)
+
+    def step_fn(self, models, optimizers):
+        generator, discriminator = models
+        g_opt, d_opt = optimizers
+        bce = tf.nn.sigmoid_cross_entropy_with_logits
+
+        def step(real, noise):
+            with tf.GradientTape() as g_tape, tf.GradientTape() as d_tape:
+                fake = generator(noise, training=True)
+                real_logits = discriminator(real, training=True)
+                fake_logits = discriminator(fake, training=True)
+                g_loss = tf.reduce_mean(bce(tf.ones_like(fake_logits), fake_logits))
+                d_loss = (tf.reduce_mean(bce(tf.ones_like(real_logits), real_logits))
+                          + tf.reduce_mean(bce(tf.zeros_like(fake_logits), fake_logits)))
+            g_grads = g_tape.gradient(g_loss, generator.trainable_variables)
+            d_grads = d_tape.gradient(d_loss, discriminator.trainable_variables)
+            g_opt.apply_gradients(zip(g_grads, generator.trainable_variables))
+            d_opt.apply_gradients(zip(d_grads, discriminator.trainable_variables))
+            return g_loss
+        return step
+
+    def examples(self):
+        return tf.data.Dataset.from_tensor_slices((self.real, self.noise))
+
+    def arrays(self):
+        return (self.real, self.noise)
+
+
+def workloads(quick):
+    linear = datasets.seed_linear(0)
+    mlp = datasets.seed_mlp(0)
+    gaussian = datasets.gaussian_samples(0, 1024, 0.0, 1.0)["x"]
+    rng = np.random.default_rng(0)
+    wide_x = rng.standard_normal((2560, 784)).astype(np.float32)
+    wide_y = rng.integers(0, 10, (2560,)).astype(np.int32)
+    mse = lambda y, p: tf.square(y - p)  # noqa: E731
+    result = [
+        Supervised("seed linear (SGD, batch 100)", linear["x"], linear["y"], 100,
+                   lambda: LinearRegression(), lambda: keras.optimizers.SGD(0.1), mse),
+        Supervised("seed MLP 5-10-1 (Adam, batch 100)", mlp["x"], mlp["y"], 100,
+                   lambda: MLP(10, 1, "sigmoid"), lambda: keras.optimizers.Adam(0.01), mse),
+        Adversarial("seed GAN 1-D (2×Adam, batch 64)", gaussian, 64, 10,
+                    lambda: Generator(10, 1), lambda: Discriminator(10)),
+        Supervised("MLP 784-1024-1024-10 (Adam, batch 256)", wide_x, wide_y, 256,
+                   lambda: MLP([1024, 1024], 10, "relu"), lambda: keras.optimizers.Adam(1e-3),
+                   lambda y, p: keras.losses.sparse_categorical_crossentropy(
+                       y, p, from_logits=True)),
+    ]
+    images = datasets.shapes_images(0, 512 if quick else 2048)["x"]
+    result.append(Adversarial("conv GAN 28×28 (2×Adam, batch 64)", images, 64, 64,
+                              lambda: DCGANGenerator(noise_dim=64),
+                              lambda: DCGANDiscriminator()))
+    return result
+
+
+# ------------------------------------------------------------------ approaches
+
+
+def pipeline(work):
+    """The tf.data input every data-reading approach shares: shuffled, repeated, static batches."""
+    return (work.examples().shuffle(len(work.arrays()[0]), seed=0).repeat()
+            .batch(work.batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
+
+
+def eager(work):
+    models, optimizers = work.fresh()
+    step = work.step_fn(models, optimizers)
+    arrays = [tf.constant(a) for a in work.arrays()]
+    count = len(arrays[0]) // work.batch
+
+    def run(steps):
+        for i in range(steps):
+            j = (i % count) * work.batch
+            loss = step(*(a[j:j + work.batch] for a in arrays))
+        float(loss)
+    return run
+
+
+def function_step(work):
+    models, optimizers = work.fresh()
+    step = tf.function(work.step_fn(models, optimizers))
+    iterator = iter(pipeline(work))
+
+    def run(steps):
+        for _ in range(steps):
+            loss = step(*next(iterator))
+        float(loss)
+    return run
+
+
+def graph_data(work):
+    models, optimizers = work.fresh()
+    step = work.step_fn(models, optimizers)
+    iterator = iter(pipeline(work))
+
+    @tf.function
+    def loop(iterator, steps):
+        loss = tf.constant(0.0)
+        for _ in tf.range(steps):
+            loss = step(*next(iterator))
+        return loss
+
+    return lambda steps: float(loop(iterator, tf.constant(steps)))
+
+
+def graph_memory(work):
+    models, optimizers = work.fresh()
+    step = work.step_fn(models, optimizers)
+    arrays = [tf.constant(a) for a in work.arrays()]
+    count = len(arrays[0]) // work.batch
+
+    @tf.function
+    def loop(start, steps):
+        loss = tf.constant(0.0)
+        for i in tf.range(start, start + steps):
+            j = (i % count) * work.batch
+            loss = step(*(a[j:j + work.batch] for a in arrays))
+        return loss
+
+    position = [0]
+
+    def run(steps):
+        float(loop(tf.constant(position[0]), tf.constant(steps)))
+        position[0] += steps
+    return run
+
+
+class _KerasGAN(keras.Model):
+    def __init__(self, work, models, optimizers):
+        super().__init__()
+        self.generator, self.discriminator = models
+        self._step = work.step_fn(models, optimizers)
+
+    def train_step(self, data):
+        return {"generator_loss": self._step(*data)}
+
+
+def _keras_model(work):
+    models, optimizers = work.fresh()
+    if work.kind == "gan":
+        model = _KerasGAN(work, models, optimizers)
+        model.compile(optimizer=optimizers[0], steps_per_execution=100)
+    else:
+        model = models
+        model.compile(optimizer=optimizers, loss=lambda y, p: work.per_example_loss(y, p),
+                      steps_per_execution=100)
+    return model
+
+
+def keras_fit(work):
+    model = _keras_model(work)
+    dataset = pipeline(work)
+    return lambda steps: model.fit(dataset, steps_per_epoch=steps, epochs=1, verbose=0)
+
+
+def keras_arrays(work):
+    model = _keras_model(work)
+    x, y = work.arrays()
+    per_epoch = len(x) // work.batch
+
+    def run(steps):
+        model.fit(x, y, batch_size=work.batch, epochs=max(1, round(steps / per_epoch)),
+                  shuffle=True, verbose=0)
+    run.steps_of = lambda steps: max(1, round(steps / per_epoch)) * per_epoch
+    return run
+
+
+class _BenchTrainer(tapekit.Trainer):
+    """The workload's science as a tapekit trainer (compute_loss / apply_gradients)."""
+
+    def __init__(self, work, **kwargs):
+        self.work = work
+        super().__init__(global_batch_size=work.batch, **kwargs)
+
+    def build(self):
+        keras.utils.set_random_seed(0)
+        if self.work.kind == "gan":
+            self.generator = self.work.make_generator()
+            self.discriminator = self.work.make_discriminator()
+            self.g_opt, self.d_opt = keras.optimizers.Adam(1e-3), keras.optimizers.Adam(1e-3)
+        else:
+            self.model = self.work.make_model()
+            self.optimizer = self.work.make_optimizer()
+
+    def train_dataset(self, input_context):
+        return tapekit.per_replica_batches(self.work.examples(), input_context,
+                                           self.global_batch_size,
+                                           shuffle_buffer_size=len(self.work.arrays()[0]))
+
+    def train_step(self, batch):
+        if self.work.kind != "gan":
+            x, y = batch
+            with tf.GradientTape() as tape:
+                loss = self.compute_loss(self.work.per_example_loss(y, self.model(x, training=True)))
+            self.apply_gradients(tape, loss, self.model, self.optimizer)
+            return {"loss": loss}
+        real, noise = batch
+        bce = tf.nn.sigmoid_cross_entropy_with_logits
+        with tf.GradientTape() as g_tape, tf.GradientTape() as d_tape:
+            fake = self.generator(noise, training=True)
+            real_logits = self.discriminator(real, training=True)
+            fake_logits = self.discriminator(fake, training=True)
+            g_loss = self.compute_loss(bce(tf.ones_like(fake_logits), fake_logits))
+            d_loss = (self.compute_loss(bce(tf.ones_like(real_logits), real_logits))
+                      + self.compute_loss(bce(tf.zeros_like(fake_logits), fake_logits)))
+        self.apply_gradients(g_tape, g_loss, self.generator, self.g_opt)
+        self.apply_gradients(d_tape, d_loss, self.discriminator, self.d_opt)
+        return {"generator_loss": g_loss, "discriminator_loss": d_loss}
+
+
+def tapekit_data(work, steps_per_loop=100):
+    trainer = _BenchTrainer(work)
+
+    def run(steps):
+        trainer.fit(train_steps=trainer.current_step + steps, steps_per_loop=steps_per_loop)
+    return run
+
+
+def tapekit_memory(work, steps_per_loop=100):
+    trainer = _BenchTrainer(work)
+    arrays = work.arrays()
+
+    def run(steps):
+        trainer.fit(train_steps=trainer.current_step + steps, steps_per_loop=steps_per_loop,
+                    dataset=arrays)
+    run.trainer = trainer
+    return run
+
+
+APPROACHES = {
+    "eager": eager,
+    "tf.function": function_step,
+    "graph+data": graph_data,
+    "graph+memory": graph_memory,
+    "keras_fit": keras_fit,
+    "keras_arrays": keras_arrays,
+    "tapekit": tapekit_data,
+    "tapekit_memory": tapekit_memory,
+}
+
+
+# ------------------------------------------------------------------ timing
+
+
+def marginal_us(run, short, long):
+    """µs per step from the time of `long` steps minus the time of `short` steps."""
+    steps_of = getattr(run, "steps_of", lambda s: s)
+    if steps_of(long) <= steps_of(short):
+        long = steps_of(short) * 3
+    start = time.perf_counter()
+    run(short)
+    middle = time.perf_counter()
+    run(long)
+    end = time.perf_counter()
+    extra_steps = steps_of(long) - steps_of(short)
+    return ((end - middle) - (middle - start)) / extra_steps * 1e6
+
+
+# (short, long) steps per measurement: enough work to rise above timer noise.
+STEP_COUNTS = {
+    # approach: (small model, heavy model)
+    "eager": ((20, 60), (4, 12)),
+    "tf.function": ((200, 600), (20, 60)),
+    "keras_arrays": ((20, 60), (20, 60)),  # per-epoch overhead rules when an epoch is 1 step
+}
+DEFAULT_COUNTS = ((500, 2000), (20, 60))
+
+
+def step_counts(name, work, quick):
+    heavy = int(work.name.startswith(("MLP 784", "conv GAN")))
+    counts = STEP_COUNTS.get(name, DEFAULT_COUNTS)[heavy]
+    if quick and (heavy or name in STEP_COUNTS):  # the slow ones; fast loops need their steps
+        counts = tuple(max(3, c // 4) for c in counts)
+    return counts
+
+
+def measure(work, repeats, quick, only=None):
+    names = [n for n in APPROACHES if only is None or n in only]
+    if work.name.startswith(("MLP 784", "conv GAN")) and quick:  # the slowest columns
+        names = [n for n in names if n not in ("eager", "tf.function", "keras_arrays")]
+    runs = {}
+    for name in names:
+        runs[name] = APPROACHES[name](work)
+        short, _ = step_counts(name, work, quick)
+        runs[name](short)  # warm-up: tracing, first iterator
+    samples = {name: [] for name in names}
+    for _ in range(repeats):
+        for name in names:  # interleaved, so slow phases of a noisy machine hit all alike
+            samples[name].append(marginal_us(runs[name], *step_counts(name, work, quick)))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def steps_per_loop_table(work, repeats, quick):
+    rows = {}
+    for spl in ((1, 10, 100) if quick else (1, 10, 100, 1000)):
+        for label, make in (("tf.data", tapekit_data), ("in-memory", tapekit_memory)):
+            run = make(work, steps_per_loop=spl)
+            short, long = (100, 400) if spl <= 10 else (1000, 4000)
+            if quick:
+                short, long = short // 5, long // 5
+            short, long = max(short, spl), max(long, 2 * spl)
+            run(short)
+            values = [marginal_us(run, short, long) for _ in range(repeats)]
+            rows.setdefault(spl, {})[label] = statistics.median(values)
+    return rows
+
+
+def resident_mb():
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def memory_check(work, loops):
+    run = tapekit_memory(work, steps_per_loop=100)
+    readings = {}
+    for loop in range(1, loops + 1):
+        run(100)
+        if loop in (10, loops):
+            gc.collect()
+            readings[loop] = resident_mb()
+    return readings, run.trainer.train_loop_trace_count
+
+
+# ------------------------------------------------------------------ report
+
+
+def ratios(name, times):
+    get = times.get
+    out = {}
+    if get("tapekit") and get("graph+data"):
+        out["tapekit / graph+data"] = get("tapekit") / get("graph+data")
+    if get("tapekit_memory") and get("graph+memory"):
+        out["tapekit_memory / graph+memory"] = get("tapekit_memory") / get("graph+memory")
+    if get("keras_fit") and get("tapekit"):
+        out["keras_fit / tapekit"] = get("keras_fit") / get("tapekit")
+    if get("keras_arrays") and get("tapekit_memory"):
+        out["keras_arrays / tapekit_memory"] = get("keras_arrays") / get("tapekit_memory")
+    if get("keras_fit") and get("tapekit_memory"):
+        out["keras_fit / tapekit_memory"] = get("keras_fit") / get("tapekit_memory")
+    if get("eager") and get("tapekit_memory"):
+        out["eager / tapekit_memory"] = get("eager") / get("tapekit_memory")
+    return out
+
+
+def check_targets(name, r):
+    """The issue's targets for this workload: list of (target, value, holds)."""
+    checks = []
+    small = name.startswith("seed")
+    if small and "tapekit / graph+data" in r:
+        checks.append(("tapekit ≤ 1.10 × graph+data", r["tapekit / graph+data"],
+                       r["tapekit / graph+data"] <= 1.10))
+    if small and name.startswith("seed GAN") is False and "keras_fit / tapekit" in r:
+        checks.append(("tapekit faster than keras_fit (tf.data)", r["keras_fit / tapekit"],
+                       r["keras_fit / tapekit"] > 1.0))
+    if small and not name.startswith("seed GAN") and "tapekit_memory / graph+memory" in r:
+        checks.append(("tapekit_memory ≤ 1.15 × graph+memory", r["tapekit_memory / graph+memory"],
+                       r["tapekit_memory / graph+memory"] <= 1.15))
+        if "keras_arrays / tapekit_memory" in r:
+            checks.append(("tapekit_memory ≥ 2 × faster than keras_arrays",
+                           r["keras_arrays / tapekit_memory"], r["keras_arrays / tapekit_memory"] >= 2))
+        if "eager / tapekit_memory" in r:
+            checks.append(("tapekit_memory ≥ 200 × faster than eager", r["eager / tapekit_memory"],
+                           r["eager / tapekit_memory"] >= 200))
+    if name.startswith("MLP 784"):
+        if "tapekit / graph+data" in r:
+            checks.append(("tapekit ≤ 1.03 × graph+data", r["tapekit / graph+data"],
+                           r["tapekit / graph+data"] <= 1.03))
+        if "keras_fit / tapekit" in r:
+            checks.append(("tapekit no slower than keras_fit", r["keras_fit / tapekit"],
+                           r["keras_fit / tapekit"] >= 1.0))
+    if "GAN" in name and "keras_fit / tapekit" in r:
+        checks.append(("tapekit faster than keras_fit with train_step", r["keras_fit / tapekit"],
+                       r["keras_fit / tapekit"] > 1.0))
+    return checks
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps and repeats (< 1 min)")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results.json"))
+    parser.add_argument("--workloads", default=None,
+                        help="comma-separated prefixes of workload names to run")
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (3 if args.quick else 5)
+    started = time.perf_counter()
+    report = {"tensorflow": tf.__version__, "keras": keras.__version__, "quick": args.quick,
+              "repeats": repeats, "cpus": os.cpu_count(), "workloads": {}}
+    chosen = workloads(args.quick)
+    if args.workloads:
+        prefixes = [p.strip() for p in args.workloads.split(",")]
+        chosen = [w for w in chosen if w.name.startswith(tuple(prefixes))]
+    columns = list(APPROACHES)
+    print("median µs per step (marginal cost; lower is better)")
+    print(f"{'workload':40s}" + "".join(f"{c:>15s}" for c in columns))
+    for work in chosen:
+        times = measure(work, repeats, args.quick)
+        r = ratios(work.name, times)
+        checks = check_targets(work.name, r)
+        report["workloads"][work.name] = {
+            "us_per_step": times, "ratios": r,
+            "targets": [{"target": t, "value": v, "holds": bool(ok)} for t, v, ok in checks]}
+        print(f"{work.name:40s}" + "".join(
+            f"{times[c]:15.1f}" if c in times else f"{'-':>15s}" for c in columns), flush=True)
+    print("\nratios and targets")
+    for name, entry in report["workloads"].items():
+        shown = ", ".join(f"{k} = {v:.2f}" for k, v in entry["ratios"].items())
+        print(f"  {name}: {shown}")
+        for target in entry["targets"]:
+            mark = "holds" if target["holds"] else "MISSED"
+            print(f"      [{mark}] {target['target']} (measured {target['value']:.2f})")
+    mlp = next(w for w in workloads(args.quick) if w.name.startswith("seed MLP"))
+    table = steps_per_loop_table(mlp, max(1, repeats // 2 + 1), args.quick)
+    report["steps_per_loop"] = {str(k): v for k, v in table.items()}
+    print(f"\ntapekit on the seed MLP by steps_per_loop (µs per step)")
+    print(f"{'steps_per_loop':>16s}{'tf.data':>12s}{'in-memory':>12s}")
+    for spl, row in table.items():
+        print(f"{spl:16d}{row['tf.data']:12.1f}{row['in-memory']:12.1f}")
+    loops = 30 if args.quick else 200
+    readings, traces = memory_check(mlp, loops)
+    report["memory_mb"] = {str(k): v for k, v in readings.items()}
+    report["memory_trace_count"] = traces
+    print(f"\nresident memory, tapekit seed MLP: after loop 10 {readings[10]:.1f} MB, after loop "
+          f"{loops} {readings[loops]:.1f} MB (compiled loop traced {traces} time(s))")
+    report["seconds"] = time.perf_counter() - started
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as stream:
+        json.dump(report, stream, indent=2)
+    print(f"\nwrote {args.json} in {report['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
