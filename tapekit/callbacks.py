@@ -177,5 +177,122 @@ class LogProgress(Callback):
         logging.info("eval at step %d: %s", step, format_logs(logs))
 
 
+class ProgressBar(Callback):
+    """A Keras `Progbar` on the terminal: steps done, ETA, steps/s and the loop's metrics."""
+
+    def __init__(self, train_steps: int):
+        self.train_steps = train_steps
+        self.bar = None
+
+    def on_train_begin(self, step):
+        import keras  # only where a bar is shown
+        self.bar = keras.utils.Progbar(self.train_steps, unit_name="step")
+        self.bar.update(step)
+
+    def on_loop_end(self, step, logs):
+        shown = [(name, value) for name, value in logs.items() if name != "examples_per_sec"]
+        self.bar.update(step, values=shown, finalize=False)
+
+    def on_eval_end(self, step, logs):
+        logging.info("eval at step %d: %s", step, format_logs(logs))
+
+    def on_train_end(self, step, logs):
+        if self.bar is not None:
+            self.bar.update(step, finalize=True)
+
+
+class TensorBoard(Callback):
+    """Writes TensorBoard summaries to LOGDIR/train and LOGDIR/eval (the chief only).
+
+    Every loop: each metric, `steps_per_sec`, and each optimizer's learning rate. Every
+    `sample_every_steps` (and at the end): the trainer's `sample_images` as an image grid
+    and its `sample_histograms`. Eager, at loop boundaries.
+    """
+
+    def __init__(self, logdir: str, sample_every_steps: Optional[int] = None, num_images: int = 16):
+        import tensorflow as tf
+        self.logdir = logdir
+        self.sample_every_steps = sample_every_steps
+        self.num_images = num_images
+        self.train_writer = tf.summary.create_file_writer(os.path.join(logdir, "train"))
+        self._eval_writer = None  # created at the first evaluation
+        self._last_sample = None
+
+    def on_train_begin(self, step):
+        self._last_sample = step
+
+    def _learning_rates(self) -> Dict[str, float]:
+        import keras
+        optimizers = {name: value for name, value in vars(self.trainer).items()
+                      if isinstance(value, keras.optimizers.Optimizer) and not name.startswith("_")}
+        return {("learning_rate" if len(optimizers) == 1 else f"learning_rate/{name}"):
+                float(optimizer.learning_rate) for name, optimizer in optimizers.items()}
+
+    def on_loop_end(self, step, logs):
+        from tapekit import summaries
+        with self.train_writer.as_default(step=step):
+            for name, value in {**logs, **self._learning_rates()}.items():
+                summaries.scalar(name, value, step)
+        every = self.sample_every_steps
+        if every and step // every > self._last_sample // every:
+            self._write_samples(step)
+        self.train_writer.flush()
+
+    def on_eval_end(self, step, logs):
+        import tensorflow as tf
+        from tapekit import summaries
+        if self._eval_writer is None:
+            self._eval_writer = tf.summary.create_file_writer(os.path.join(self.logdir, "eval"))
+        with self._eval_writer.as_default(step=step):
+            for name, value in logs.items():
+                summaries.scalar(name, value, step)
+        self._eval_writer.flush()
+
+    def on_train_end(self, step, logs):
+        if self.sample_every_steps and self._last_sample != step:
+            self._write_samples(step)
+        self.train_writer.flush()
+
+    def _write_samples(self, step):
+        from tapekit import summaries
+        from tapekit.images import image_grid
+        self._last_sample = step
+        images = self.trainer.sample_images(self.num_images)
+        with self.train_writer.as_default(step=step):
+            if images is not None:
+                summaries.image("samples", image_grid(images), step)
+            for name, values in self.trainer.sample_histograms().items():
+                summaries.histogram(name, values, step)
+
+
+class SampleImages(Callback):
+    """Saves the trainer's `sample_images` as a grid to DIR/step_NNNNNN.png every
+    `every_steps` (at the first loop end past each multiple) and at the end. Chief only."""
+
+    def __init__(self, directory: str, every_steps: int, num_images: int = 16):
+        self.directory = directory
+        self.every_steps = every_steps
+        self.num_images = num_images
+        self._last = None
+
+    def on_train_begin(self, step):
+        self._last = step
+
+    def _save(self, step):
+        from tapekit.images import image_grid, write_png
+        self._last = step
+        images = self.trainer.sample_images(self.num_images)
+        if images is not None:
+            write_png(os.path.join(self.directory, f"step_{step:06d}.png"), image_grid(images))
+
+    def on_loop_end(self, step, logs):
+        if step // self.every_steps > self._last // self.every_steps:
+            self._save(step)
+
+    def on_train_end(self, step, logs):
+        if self._last != step:
+            self._save(step)
+
+
 def format_logs(logs: Logs) -> str:
     return ", ".join(f"{key}={value:.5g}" for key, value in logs.items())

@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Sequence, Type
 from absl import app, flags, logging
 
 from tapekit.callbacks import EarlyStopping
+from tapekit import distribute
 from tapekit.distribute import STRATEGY_NAMES
 from tapekit.errors import TapekitError, user_message
 from tapekit.precision import PRECISIONS
@@ -26,7 +27,7 @@ TRAINER_FLAGS = ("model_dir", "strategy", "global_batch_size", "learning_rate", 
                  "jit_compile", "device", "cpu_replicas", "precision", "checkpoint_every_steps",
                  "max_checkpoints_to_keep", "restore_from", "deterministic", "nan_policy",
                  "clip_global_norm", "gradient_accumulation_steps", "max_retraces",
-                 "profile_steps")
+                 "profile_steps", "progress", "sample_every_steps")
 FIT_FLAGS = ("train_steps", "steps_per_loop", "eval_every_steps", "eval_steps")
 
 
@@ -84,6 +85,15 @@ def define_common_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     flags.DEFINE_list("profile_steps", None,
                       "START,END: write a TensorBoard profiler trace of these global steps to "
                       "MODEL_DIR/profile.", flag_values=flag_values)
+    flags.DEFINE_enum("progress", "auto", ["auto", "bar", "log", "none"],
+                      "Progress bar (bar), one log line per loop (log), nothing (none); auto: a "
+                      "bar on a terminal, log lines in a batch job.", flag_values=flag_values)
+    define("integer", "sample_every_steps", None,
+           "With --model_dir: save sample image grids (MODEL_DIR/samples/step_N.png) and "
+           "TensorBoard image/histogram summaries this often, and at the end.", lower_bound=1)
+    define("string", "export_dir", None,
+           "After training, write the trained model (the generator for GANs) here as a "
+           "SavedModel with a serving_default signature.")
     define("integer", "eval_every_steps", None,
            "Evaluate after each loop passing a multiple of this, and at the end.", lower_bound=1)
     define("integer", "eval_steps", 10, "Steps per evaluation.", lower_bound=1)
@@ -152,10 +162,15 @@ def _train(program: str, trainer_class: Type[Trainer], own_flags: List[str], arg
                                        patience=FLAGS.early_stopping_patience,
                                        min_delta=FLAGS.early_stopping_min_delta))
     try:
+        if FLAGS.export_dir:  # refuse before training, not after
+            from tapekit.export import check_export_dir
+            check_export_dir(FLAGS.export_dir)
         trainer = trainer_class(**kwargs)
         trainer.fit(callbacks=callbacks, **{name: FLAGS[name].value for name in FIT_FLAGS})
         if trainer.preempted:  # exit 0 so that the scheduler's requeue resumes the run
             return
+        if FLAGS.export_dir and distribute.is_chief(trainer.strategy):
+            logging.info("exported the model to %s", trainer.export(FLAGS.export_dir))
         summary = trainer.results_summary()
     except TapekitError as error:
         _exit_with_error(program, error)

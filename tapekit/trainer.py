@@ -13,6 +13,7 @@ and optimizer state before the first step, compiling `steps_per_loop` steps into
 """
 
 import os
+import sys
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import keras
@@ -33,6 +34,7 @@ from tapekit.loop import CompiledLoop, LoopResult
 from tapekit.updates import GradientUpdater
 
 NAN_POLICIES = ("stop", "skip_step")
+PROGRESS_MODES = ("auto", "bar", "log", "none")
 ModelsOrVariables = Union[keras.Model, keras.Layer, tf.Variable, Sequence[Any]]
 
 
@@ -67,6 +69,10 @@ class Trainer:
         (each retrace logs a warning naming the input that changed). None: never raise.
       profile_steps: (START, END) global steps to record a TensorBoard profiler trace of,
         written to MODEL_DIR/profile.
+      progress: "bar" (a Keras progress bar), "log" (one absl line per loop), "none", or
+        "auto" (bar on a terminal, log otherwise, e.g. in a batch job).
+      sample_every_steps: with `model_dir`, write `sample_images` to MODEL_DIR/samples/ and
+        image/histogram summaries to TensorBoard this often (and at the end).
     """
 
     default_learning_rate: float = 0.01
@@ -92,6 +98,8 @@ class Trainer:
         gradient_accumulation_steps: int = 1,
         max_retraces: Optional[int] = None,
         profile_steps: Optional[Sequence[int]] = None,
+        progress: str = "auto",
+        sample_every_steps: Optional[int] = None,
     ):
         if global_batch_size is None:
             global_batch_size = self.default_global_batch_size
@@ -114,6 +122,10 @@ class Trainer:
             _require(len(profile_steps) == 2 and 1 <= profile_steps[0] <= profile_steps[1],
                      f"profile_steps must be START,END with 1 <= START <= END, got {profile_steps}.")
             _require(model_dir is not None, "profile_steps needs a model_dir to write the trace to.")
+        _require(progress in PROGRESS_MODES,
+                 f"progress must be one of {', '.join(PROGRESS_MODES)}, got {progress!r}.")
+        _require(sample_every_steps is None or sample_every_steps >= 1,
+                 f"sample_every_steps must be at least 1, got {sample_every_steps}.")
         _require(gradient_accumulation_steps >= 1,
                  f"gradient_accumulation_steps must be at least 1, got {gradient_accumulation_steps}.")
         self.global_batch_size = int(global_batch_size)
@@ -129,6 +141,8 @@ class Trainer:
         self.gradient_accumulation_steps = int(gradient_accumulation_steps)
         self.max_retraces = max_retraces
         self.profile_steps = profile_steps
+        self.progress = progress
+        self.sample_every_steps = sample_every_steps
         # The strategy first: splitting the CPU must happen before TensorFlow starts its devices.
         self.strategy = distribute.resolve_strategy(strategy, device=device,
                                                     cpu_replicas=cpu_replicas)
@@ -429,13 +443,38 @@ class Trainer:
 
     def _default_callbacks(self, train_steps: int) -> List[callbacks_lib.Callback]:
         # Order matters: the guard raises before anything records or saves a bad loop.
-        result: List[callbacks_lib.Callback] = [callbacks_lib.NonFiniteGuard(self.nan_policy),
-                                                callbacks_lib.LogProgress(train_steps)]
+        result: List[callbacks_lib.Callback] = [callbacks_lib.NonFiniteGuard(self.nan_policy)]
+        progress = self.progress
+        if progress == "auto":
+            progress = "bar" if sys.stderr.isatty() else "log"
+        if progress == "bar":
+            result.append(callbacks_lib.ProgressBar(train_steps))
+        elif progress == "log":
+            result.append(callbacks_lib.LogProgress(train_steps))
         if self.model_dir and distribute.is_chief(self.strategy):
             result.append(callbacks_lib.MetricsFile(os.path.join(self.model_dir, "metrics.jsonl")))
+            result.append(callbacks_lib.TensorBoard(os.path.join(self.model_dir, "summaries"),
+                                                    self.sample_every_steps))
+            if self.sample_every_steps:
+                result.append(callbacks_lib.SampleImages(os.path.join(self.model_dir, "samples"),
+                                                         self.sample_every_steps))
         if self.checkpointer is not None:  # every worker saves (the chief into model_dir)
             result.append(callbacks_lib.SaveCheckpoints(self.checkpointer, self.checkpoint_every_steps))
         return result
+
+    def export(self, export_dir: str) -> str:
+        """Writes `export_model()` as a SavedModel with a `serving_default` signature.
+
+        Eager, after training (the chief's job). Raises a TapekitError if the trainer has
+        nothing to export or `export_dir` exists and is not empty. Returns `export_dir`.
+        """
+        from tapekit.export import export_saved_model  # keeps `import tapekit` light
+        exported = self.export_model()
+        _require(exported is not None,
+                 f"{type(self).__name__} has nothing to export: override export_model().")
+        model, signature = exported
+        export_saved_model(model, signature, export_dir)
+        return export_dir
 
     def _distribute(self, dataset, dataset_fn, skip_steps: int = 0):
         """A distributed dataset; `skip_steps` global steps of it already consumed."""
