@@ -6,7 +6,7 @@ STAMP := $(VENV)/.tapekit-installed
 DEMO_DIR ?= demo_runs
 PYTEST_ARGS ?=
 
-.PHONY: demo test install wheel clean
+.PHONY: demo test bench bench-quick install wheel clean
 
 install: $(STAMP)
 
@@ -18,13 +18,29 @@ $(STAMP): setup.cfg pyproject.toml
 
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
-	$(VENV)/bin/tapekit-train --trainer=regression --model=linear --model_dir=$(DEMO_DIR)/linear
-	$(VENV)/bin/tapekit-train --trainer=regression --model=mlp --model_dir=$(DEMO_DIR)/mlp
-	$(VENV)/bin/tapekit-train --trainer=gan --model=dense --model_dir=$(DEMO_DIR)/gan
-	@echo "Runs written under $(DEMO_DIR)/ (metrics.jsonl in each)."
+	$(VENV)/bin/tapekit-train --trainer=regression --model=linear --model_dir=$(DEMO_DIR)/linear --progress=log
+	$(VENV)/bin/tapekit-train --trainer=regression --model=mlp --model_dir=$(DEMO_DIR)/mlp --progress=log
+	$(VENV)/bin/tapekit-train --trainer=gan --model=dense --real_mean=4 --real_stddev=1.25 \
+	    --train_steps=2000 --sample_every_steps=500 --model_dir=$(DEMO_DIR)/gan \
+	    --export_dir=$(DEMO_DIR)/gan_generator --progress=log
+	$(VENV)/bin/tapekit-train --trainer=gan --model=dcgan --train_steps=600 --steps_per_loop=50 \
+	    --sample_every_steps=200 --model_dir=$(DEMO_DIR)/dcgan \
+	    --export_dir=$(DEMO_DIR)/dcgan_generator --progress=log
+	@echo
+	@echo "Written under $(DEMO_DIR)/:"
+	@echo "  */metrics.jsonl, */checkpoints/    every run"
+	@echo "  */summaries/                       TensorBoard: pip install tensorboard; tensorboard --logdir $(DEMO_DIR)"
+	@echo "  dcgan/samples/step_*.png           generated image grids"
+	@echo "  gan_generator/, dcgan_generator/   SavedModels (serving_default)"
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench.py
+
+bench-quick: $(STAMP)
+	$(PY) benchmarks/bench.py --quick --json benchmarks/results-quick.json
 
 wheel: $(STAMP)
 	$(PY) -m pip wheel --no-deps -w dist .
