@@ -223,10 +223,13 @@ class TensorBoard(Callback):
 
     def _learning_rates(self) -> Dict[str, float]:
         import keras
+        import tensorflow as tf
         optimizers = {name: value for name, value in vars(self.trainer).items()
                       if isinstance(value, keras.optimizers.Optimizer) and not name.startswith("_")}
+        # convert_to_tensor reads distributed (mirrored) variables too, where float() cannot
         return {("learning_rate" if len(optimizers) == 1 else f"learning_rate/{name}"):
-                float(optimizer.learning_rate) for name, optimizer in optimizers.items()}
+                float(tf.convert_to_tensor(optimizer.learning_rate))
+                for name, optimizer in optimizers.items()}
 
     def on_loop_end(self, step, logs):
         from tapekit import summaries

@@ -9,7 +9,9 @@ listed by `--helpfull`.
 import importlib
 import os
 import sys
-from typing import Dict, List, Optional, Sequence, Type
+from typing import Dict, List, Optional, Sequence, Tuple, Type
+
+import tensorflow as tf
 
 from absl import app, flags, logging
 
@@ -17,6 +19,7 @@ from tapekit.callbacks import EarlyStopping
 from tapekit import distribute
 from tapekit.distribute import STRATEGY_NAMES
 from tapekit.errors import TapekitError, user_message
+from tapekit.export import check_export_dir
 from tapekit.precision import PRECISIONS
 from tapekit.trainer import Trainer
 
@@ -131,13 +134,16 @@ def load_trainer_class(spec: str, builtins: Dict[str, str]) -> Type[Trainer]:
     return trainer_class
 
 
-def main(builtins: Dict[str, str], argv: Optional[Sequence[str]] = None,
-         program: str = "tapekit-train") -> None:
-    """Parses flags, builds the chosen trainer, trains it and prints what it learned."""
-    argv = list(sys.argv if argv is None else argv)
+def parse_trainer_class(argv: Sequence[str], builtins: Dict[str, str],
+                        program: str) -> Tuple[Type[Trainer], List[str]]:
+    """Resolves `--trainer` before the full parse and declares the trainer's own flags.
+
+    Returns the class and the names of the flags it declared (they map to its constructor).
+    A bad `--trainer` exits with one line.
+    """
     define_common_flags()
     try:
-        FLAGS(argv, known_only=True)  # only to learn --trainer; app.run parses for real
+        FLAGS(list(argv), known_only=True)  # only to learn --trainer; app.run parses for real
         trainer_spec = FLAGS.trainer
     except flags.Error:
         trainer_spec = FLAGS["trainer"].default
@@ -145,17 +151,30 @@ def main(builtins: Dict[str, str], argv: Optional[Sequence[str]] = None,
     try:
         trainer_class = load_trainer_class(trainer_spec, builtins)
     except TapekitError as error:
-        _exit_with_error(program, error)
+        exit_with_error(program, error)
     before = set(FLAGS)
     trainer_class.define_flags()
-    own_flags = sorted(set(FLAGS) - before)
+    return trainer_class, sorted(set(FLAGS) - before)
+
+
+def trainer_kwargs(own_flags: Sequence[str], **overrides) -> Dict[str, object]:
+    """The trainer's constructor arguments from the parsed flags."""
+    kwargs = {name: FLAGS[name].value for name in TRAINER_FLAGS + tuple(own_flags)}
+    kwargs.update(overrides)
+    return kwargs
+
+
+def main(builtins: Dict[str, str], argv: Optional[Sequence[str]] = None,
+         program: str = "tapekit-train") -> None:
+    """Parses flags, builds the chosen trainer, trains it and prints what it learned."""
+    argv = list(sys.argv if argv is None else argv)
+    trainer_class, own_flags = parse_trainer_class(argv, builtins, program)
     app.run(lambda args: _train(program, trainer_class, own_flags, args), argv=argv)
 
 
 def _train(program: str, trainer_class: Type[Trainer], own_flags: List[str], argv) -> None:
     if len(argv) > 1:
-        _exit_with_error(program, TapekitError(f"unexpected arguments: {' '.join(argv[1:])}"))
-    kwargs = {name: FLAGS[name].value for name in TRAINER_FLAGS + tuple(own_flags)}
+        exit_with_error(program, TapekitError(f"unexpected arguments: {' '.join(argv[1:])}"))
     callbacks = []
     if FLAGS.early_stopping_metric:
         callbacks.append(EarlyStopping(FLAGS.early_stopping_metric,
@@ -163,9 +182,8 @@ def _train(program: str, trainer_class: Type[Trainer], own_flags: List[str], arg
                                        min_delta=FLAGS.early_stopping_min_delta))
     try:
         if FLAGS.export_dir:  # refuse before training, not after
-            from tapekit.export import check_export_dir
             check_export_dir(FLAGS.export_dir)
-        trainer = trainer_class(**kwargs)
+        trainer = trainer_class(**trainer_kwargs(own_flags))
         trainer.fit(callbacks=callbacks, **{name: FLAGS[name].value for name in FIT_FLAGS})
         if trainer.preempted:  # exit 0 so that the scheduler's requeue resumes the run
             return
@@ -173,12 +191,45 @@ def _train(program: str, trainer_class: Type[Trainer], own_flags: List[str], arg
             logging.info("exported the model to %s", trainer.export(FLAGS.export_dir))
         summary = trainer.results_summary()
     except TapekitError as error:
-        _exit_with_error(program, error)
+        exit_with_error(program, error)
     logging.info("trained %s to step %d", trainer_class.__name__, trainer.current_step)
     if summary:
         print(summary, flush=True)
 
 
-def _exit_with_error(program: str, error: BaseException):
+def export_main(builtins: Dict[str, str], argv: Optional[Sequence[str]] = None,
+                program: str = "tapekit-export") -> None:
+    """`tapekit-export`: builds the trainer from the same flags as training, restores its
+    latest checkpoint (or --restore_from) without training, and writes --export_dir."""
+    argv = list(sys.argv if argv is None else argv)
+    trainer_class, own_flags = parse_trainer_class(argv, builtins, program)
+    app.run(lambda args: _export(program, trainer_class, own_flags, args), argv=argv)
+
+
+def _export(program: str, trainer_class: Type[Trainer], own_flags: List[str], argv) -> None:
+    try:
+        if len(argv) > 1:
+            raise TapekitError(f"unexpected arguments: {' '.join(argv[1:])}")
+        if not FLAGS.export_dir:
+            raise TapekitError("--export_dir is required: a new directory for the SavedModel.")
+        check_export_dir(FLAGS.export_dir)  # before any work
+        # One device: the weights do not depend on the strategy they were trained under.
+        trainer = trainer_class(**trainer_kwargs(own_flags, strategy="default", device=None,
+                                                 cpu_replicas=1, progress="none"))
+        step = trainer.restore()
+        trainer.export(FLAGS.export_dir)
+    except TapekitError as error:
+        exit_with_error(program, error)
+    model, signature = trainer.export_model()
+    arguments = ", ".join(f"{spec.name}: {spec.dtype.name}{list(spec.shape)}" for spec in signature)
+    print(f"Exported {model.name} (step {step}) to {FLAGS.export_dir}: "
+          f"signature serving_default({arguments})", flush=True)
+
+
+def exit_with_error(program: str, error: BaseException):
+    """Prints `program: error: <one line>` to stderr and exits with status 2."""
+    # A restore that failed half-way logs every unused checkpoint value when it is garbage
+    # collected at exit: keep the error the last line.
+    tf.get_logger().setLevel("ERROR")
     print(f"{program}: error: {user_message(error)}", file=sys.stderr, flush=True)
     sys.exit(2)

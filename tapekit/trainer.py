@@ -410,6 +410,29 @@ class Trainer:
         self.history.extend(history)
         return history
 
+    def restore(self, checkpoint: Optional[str] = None) -> int:
+        """Builds the trainer as the first `fit` would and restores a checkpoint, training
+        nothing and writing nothing. Eager; e.g. before `export` or `evaluate`.
+
+        `checkpoint` defaults to `restore_from`, else the latest in MODEL_DIR/checkpoints.
+        The restore is checked as in `fit` (every mismatch listed in one error). Returns the
+        restored global step.
+        """
+        path = checkpoint or self.restore_from or (
+            tf.train.latest_checkpoint(os.path.join(self.model_dir, "checkpoints"))
+            if self.model_dir else None)
+        _require(path is not None,
+                 "nothing to restore: give a checkpoint, restore_from, or a model_dir that has "
+                 "checkpoints (train first).")
+        checkpointing.check_restorable(path)
+        if not self._built:
+            in_memory = self._in_memory_examples(None)
+            self._ensure_built(in_memory.element_spec if in_memory is not None
+                               else self._distribute(None, self.train_dataset).element_spec)
+        Checkpointer(self._state_objects(), None, True).restore(path)
+        logging.info("restored checkpoint %s at step %d", path, self.current_step)
+        return self.current_step
+
     def evaluate(self, steps: int, dataset=None) -> Dict[str, float]:
         """Runs `eval_step` for up to `steps` steps (fewer if the data runs out) and returns
         the mean metrics. Eager; the steps run in one compiled loop."""

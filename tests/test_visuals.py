@@ -68,6 +68,7 @@ def test_image_gan_writes_png_grids_and_image_summaries(tmp_path):
 
 def test_progress_bar_log_lines_or_nothing(caplog):
     caplog.set_level("INFO")
+    caplog.set_level("INFO", logger="absl")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         RegressionTrainer(progress="bar").fit(train_steps=30, steps_per_loop=10)

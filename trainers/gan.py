@@ -1,4 +1,8 @@
-"""The seed article's toy GAN, working: two tapes, two optimizers, Keras models that own variables."""
+"""GANs: the seed article's toy 1-D GAN, working, and a small DCGAN on 28×28 images.
+
+Two tapes, two optimizers, Keras models that own their variables; the same `train_step`
+serves both models.
+"""
 
 from typing import Optional
 
@@ -8,56 +12,96 @@ import tensorflow as tf
 from absl import flags
 
 import tapekit
-from tapekit.models import GAN, Discriminator, Generator
+from tapekit.models import GAN, DCGANDiscriminator, DCGANGenerator, Discriminator, Generator
 from tapekit.trainers import datasets
+
+MODELS = ("dense", "dcgan")
+# Per model: noise_dim, num_examples, learning_rate defaults.
+_DEFAULTS = {"dense": (10, 1024, 1e-3), "dcgan": (64, 4096, 2e-4)}
+# Stateless seed of the noise behind sample_images: the same grid of latents all run long.
+_SAMPLE_IMAGES_SEED = (20240, 7)
 
 
 class GANTrainer(tapekit.Trainer):
-    """A GAN on 1-D "real" samples (the seed's N(0, 1) by default, or `data`'s array `x`).
+    """A GAN: `model="dense"` on 1-D samples, `model="dcgan"` on 28×28 images.
+
+    dense: the seed's 10-unit networks on N(real_mean, real_stddev²) samples (or `data`'s
+    array `x` [n, d]), noise_dim 10, Adam 1e-3. dcgan: `DCGANGenerator`/`DCGANDiscriminator`
+    on procedural shape images (`datasets.shapes_images`, or `data`'s `x` [n, 28, 28(, C)]
+    images), noise_dim 64, Adam 2e-4 with beta_1 0.5 (the DCGAN paper's settings).
 
     Each step updates the generator and the discriminator simultaneously from one forward
     pass, each with its own tape and Adam optimizer (binary cross-entropy on logits). The
     noise is part of the input pipeline (stateless, seeded by example index), so a run is
     the same whatever the number of replicas and can be resumed exactly.
+
+    `noise_dim`, `num_examples` and `learning_rate` left None take the model's defaults.
     """
 
     default_global_batch_size = 64
     default_learning_rate = 1e-3
 
     def __init__(self, model: str = "dense", data: Optional[str] = None, real_mean: float = 0.0,
-                 real_stddev: float = 1.0, num_examples: int = 1024, noise_dim: int = 10,
-                 hidden_units: int = 10, **kwargs):
-        if model != "dense":
-            raise tapekit.TapekitError(f"model must be 'dense' for this GAN, got {model!r}.")
-        self.noise_dim = noise_dim
+                 real_stddev: float = 1.0, num_examples: Optional[int] = None,
+                 noise_dim: Optional[int] = None, hidden_units: int = 10, **kwargs):
+        if model not in MODELS:
+            raise tapekit.TapekitError(
+                f"model must be one of {', '.join(MODELS)} for this GAN, got {model!r}.")
+        default_noise_dim, default_num_examples, self.default_learning_rate = _DEFAULTS[model]
+        self.model_name = model
+        self.noise_dim = int(noise_dim or default_noise_dim)
         self.hidden_units = hidden_units
         self.real_mean, self.real_stddev = real_mean, real_stddev
         super().__init__(**kwargs)
-        if data:
-            self.arrays = datasets.load_npz(data, ("x",))
+        num_examples = num_examples or default_num_examples
+        if model == "dense":
+            self.arrays = (datasets.load_npz(data, ("x",)) if data else
+                           datasets.gaussian_samples(self.seed, num_examples, real_mean,
+                                                     real_stddev))
+        elif data:
+            x = datasets.load_npz(data, ("x",))["x"]
+            try:
+                self.arrays = {"x": datasets.as_gan_images(x)}
+            except tapekit.TapekitError as error:
+                raise tapekit.TapekitError(f"--data={data!r}: {error}") from None
         else:
-            self.arrays = datasets.gaussian_samples(self.seed, num_examples, real_mean, real_stddev)
+            self.arrays = datasets.shapes_images(self.seed, num_examples)
         datasets.require_examples(self.arrays, self.global_batch_size, data)
 
     @classmethod
     def define_flags(cls):
-        flags.DEFINE_enum("model", "dense", ["dense"], "dense: the seed's 10-unit ReLU networks.")
-        flags.DEFINE_string("data", None, ".npz file with array x [n, d] of real samples; "
-                            "unset: samples of N(--real_mean, --real_stddev²).")
-        flags.DEFINE_float("real_mean", 0.0, "Mean of the synthetic real samples.")
-        flags.DEFINE_float("real_stddev", 1.0, "Standard deviation of the synthetic real samples.",
+        flags.DEFINE_enum("model", "dense", list(MODELS),
+                          "dense: the seed's 10-unit ReLU networks on 1-D samples; dcgan: "
+                          "convolutional networks on 28×28 images.")
+        flags.DEFINE_string("data", None, ".npz file with array x of real samples: [n, d] for "
+                            "dense, images [n, 28, 28] or [n, 28, 28, C] (0–255, [0, 1] or "
+                            "[-1, 1]) for dcgan; unset: N(--real_mean, --real_stddev²) samples "
+                            "(dense) or procedural shape images (dcgan).")
+        flags.DEFINE_float("real_mean", 0.0, "Mean of the synthetic real samples (dense).")
+        flags.DEFINE_float("real_stddev", 1.0,
+                           "Standard deviation of the synthetic real samples (dense).",
                            lower_bound=0.0)
-        flags.DEFINE_integer("num_examples", 1024, "How many synthetic real samples.", lower_bound=1)
-        flags.DEFINE_integer("noise_dim", 10, "Size of the generator's noise input.", lower_bound=1)
-        flags.DEFINE_integer("hidden_units", 10, "Hidden units of each network.", lower_bound=1)
+        flags.DEFINE_integer("num_examples", None, "How many synthetic real samples. Unset: "
+                             "1024 (dense), 4096 (dcgan).", lower_bound=1)
+        flags.DEFINE_integer("noise_dim", None, "Size of the generator's noise input. Unset: "
+                             "10 (dense), 64 (dcgan).", lower_bound=1)
+        flags.DEFINE_integer("hidden_units", 10, "Hidden units of each network (dense).",
+                             lower_bound=1)
 
     def build(self):
-        data_dim = self.arrays["x"].shape[-1]
-        self.gan = GAN(Generator(self.hidden_units, data_dim, name="generator"),
-                       Discriminator(self.hidden_units, name="discriminator"),
-                       noise_dim=self.noise_dim, name="gan")
-        self.generator_optimizer = keras.optimizers.Adam(self.learning_rate)
-        self.discriminator_optimizer = keras.optimizers.Adam(self.learning_rate)
+        if self.model_name == "dense":
+            data_dim = self.arrays["x"].shape[-1]
+            generator = Generator(self.hidden_units, data_dim, name="generator")
+            discriminator = Discriminator(self.hidden_units, name="discriminator")
+            beta_1 = 0.9
+        else:
+            generator = DCGANGenerator(self.noise_dim, channels=self.arrays["x"].shape[-1],
+                                       name="generator")
+            discriminator = DCGANDiscriminator(name="discriminator")
+            beta_1 = 0.5  # the DCGAN paper's: 0.9 makes its training oscillate
+        self.gan = GAN(generator, discriminator, noise_dim=self.noise_dim, name="gan")
+        self.generator_optimizer = keras.optimizers.Adam(self.learning_rate, beta_1=beta_1)
+        self.discriminator_optimizer = keras.optimizers.Adam(self.learning_rate, beta_1=beta_1)
 
     def train_dataset(self, input_context):
         real = tf.data.Dataset.from_tensor_slices(self.arrays["x"])
@@ -90,15 +134,59 @@ class GANTrainer(tapekit.Trainer):
                 "generated_mean": tf.reduce_mean(tf.cast(fake, tf.float32))}
 
     def sample(self, num_samples: int = 10000, seed: int = 12345) -> np.ndarray:
-        """Generator samples for fixed noise (eager)."""
+        """Generator samples for fixed noise (eager): [num_samples, d] for dense,
+        images [num_samples, 28, 28, C] in [-1, 1] for dcgan."""
+        self._require_built("sample")
         noise = tf.random.stateless_normal([num_samples, self.noise_dim], seed=[seed, 0])
         return tf.cast(self.gan.generator(noise, training=False), tf.float32).numpy()
 
     def results_summary(self):
-        samples = self.sample()
-        real = self.arrays["x"]
-        return (f"Generated samples: mean {samples.mean():.3f}, stddev {samples.std():.3f} "
-                f"(real data: mean {real.mean():.3f}, stddev {real.std():.3f})")
+        if self.model_name == "dense":
+            samples = self.sample()
+            real = self.arrays["x"]
+            return (f"Generated samples: mean {samples.mean():.3f}, stddev {samples.std():.3f} "
+                    f"(real data: mean {real.mean():.3f}, stddev {real.std():.3f})")
+        count = min(512, len(self.arrays["x"]))
+        fake = self.sample(count)
+        # A fixed random subset of the real images, not the first ones of the file.
+        real = self.arrays["x"][np.random.default_rng(self.seed).permutation(
+            len(self.arrays["x"]))[:count]]
+        discriminator = self.gan.discriminator
+        real_logits = tf.cast(discriminator(real, training=False), tf.float32).numpy()
+        fake_logits = tf.cast(discriminator(fake, training=False), tf.float32).numpy()
+        return (f"Generated pixels: mean {fake.mean():.3f}, stddev {fake.std():.3f} (real: "
+                f"mean {real.mean():.3f}, stddev {real.std():.3f}); discriminator accuracy on "
+                f"{count} real / {count} generated images: {(real_logits > 0).mean():.2f} / "
+                f"{(fake_logits < 0).mean():.2f} (0.50 / 0.50 when it cannot tell them apart)")
+
+    def export_model(self):
+        """The generator, served on noise [batch, noise_dim] float32. Eager."""
+        self._require_built("export_model")
+        return self.gan.generator, [tf.TensorSpec([None, self.noise_dim], tf.float32,
+                                                  name="noise")]
+
+    def sample_images(self, num_images: int):
+        """dcgan: generated images [num_images, 28, 28, C] in [0, 1] for the same noise on every
+        call (a stateless seed), so grids can be compared over training. dense: None. Eager."""
+        if self.model_name != "dcgan":
+            return None
+        self._require_built("sample_images")
+        noise = tf.random.stateless_normal([num_images, self.noise_dim], seed=_SAMPLE_IMAGES_SEED)
+        images = tf.cast(self.gan.generator(noise, training=False), tf.float32)
+        return tf.clip_by_value((images + 1.0) / 2.0, 0.0, 1.0).numpy()
+
+    def sample_histograms(self):
+        """dense: {"generated": 10 000 generator samples, "real": the real data}, both
+        flattened to 1-D. dcgan: {}. Eager."""
+        if self.model_name != "dense":
+            return {}
+        return {"generated": self.sample().ravel(), "real": self.arrays["x"].ravel()}
+
+    def _require_built(self, what: str) -> None:
+        if not hasattr(self, "gan"):
+            raise tapekit.TapekitError(
+                f"{type(self).__name__}.{what} needs the networks, which are built by the first "
+                "fit(); call fit() (or restore a checkpoint) first.")
 
 
 def _bce(labels, logits):

@@ -9,7 +9,13 @@ BUILTIN_TRAINERS = {
 
 
 def run() -> None:
+    """`tapekit-train`."""
     cli.main(BUILTIN_TRAINERS)
+
+
+def export() -> None:
+    """`tapekit-export`: a SavedModel from a run's checkpoint (see `tapekit.cli.export_main`)."""
+    cli.export_main(BUILTIN_TRAINERS)
 
 
 if __name__ == "__main__":
