@@ -59,31 +59,45 @@ class MetricsFile(Callback):
         self._append("eval", step, logs)
 
 
-class SaveCheckpoints(Callback):
-    """Saves after a loop that passes a multiple of `every_steps`, and at the end of training.
+class EveryNSteps(Callback):
+    """Base for actions taken after the first loop end past each multiple of `every_steps`
+    (None: never during training) and once more at the end of training."""
+
+    def __init__(self, every_steps: Optional[int]):
+        self.every_steps = every_steps
+        self._last = None
+
+    def on_train_begin(self, step):
+        self._last = step
+
+    def on_loop_end(self, step, logs):
+        if self.every_steps and step // self.every_steps > self._last // self.every_steps:
+            self._run(step)
+
+    def on_train_end(self, step, logs):
+        if step != self._last:
+            self._run(step)
+
+    def _run(self, step):
+        self._last = step
+        self.act(step)
+
+    def act(self, step: int) -> None:
+        raise NotImplementedError
+
+
+class SaveCheckpoints(EveryNSteps):
+    """Saves every `every_steps` and at the end of training.
 
     Runs on every worker (saving is collective under multi-worker strategies).
     """
 
     def __init__(self, checkpointer, every_steps: Optional[int]):
+        super().__init__(every_steps)
         self.checkpointer = checkpointer
-        self.every_steps = every_steps
-        self._last_saved = None
 
-    def on_train_begin(self, step):
-        self._last_saved = step
-
-    def _save(self, step):
-        if step != self._last_saved:
-            self.checkpointer.save(step)
-            self._last_saved = step
-
-    def on_loop_end(self, step, logs):
-        if self.every_steps and step // self.every_steps > self._last_saved // self.every_steps:
-            self._save(step)
-
-    def on_train_end(self, step, logs):
-        self._save(step)
+    def act(self, step):
+        self.checkpointer.save(step)
 
 
 class NonFiniteGuard(Callback):
@@ -201,7 +215,7 @@ class ProgressBar(Callback):
             self.bar.update(step, finalize=True)
 
 
-class TensorBoard(Callback):
+class TensorBoard(EveryNSteps):
     """Writes TensorBoard summaries to LOGDIR/train and LOGDIR/eval (the chief only).
 
     Every loop: each metric, `steps_per_sec`, and each optimizer's learning rate. Every
@@ -211,15 +225,11 @@ class TensorBoard(Callback):
 
     def __init__(self, logdir: str, sample_every_steps: Optional[int] = None, num_images: int = 16):
         import tensorflow as tf
+        super().__init__(sample_every_steps)
         self.logdir = logdir
-        self.sample_every_steps = sample_every_steps
         self.num_images = num_images
         self.train_writer = tf.summary.create_file_writer(os.path.join(logdir, "train"))
         self._eval_writer = None  # created at the first evaluation
-        self._last_sample = None
-
-    def on_train_begin(self, step):
-        self._last_sample = step
 
     def _learning_rates(self) -> Dict[str, float]:
         import keras
@@ -236,9 +246,7 @@ class TensorBoard(Callback):
         with self.train_writer.as_default(step=step):
             for name, value in {**logs, **self._learning_rates()}.items():
                 summaries.scalar(name, value, step)
-        every = self.sample_every_steps
-        if every and step // every > self._last_sample // every:
-            self._write_samples(step)
+        super().on_loop_end(step, logs)
         self.train_writer.flush()
 
     def on_eval_end(self, step, logs):
@@ -252,14 +260,14 @@ class TensorBoard(Callback):
         self._eval_writer.flush()
 
     def on_train_end(self, step, logs):
-        if self.sample_every_steps and self._last_sample != step:
-            self._write_samples(step)
+        super().on_train_end(step, logs)
         self.train_writer.flush()
 
-    def _write_samples(self, step):
+    def act(self, step):
+        if not self.every_steps:
+            return
         from tapekit import summaries
         from tapekit.images import image_grid
-        self._last_sample = step
         images = self.trainer.sample_images(self.num_images)
         with self.train_writer.as_default(step=step):
             if images is not None:
@@ -268,33 +276,20 @@ class TensorBoard(Callback):
                 summaries.histogram(name, values, step)
 
 
-class SampleImages(Callback):
+class SampleImages(EveryNSteps):
     """Saves the trainer's `sample_images` as a grid to DIR/step_NNNNNN.png every
     `every_steps` (at the first loop end past each multiple) and at the end. Chief only."""
 
     def __init__(self, directory: str, every_steps: int, num_images: int = 16):
+        super().__init__(every_steps)
         self.directory = directory
-        self.every_steps = every_steps
         self.num_images = num_images
-        self._last = None
 
-    def on_train_begin(self, step):
-        self._last = step
-
-    def _save(self, step):
+    def act(self, step):
         from tapekit.images import image_grid, write_png
-        self._last = step
         images = self.trainer.sample_images(self.num_images)
         if images is not None:
             write_png(os.path.join(self.directory, f"step_{step:06d}.png"), image_grid(images))
-
-    def on_loop_end(self, step, logs):
-        if step // self.every_steps > self._last // self.every_steps:
-            self._save(step)
-
-    def on_train_end(self, step, logs):
-        if self._last != step:
-            self._save(step)
 
 
 def format_logs(logs: Logs) -> str:

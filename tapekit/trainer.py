@@ -654,10 +654,7 @@ class Trainer:
             return None if in_memory else self._make_train_iterator(dataset, self.current_step)
         if in_memory is not None:  # the input is a function of the global step: nothing to position
             if path:
-                checkpointer.restore(path)
-                if self.restore_from:
-                    checkpointer.set_aside_checkpoints_after(self.current_step)
-                logging.info("resumed from checkpoint %s at step %d", path, self.current_step)
+                self._resume_from(path)
             return None
         saved_step = checkpointing.saved_step(path) if path else None
         iterator = self._make_train_iterator(dataset, skip_steps=0)
@@ -668,11 +665,14 @@ class Trainer:
         elif saved_step:
             iterator = self._make_train_iterator(dataset, skip_steps=saved_step)
         if path:
-            checkpointer.restore(path)
-            if self.restore_from:
-                checkpointer.set_aside_checkpoints_after(self.current_step)
-            logging.info("resumed from checkpoint %s at step %d", path, self.current_step)
+            self._resume_from(path)
         return iterator
+
+    def _resume_from(self, path: str) -> None:
+        self.checkpointer.restore(path)
+        if self.restore_from:  # restarted from an older checkpoint: newer ones go aside
+            self.checkpointer.set_aside_checkpoints_after(self.current_step)
+        logging.info("resumed from checkpoint %s at step %d", path, self.current_step)
 
     def _call_loop(self, loop: CompiledLoop, iterator, num_steps: int) -> LoopResult:
         try:
