@@ -100,16 +100,20 @@ def _slice_rows(start, stop):
 
 
 class InMemoryExamples:
-    """Examples kept on every replica's device; each step's batch is computed in the graph.
+    """Examples kept on every replica's device; each step's batch is gathered in the graph.
 
     The device-resident input path: no `tf.data` iterator per step. The examples are
     copied once into non-trainable variables created in the strategy scope (one copy per
-    device under MirroredStrategy). The batch of global step t holds the examples at
-    positions [t·G, (t+1)·G) of an endless stream in which epoch e is a stateless
-    pseudorandom permutation of all N examples (`stateless_shuffle` seeded by (seed, e));
-    replica r takes the r-th slice. So the input is a pure function of (seed, step):
-    identical for any number of replicas, and exact on resume. Each replica caches the
-    permutations of the current and the next epoch, recomputed once per epoch.
+    device under MirroredStrategy). Epoch e is a stateless pseudorandom permutation of the
+    N examples (`stateless_shuffle` seeded by (seed, e)) cut into N // G global batches
+    (G = global batch size; the N mod G examples left over change from epoch to epoch);
+    step t is batch t mod (N // G) of epoch t // (N // G), and replica r takes its r-th
+    slice. So the input is a pure function of (seed, step): identical for any number of
+    replicas, and exact on resume.
+
+    `prepare(epoch)` caches an epoch's permutation on each replica (the compiled loop calls
+    it once per stretch of steps within one epoch, not per step); `batch(step)` is then a
+    slice and a gather.
 
     Args:
       strategy: the trainer's strategy (variables are created in its scope).
@@ -131,15 +135,15 @@ class InMemoryExamples:
                 f"({global_batch_size}); lower global_batch_size.")
         self.global_batch_size = global_batch_size
         self.per_replica_batch = global_batch_size // replicas
+        self.steps_per_epoch = self.num_examples // global_batch_size
         self.seed = int(seed)
         local = dict(trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
                      aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
         with strategy.scope():
             self._tensors = tf.nest.map_structure(
                 lambda a: tf.Variable(a, trainable=False, name="in_memory_examples"), arrays)
-            # Per-replica cache: permutations of epochs (cached_epoch, cached_epoch + 1).
-            self._permutations = tf.Variable(tf.zeros([2, self.num_examples], tf.int64),
-                                             name="epoch_permutations", **local)
+            self._permutation = tf.Variable(tf.zeros([self.num_examples], tf.int64),
+                                            name="epoch_permutation", **local)
             self._cached_epoch = tf.Variable(tf.constant(-1, tf.int64), name="cached_epoch", **local)
 
     @property
@@ -148,27 +152,23 @@ class InMemoryExamples:
         return tf.nest.map_structure(
             lambda v: tf.TensorSpec([self.per_replica_batch] + v.shape[1:], v.dtype), self._tensors)
 
-    def _permutation(self, epoch):
-        return tf.random.experimental.stateless_shuffle(
-            tf.range(self.num_examples, dtype=tf.int64), seed=tf.stack([self.seed, epoch]))
-
-    def batch(self, step):
-        """This replica's batch for global step `step` (int64). Traced, per replica."""
-        replica = tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group, tf.int64)
-        positions = (step * self.global_batch_size + replica * self.per_replica_batch
-                     + tf.range(self.per_replica_batch, dtype=tf.int64))
-        epochs = positions // self.num_examples
-        first_epoch = epochs[0]  # a batch spans at most two epochs, since N >= G
-
+    def prepare(self, epoch):
+        """Caches epoch `epoch`'s permutation on this replica if not cached. Traced, per replica."""
         def refresh():
-            self._permutations.assign(
-                tf.stack([self._permutation(first_epoch), self._permutation(first_epoch + 1)]))
-            self._cached_epoch.assign(first_epoch)
+            self._permutation.assign(tf.random.experimental.stateless_shuffle(
+                tf.range(self.num_examples, dtype=tf.int64),
+                seed=tf.stack([tf.constant(self.seed, tf.int64), epoch])))
+            self._cached_epoch.assign(epoch)
             return tf.constant(True)
 
-        tf.cond(tf.equal(self._cached_epoch, first_epoch), lambda: tf.constant(False), refresh)
-        indices = tf.gather_nd(self._permutations,
-                               tf.stack([epochs - first_epoch, positions % self.num_examples], 1))
+        return tf.cond(tf.equal(self._cached_epoch, epoch), lambda: tf.constant(False), refresh)
+
+    def batch(self, step):
+        """This replica's batch for global step `step` (int64), whose epoch has been
+        `prepare`d. Traced, per replica."""
+        replica = tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group, tf.int64)
+        start = (step % self.steps_per_epoch) * self.global_batch_size + replica * self.per_replica_batch
+        indices = self._permutation[start:start + self.per_replica_batch]
         return tf.nest.map_structure(lambda t: tf.gather(t, indices), self._tensors)
 
 

@@ -14,6 +14,9 @@ from absl import logging
 from tapekit.errors import TapekitError
 
 NO_BAD_STEP = tf.int64.max
+# Below this many steps per epoch, in-memory input checks its epoch at every step rather
+# than looping over stretches of one epoch (whose set-up would cost more than it saves).
+SHORT_EPOCH = 8
 
 
 class LoopResult(NamedTuple):
@@ -70,7 +73,9 @@ class CompiledLoop:
                 "first_bad": tf.constant(NO_BAD_STEP, tf.int64),
                 "bad_steps": tf.zeros([], tf.float32)}
 
-    def _in_memory_step_and_accumulate(self, step, state, offset):
+    def _in_memory_step_and_accumulate(self, step, state, offset, prepare=False):
+        if prepare:
+            self.in_memory.prepare(step // self.in_memory.steps_per_epoch)
         return self._step_and_accumulate(self.in_memory.batch(step), state, offset)
 
     def _step_and_accumulate(self, batch, state, offset):
@@ -97,12 +102,29 @@ class CompiledLoop:
         strategy = self.strategy
         state = strategy.run(self._initial_state)
         steps_run = tf.constant(0, tf.int64)
-        if self.in_memory is not None:
+        if self.in_memory is not None and self.in_memory.steps_per_epoch < SHORT_EPOCH:
+            # Few steps per epoch: check the epoch's permutation at every step.
             first_step = self.step_counter.read_value()
             for offset in tf.range(num_steps):
                 state = strategy.run(self._in_memory_step_and_accumulate,
-                                     args=(first_step + offset, state, offset))
+                                     args=(first_step + offset, state, offset, True))
                 self.step_counter.assign_add(1)
+            steps_run = num_steps
+        elif self.in_memory is not None:
+            # Stretches of steps within one epoch: the epoch's permutation is checked once
+            # per stretch, each step is then a slice and a gather.
+            first_step = self.step_counter.read_value()
+            steps_per_epoch = self.in_memory.steps_per_epoch
+            start = tf.constant(0, tf.int64)
+            while start < num_steps:
+                step = first_step + start
+                strategy.run(self.in_memory.prepare, args=(step // steps_per_epoch,))
+                stop = tf.minimum(num_steps, start + steps_per_epoch - step % steps_per_epoch)
+                for offset in tf.range(start, stop):
+                    state = strategy.run(self._in_memory_step_and_accumulate,
+                                         args=(first_step + offset, state, offset))
+                    self.step_counter.assign_add(1)
+                start = stop
             steps_run = num_steps
         else:
             for offset in tf.range(num_steps):

@@ -13,15 +13,23 @@ from tapekit.trainers import RegressionTrainer
 from test_fault_tolerance import LinearSGD, _rows
 
 
+def _batches(source):
+    @tf.function
+    def batch(step):
+        source.prepare(step // source.steps_per_epoch)
+        return source.batch(step)
+    return lambda step: batch(tf.constant(step, tf.int64))
+
+
 def test_in_memory_batches_cover_each_epoch_once_and_differ_between_epochs():
     examples = np.arange(50, dtype=np.int64)
     source = InMemoryExamples(tf.distribute.get_strategy(), examples, global_batch_size=10, seed=4)
-    batch = tf.function(source.batch)
-    epoch0 = np.concatenate([batch(tf.constant(s, tf.int64)).numpy() for s in range(5)])
-    epoch1 = np.concatenate([batch(tf.constant(s, tf.int64)).numpy() for s in range(5, 10)])
+    batch = _batches(source)
+    epoch0 = np.concatenate([batch(s).numpy() for s in range(5)])
+    epoch1 = np.concatenate([batch(s).numpy() for s in range(5, 10)])
     assert sorted(epoch0) == list(range(50)) and sorted(epoch1) == list(range(50))
     assert list(epoch0) != list(range(50)) and list(epoch0) != list(epoch1)
-    again = np.concatenate([batch(tf.constant(s, tf.int64)).numpy() for s in range(5)])
+    again = np.concatenate([batch(s).numpy() for s in range(5)])
     np.testing.assert_array_equal(again, epoch0)  # a pure function of (seed, step)
 
 
@@ -30,8 +38,14 @@ def test_in_memory_batches_split_the_global_batch_across_replicas():
     examples = np.arange(40, dtype=np.int64)
     one = InMemoryExamples(tf.distribute.get_strategy(), examples, 8, seed=1)
     two = InMemoryExamples(strategy, examples, 8, seed=1)
-    whole = tf.function(one.batch)(tf.constant(3, tf.int64)).numpy()
-    parts = strategy.run(tf.function(two.batch), args=(tf.constant(3, tf.int64),))
+    whole = _batches(one)(3).numpy()
+
+    @tf.function
+    def replica_batch(step):
+        two.prepare(step // two.steps_per_epoch)
+        return two.batch(step)
+
+    parts = strategy.run(replica_batch, args=(tf.constant(3, tf.int64),))
     halves = [t.numpy() for t in strategy.experimental_local_results(parts)]
     np.testing.assert_array_equal(np.concatenate(halves), whole)
 
