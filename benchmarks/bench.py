@@ -18,6 +18,8 @@ over repeats is reported in µs per step.
   keras_arrays    the same Keras model given the in-memory arrays: fit(x, y)
   tapekit         tapekit on the tf.data pipeline (train_dataset), steps_per_loop=100
   tapekit_memory  tapekit's device-resident path (fit(dataset=arrays)), steps_per_loop=100
+  tapekit_xla     tapekit on the tf.data pipeline with jit_compile=True (XLA), as Keras 3
+                  fit compiles with XLA by default (jit_compile="auto")
 
 The machine is shared and noisy: compare ratios from one run, never absolute numbers
 across runs. Nothing here is tuned for tapekit: the baselines are written the way an
@@ -330,6 +332,14 @@ def tapekit_data(work, steps_per_loop=100):
     return run
 
 
+def tapekit_xla(work, steps_per_loop=100):
+    trainer = _BenchTrainer(work, jit_compile=True)
+
+    def run(steps):
+        trainer.fit(train_steps=trainer.current_step + steps, steps_per_loop=steps_per_loop)
+    return run
+
+
 def tapekit_memory(work, steps_per_loop=100):
     trainer = _BenchTrainer(work)
     arrays = work.arrays()
@@ -350,6 +360,7 @@ APPROACHES = {
     "keras_arrays": keras_arrays,
     "tapekit": tapekit_data,
     "tapekit_memory": tapekit_memory,
+    "tapekit_xla": tapekit_xla,
 }
 
 
@@ -454,6 +465,8 @@ def ratios(name, times):
         out["keras_arrays / tapekit_memory"] = get("keras_arrays") / get("tapekit_memory")
     if get("keras_fit") and get("tapekit_memory"):
         out["keras_fit / tapekit_memory"] = get("keras_fit") / get("tapekit_memory")
+    if get("keras_fit") and get("tapekit_xla"):
+        out["keras_fit / tapekit_xla"] = get("keras_fit") / get("tapekit_xla")
     if get("eager") and get("tapekit_memory"):
         out["eager / tapekit_memory"] = get("eager") / get("tapekit_memory")
     return out
@@ -488,6 +501,9 @@ def check_targets(name, r):
     if "GAN" in name and "keras_fit / tapekit" in r:
         checks.append(("tapekit faster than keras_fit with train_step", r["keras_fit / tapekit"],
                        r["keras_fit / tapekit"] > 1.0))
+    if "GAN" in name and "keras_fit / tapekit_xla" in r:
+        checks.append(("tapekit (XLA, as Keras) faster than keras_fit with train_step",
+                       r["keras_fit / tapekit_xla"], r["keras_fit / tapekit_xla"] > 1.0))
     return checks
 
 

@@ -283,14 +283,14 @@ class Trainer:
             raise TapekitError(
                 "compute_loss needs one loss per example (shape [batch, ...]), got a scalar; "
                 "pass the unreduced loss, e.g. tf.square(y - prediction).")
-        if losses.shape.rank > 1:
-            losses = tf.reduce_mean(losses, axis=list(range(1, losses.shape.rank)))
         replicas = self.num_replicas
-        local_batch = losses.shape[0]
-        if local_batch is not None:  # static: one multiply by a constant
-            share = tf.reduce_sum(losses) * (1.0 / (local_batch * replicas))
+        # The mean over extra axes, then over the global batch, is one sum over everything
+        # divided by (global batch × extra sizes): with static shapes a multiply by a
+        # constant, whose gradient is cheap (a reduce_mean over axes is not).
+        if losses.shape.is_fully_defined():
+            share = tf.reduce_sum(losses) * (1.0 / (losses.shape.num_elements() * replicas))
         else:
-            share = tf.reduce_sum(losses) / tf.cast(tf.shape(losses)[0] * replicas, tf.float32)
+            share = tf.reduce_sum(losses) / tf.cast(tf.size(losses) * replicas, tf.float32)
         if regularization_losses:
             regularization = [tf.cast(loss, tf.float32) for loss in regularization_losses]
             share += tf.add_n(regularization) / replicas
