@@ -173,10 +173,6 @@ class Checkpointer:
         logging.warning("moved %d checkpoint(s) newer than step %d to %s", len(newer), step, aside)
         self._make_manager()
 
-    def close(self) -> None:
-        if self._temporary:
-            shutil.rmtree(self._temporary, ignore_errors=True)
-
 
 def _variable_shapes(path: str) -> Dict[str, List[int]]:
     return {name: shape for name, shape in tf.train.list_variables(path)

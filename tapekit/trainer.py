@@ -172,7 +172,6 @@ class Trainer:
         self.checkpointer: Optional[Checkpointer] = None
         self._built = False
         self._restored = False
-        self._train_spec = None
         self._recording: Optional[List] = None
         self._train_loop: Optional[CompiledLoop] = None
         self._eval_loop: Optional[CompiledLoop] = None
@@ -543,7 +542,6 @@ class Trainer:
         """
         with self.strategy.scope(), precision_lib.dtype_policy(self.precision):
             self.build()
-        self._train_spec = per_replica_spec(element_spec)
         self._train_metric_names = self._probe_metric_names(
             self.train_step, element_spec, build_updaters=True)
         if self.model_dir:

@@ -276,28 +276,17 @@ def test_early_stopping_stops_when_the_metric_plateaus():
 # ------------------------------------------------------------------ bad input
 
 
-class FixedInput(tapekit.Trainer):
-    """An MLP built for 5 features, fed whatever `arrays` holds."""
+class FixedInput(Unshuffled):
+    """An MLP built for 5 features, fed whatever `arrays` holds (Unshuffled's input and step)."""
 
     def __init__(self, arrays, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(global_batch_size=32, **kwargs)
         self.arrays = arrays
 
     def build(self):
         self.model = MLP(hidden_units=4, output_units=1)
         self.model.build((None, 5))
         self.optimizer = keras.optimizers.SGD(0.1)
-
-    def train_dataset(self, input_context):
-        return tapekit.per_replica_batches(tf.data.Dataset.from_tensor_slices(self.arrays),
-                                           input_context, self.global_batch_size)
-
-    def train_step(self, batch):
-        x, y = batch
-        with tf.GradientTape() as tape:
-            loss = self.compute_loss(tf.square(y - self.model(x)))
-        self.apply_gradients(tape, loss, self.model, self.optimizer)
-        return {"loss": loss}
 
 
 def test_data_of_the_wrong_shape_fails_before_the_first_step():
