@@ -12,6 +12,7 @@ and optimizer state before the first step, compiling `steps_per_loop` steps into
 `tf.function` (`tapekit.loop.CompiledLoop`), and the outer loop (`tapekit.controller`).
 """
 
+import functools
 import os
 import sys
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -553,31 +554,54 @@ class Trainer:
     def _probe_metric_names(self, step_fn, element_spec, build_updaters=False) -> List[str]:
         spec = per_replica_spec(element_spec)
         self._recording = []
+        # Optimizers called directly in the step only record what they would update: an
+        # unbuilt Keras optimizer cannot build itself inside the scratch graph.
+        stubbed = [value for name, value in vars(self).items()
+                   if not name.startswith("_") and isinstance(value, keras.optimizers.Optimizer)]
+        for optimizer in stubbed:
+            optimizer.apply_gradients = functools.partial(self._record_direct_update, optimizer)
         try:
-            with self.strategy.scope():
-                with keras.StatelessScope(), keras.SymbolicScope():
-                    # A scratch FuncGraph, as Keras' own symbolic build uses: it can capture
-                    # variables that already exist, and nothing in it ever runs.
-                    with tf.__internal__.FuncGraph("tapekit_probe").as_default():
-                        batch = tf.nest.map_structure(
-                            lambda s: tf.compat.v1.placeholder(s.dtype, s.shape), spec)
-                        try:
-                            outputs = step_fn(batch)
-                        except TapekitError:
-                            raise
-                        except Exception as error:  # shapes/dtypes that do not fit the model
-                            raise TapekitError(
-                                f"{step_fn.__name__} cannot run on this data: batches are "
-                                f"{describe_spec(spec)}; {type(error).__name__}: "
-                                f"{summarize(error)}") from None
-                        names = metric_names(outputs, step_fn.__name__)
+            try:
+                outputs = self._trace_in_scratch_graph(step_fn, spec)
+            except TapekitError:
+                raise
+            except Exception:
+                # A step that differentiates by itself (tape.gradient) cannot run on variables
+                # that do not exist yet; the first attempt created them: try once more.
+                self._recording = []
+                try:
+                    outputs = self._trace_in_scratch_graph(step_fn, spec)
+                except TapekitError:
+                    raise
+                except Exception as error:  # shapes/dtypes that do not fit the model, …
+                    raise TapekitError(
+                        f"{step_fn.__name__} cannot run on this data: batches are "
+                        f"{describe_spec(spec)}; {type(error).__name__}: "
+                        f"{summarize(error)}") from None
+            names = metric_names(outputs, step_fn.__name__)
             if build_updaters:
                 with self.strategy.scope():
                     for optimizer, variables in self._recording:
                         self._add_updater(optimizer, variables)
         finally:
             self._recording = None
+            for optimizer in stubbed:
+                del optimizer.apply_gradients  # the class's method again
         return names
+
+    def _trace_in_scratch_graph(self, step_fn, spec):
+        """Calls `step_fn` on placeholders of `spec`; nothing it builds ever runs."""
+        with self.strategy.scope():
+            with keras.StatelessScope(), keras.SymbolicScope():
+                # A scratch FuncGraph, as Keras' own symbolic build uses: it can capture
+                # variables that already exist.
+                with tf.__internal__.FuncGraph("tapekit_probe").as_default():
+                    batch = tf.nest.map_structure(
+                        lambda s: tf.compat.v1.placeholder(s.dtype, s.shape), spec)
+                    return step_fn(batch)
+
+    def _record_direct_update(self, optimizer, grads_and_vars) -> None:
+        self._recording.append((optimizer, [v for _, v in grads_and_vars]))
 
     def _add_updater(self, optimizer, variables) -> None:
         key = _updater_key(optimizer, variables)

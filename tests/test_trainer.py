@@ -189,3 +189,22 @@ def test_gan_learns_a_shifted_gaussian():
     samples = trainer.sample()
     assert abs(samples.mean() - 4.0) < 0.5
     assert trainer.train_loop_trace_count == 1
+
+
+def test_a_step_that_differentiates_and_updates_by_itself_works():
+    """tape.gradient and optimizer.apply_gradients called directly, as in a hand-written loop."""
+
+    class HandWritten(MyTrainer):
+        def train_step(self, batch):
+            x, y = batch
+            with tf.GradientTape() as tape:
+                loss = self.compute_loss(tf.square(y - self.model(x, training=True)))
+            grads = tape.gradient(loss, self.model.trainable_variables)
+            self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
+            return {"loss": loss}
+
+    trainer = HandWritten(global_batch_size=50)
+    history = trainer.fit(train_steps=200, steps_per_loop=100)
+    assert history[-1]["loss"] < 0.5 * history[0]["loss"]
+    assert int(trainer.optimizer.iterations.numpy()) == 200
+    assert "apply_gradients" not in vars(trainer.optimizer)  # the probe's stand-in is gone
