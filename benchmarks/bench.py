@@ -78,11 +78,11 @@ class Supervised:
             return loss
         return step
 
-    def examples(self):
-        return tf.data.Dataset.from_tensor_slices((self.x, self.y))
-
     def arrays(self):
         return (self.x, self.y)
+
+    def examples(self):
+        return tf.data.Dataset.from_tensor_slices(self.arrays())
 
 
 class Adversarial:
@@ -128,11 +128,10 @@ class Adversarial:
             return g_loss
         return step
 
-    def examples(self):
-        return tf.data.Dataset.from_tensor_slices((self.real, self.noise))
-
     def arrays(self):
         return (self.real, self.noise)
+
+    examples = Supervised.examples
 
 
 def workloads(quick):

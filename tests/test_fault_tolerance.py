@@ -182,20 +182,16 @@ def test_nan_in_the_cli_gives_one_line_and_nonzero_exit(tmp_path, cli_env):
 # ------------------------------------------------------------------ clipping and accumulation
 
 
-class LinearSGD(tapekit.Trainer):
-    """A linear model under plain SGD (update size proportional to the gradient)."""
+class LinearSGD(Unshuffled):
+    """A linear model under plain SGD (update size proportional to the gradient); data
+    comes through fit(dataset=...), the MSE step is Unshuffled's."""
+
+    default_global_batch_size = 32
 
     def build(self):
         self.model = keras.layers.Dense(1, kernel_initializer="ones", bias_initializer="zeros")
         self.model.build((None, 3))
         self.optimizer = keras.optimizers.SGD(0.1)
-
-    def train_step(self, batch):
-        x, y = batch
-        with tf.GradientTape() as tape:
-            loss = self.compute_loss(tf.square(y - self.model(x)))
-        self.apply_gradients(tape, loss, self.model, self.optimizer)
-        return {"loss": loss}
 
 
 def _rows(count):
