@@ -451,24 +451,15 @@ def memory_check(work, loops):
 # ------------------------------------------------------------------ report
 
 
+RATIOS = [  # (numerator, denominator): the comparisons the project's targets are about
+    ("tapekit", "graph+data"), ("tapekit_memory", "graph+memory"), ("keras_fit", "tapekit"),
+    ("keras_arrays", "tapekit_memory"), ("keras_fit", "tapekit_memory"),
+    ("keras_fit", "tapekit_xla"), ("eager", "tapekit_memory"),
+]
+
+
 def ratios(name, times):
-    get = times.get
-    out = {}
-    if get("tapekit") and get("graph+data"):
-        out["tapekit / graph+data"] = get("tapekit") / get("graph+data")
-    if get("tapekit_memory") and get("graph+memory"):
-        out["tapekit_memory / graph+memory"] = get("tapekit_memory") / get("graph+memory")
-    if get("keras_fit") and get("tapekit"):
-        out["keras_fit / tapekit"] = get("keras_fit") / get("tapekit")
-    if get("keras_arrays") and get("tapekit_memory"):
-        out["keras_arrays / tapekit_memory"] = get("keras_arrays") / get("tapekit_memory")
-    if get("keras_fit") and get("tapekit_memory"):
-        out["keras_fit / tapekit_memory"] = get("keras_fit") / get("tapekit_memory")
-    if get("keras_fit") and get("tapekit_xla"):
-        out["keras_fit / tapekit_xla"] = get("keras_fit") / get("tapekit_xla")
-    if get("eager") and get("tapekit_memory"):
-        out["eager / tapekit_memory"] = get("eager") / get("tapekit_memory")
-    return out
+    return {f"{a} / {b}": times[a] / times[b] for a, b in RATIOS if times.get(a) and times.get(b)}
 
 
 def check_targets(name, r):
