@@ -7,6 +7,7 @@ They may read the trainer (`self.trainer`) and ask the loop to stop by setting
 
 import json
 import os
+import time
 from typing import Dict, Optional
 
 from absl import logging
@@ -70,8 +71,12 @@ class EveryNSteps(Callback):
     def on_train_begin(self, step):
         self._last = step
 
+    def due(self, step: int) -> bool:
+        """True when `step` is past a multiple of `every_steps` not acted on yet."""
+        return bool(self.every_steps) and step // self.every_steps > self._last // self.every_steps
+
     def on_loop_end(self, step, logs):
-        if self.every_steps and step // self.every_steps > self._last // self.every_steps:
+        if self.due(step):
             self._run(step)
 
     def on_train_end(self, step, logs):
@@ -87,17 +92,36 @@ class EveryNSteps(Callback):
 
 
 class SaveCheckpoints(EveryNSteps):
-    """Saves every `every_steps` and at the end of training.
+    """Saves at the first loop end past each multiple of `every_steps`, at the first loop end
+    `every_secs` seconds or more after the last save (or the start), and at the end of
+    training.
 
-    Runs on every worker (saving is collective under multi-worker strategies).
+    Runs on every worker (saving is collective under multi-worker strategies); with
+    `every_secs`, the workers agree on whether the time has come (one vote per loop), so
+    they save at the same step.
     """
 
-    def __init__(self, checkpointer, every_steps: Optional[int]):
+    def __init__(self, checkpointer, every_steps: Optional[int], every_secs: Optional[float] = None):
         super().__init__(every_steps)
         self.checkpointer = checkpointer
+        self.every_secs = every_secs
+        self._saved_at = time.monotonic()
+
+    def on_train_begin(self, step):
+        super().on_train_begin(step)
+        self._saved_at = time.monotonic()
+
+    def on_loop_end(self, step, logs):
+        if self.every_secs and not self.due(step):
+            overdue = time.monotonic() - self._saved_at >= self.every_secs
+            if self.trainer.any_worker(overdue):
+                self._run(step)
+                return
+        super().on_loop_end(step, logs)
 
     def act(self, step):
         self.checkpointer.save(step)
+        self._saved_at = time.monotonic()
 
 
 class NonFiniteGuard(Callback):

@@ -16,6 +16,7 @@ import tensorflow as tf
 from absl import app, flags, logging
 
 from tapekit.callbacks import EarlyStopping
+from tapekit import controller
 from tapekit import distribute
 from tapekit.distribute import STRATEGY_NAMES
 from tapekit.errors import TapekitError, user_message
@@ -28,6 +29,7 @@ FLAGS = flags.FLAGS
 # The flags every trainer gets; the first group maps to Trainer(...), the second to fit(...).
 TRAINER_FLAGS = ("model_dir", "strategy", "global_batch_size", "learning_rate", "seed",
                  "jit_compile", "device", "cpu_replicas", "precision", "checkpoint_every_steps",
+                 "checkpoint_every_secs",
                  "max_checkpoints_to_keep", "restore_from", "deterministic", "nan_policy",
                  "clip_global_norm", "gradient_accumulation_steps", "max_retraces",
                  "profile_steps", "progress", "sample_every_steps")
@@ -65,6 +67,10 @@ def define_common_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     define("integer", "checkpoint_every_steps", None,
            "Save a checkpoint every this many steps (at loop ends) and at the end; unset: "
            "only at the end. Needs --model_dir.", lower_bound=1)
+    define("float", "checkpoint_every_secs", 600.0,
+           "Also save a checkpoint at the first loop end this many seconds after the last "
+           "one (a killed run loses minutes, not the run); 0: not by time. Needs --model_dir.",
+           lower_bound=0.0)
     define("integer", "max_checkpoints_to_keep", 3, "Checkpoints kept in MODEL_DIR/checkpoints.",
            lower_bound=1)
     define("string", "restore_from", None,
@@ -99,7 +105,9 @@ def define_common_flags(flag_values: flags.FlagValues = FLAGS) -> None:
            "SavedModel with a serving_default signature.")
     define("integer", "eval_every_steps", None,
            "Evaluate after each loop passing a multiple of this, and at the end.", lower_bound=1)
-    define("integer", "eval_steps", 10, "Steps per evaluation.", lower_bound=1)
+    define("integer", "eval_steps", None,
+           "Steps per evaluation; unset: the whole evaluation data set (one pass, which must "
+           "end).", lower_bound=1)
     define("string", "early_stopping_metric", None,
            "Stop when this metric stops improving: a training metric ('loss') or an "
            "evaluation one ('eval_loss').")
@@ -184,7 +192,11 @@ def _train(program: str, trainer_class: Type[Trainer], own_flags: List[str], arg
         if FLAGS.export_dir:  # refuse before training, not after
             check_export_dir(FLAGS.export_dir)
         trainer = trainer_class(**trainer_kwargs(own_flags))
-        trainer.fit(callbacks=callbacks, **{name: FLAGS[name].value for name in FIT_FLAGS})
+        controller.kill_on_second_interrupt()
+        try:
+            trainer.fit(callbacks=callbacks, **{name: FLAGS[name].value for name in FIT_FLAGS})
+        except KeyboardInterrupt:  # Ctrl-C: the loop finished and was saved (and logged)
+            sys.exit(130)
         if trainer.preempted:  # exit 0 so that the scheduler's requeue resumes the run
             return
         if FLAGS.export_dir and distribute.is_chief(trainer.strategy):

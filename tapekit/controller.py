@@ -2,9 +2,9 @@
 
 Separate from the inner loop (`tapekit.loop.CompiledLoop`, what one call runs in the
 graph) in the spirit of Orbit's controller: this object decides loop lengths, times
-them, evaluates on schedule, reacts to SIGTERM and to input that runs out, and hands
-each loop's metrics to the callbacks (NaN guard, logging, metrics file, checkpoints).
-Everything here runs eagerly in Python, once per loop.
+them, evaluates on schedule, reacts to SIGTERM, Ctrl-C and to input that runs out, and
+hands each loop's metrics to the callbacks (NaN guard, logging, metrics file,
+checkpoints). Everything here runs eagerly in Python, once per loop.
 """
 
 import signal
@@ -22,7 +22,7 @@ class Controller:
     """Drives `trainer`'s compiled loop until its global step reaches `train_steps`."""
 
     def __init__(self, trainer, callbacks: Sequence[Callback] = (),
-                 eval_every_steps: Optional[int] = None, eval_steps: int = 10,
+                 eval_every_steps: Optional[int] = None, eval_steps: Optional[int] = None,
                  profile_steps: Optional[Tuple[int, int]] = None, profile_dir: Optional[str] = None):
         self.trainer = trainer
         self.callbacks = list(callbacks)
@@ -36,19 +36,22 @@ class Controller:
         """Runs loops of `steps_per_loop` steps (the last one clamped) up to `train_steps`.
 
         Stops early, after the loop in progress, when a callback sets
-        `trainer.stop_training`, when the input runs out, or on SIGTERM (then a checkpoint
-        is saved and `trainer.preempted` is True). Returns one dict per loop: the global
-        `step` at its end, the loop's mean metrics, `steps_per_sec`, `examples_per_sec`.
+        `trainer.stop_training`, when the input runs out, on SIGTERM (then a checkpoint is
+        saved and `trainer.preempted` is True) or on a first Ctrl-C (SIGINT: a checkpoint
+        is saved and `trainer.interrupted` is True; a second Ctrl-C aborts at once). Returns
+        one dict per loop: the global `step` at its end, the loop's mean metrics,
+        `steps_per_sec`, `examples_per_sec`.
         """
         trainer = self.trainer
         step = trainer.current_step
         trainer.stop_training = False
         trainer.preempted = False
+        trainer.interrupted = False
         history: List[Dict[str, float]] = []
         for callback in self.callbacks:
             callback.on_train_begin(step)
         logs = None
-        with _SigtermFlag() as sigterm:
+        with _StopSignals() as signals:
             while step < train_steps and not trainer.stop_training:
                 num_steps = min(steps_per_loop, train_steps - step)
                 if self.profiler:
@@ -79,14 +82,19 @@ class Controller:
                     eval_logs = trainer.evaluate(self.eval_steps)
                     for callback in self.callbacks:
                         callback.on_eval_end(step, eval_logs)
-                if trainer.any_worker(sigterm.raised):
-                    trainer.preempted = trainer.stop_training = True
+                if trainer.any_worker(signals.terminated or signals.interrupted):
+                    trainer.stop_training = True
+                    trainer.interrupted = signals.interrupted
+                    trainer.preempted = not signals.interrupted
         if self.profiler:
             self.profiler.stop()
         for callback in self.callbacks:
             callback.on_train_end(step, logs)
+        saved = "checkpoint saved" if trainer.checkpointer is not None else "nothing saved (no model_dir)"
         if trainer.preempted:
-            logging.warning("preempted at step %d, checkpoint saved", step)
+            logging.warning("preempted at step %d, %s", step, saved)
+        if trainer.interrupted:
+            logging.warning("interrupted at step %d, %s", step, saved)
         return history
 
     def _evaluation_due(self, start_step: int, step: int, train_steps: int) -> bool:
@@ -129,25 +137,47 @@ class _Profiler:
             self.active = False
 
 
-class _SigtermFlag:
-    """Records SIGTERM (what schedulers send before preemption) instead of dying at once.
+# What a second Ctrl-C does: raise KeyboardInterrupt once Python runs again (the default,
+# for notebooks and scripts), or kill the process at once, even inside a long TensorFlow
+# call (the command line sets this).
+_second_interrupt_kills = False
 
-    Installed only in the main thread (Python's rule); the previous handler is put back.
+
+def kill_on_second_interrupt(kill: bool = True) -> None:
+    """Makes a second Ctrl-C during `fit` end the process at once (as the command line does)."""
+    global _second_interrupt_kills
+    _second_interrupt_kills = kill
+
+
+class _StopSignals:
+    """Records SIGTERM (what schedulers send before preemption) and a first SIGINT (Ctrl-C)
+    instead of dying at once; training stops at the end of the loop in progress.
+
+    Installed only in the main thread (Python's rule); the previous handlers are put back.
     """
 
     def __init__(self):
-        self.raised = False
-        self._previous = None
+        self.terminated = False
+        self.interrupted = False
+        self._previous = {}
 
-    def _handle(self, signum, frame):
-        self.raised = True
+    def _on_sigterm(self, signum, frame):
+        self.terminated = True
         logging.warning("SIGTERM received: finishing this loop, then saving a checkpoint")
+
+    def _on_sigint(self, signum, frame):
+        self.interrupted = True
+        logging.warning("Ctrl-C: finishing this loop, then saving a checkpoint; press Ctrl-C "
+                        "again to abort at once")
+        signal.signal(signal.SIGINT, signal.SIG_DFL if _second_interrupt_kills
+                      else signal.default_int_handler)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_sigint)
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)

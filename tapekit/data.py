@@ -22,6 +22,7 @@ def per_replica_batches(
     shuffle_buffer_size: Optional[int] = None,
     seed: int = 0,
     repeat: bool = True,
+    drop_remainder: Optional[bool] = None,
 ) -> tf.data.Dataset:
     """Batches a dataset of single examples into this input pipeline's per-replica batches.
 
@@ -37,10 +38,15 @@ def per_replica_batches(
         reshuffled each epoch in the same way on every worker.
       seed: the shuffle seed.
       repeat: repeat the examples forever (training); False for one pass (evaluation).
+      drop_remainder: drop the examples that do not fill a last global batch. Default:
+        True when repeating (static batch shapes), False for one pass, so that evaluation
+        sees every example; the last global batch is then split as far as it goes, and
+        replicas past its end get empty batches from tf.distribute.
 
     Returns:
       A dataset whose elements are per-replica batches of
-      `global_batch_size // num_replicas_in_sync` examples (static batch dimension).
+      `global_batch_size // num_replicas_in_sync` examples (a static batch dimension when
+      the remainder is dropped).
     """
     num_replicas = input_context.num_replicas_in_sync if input_context else 1
     num_pipelines = input_context.num_input_pipelines if input_context else 1
@@ -57,7 +63,9 @@ def per_replica_batches(
         dataset = dataset.shuffle(shuffle_buffer_size, seed=seed, reshuffle_each_iteration=True)
     if repeat:
         dataset = dataset.repeat()
-    dataset = dataset.batch(global_batch_size, drop_remainder=True)
+    if drop_remainder is None:
+        drop_remainder = repeat
+    dataset = dataset.batch(global_batch_size, drop_remainder=drop_remainder)
     if num_replicas > 1:
         # Each worker keeps its contiguous share of the global batch, then cuts it into
         # per-replica batches; tf.distribute hands those to local replicas in order.
@@ -65,7 +73,7 @@ def per_replica_batches(
         start = pipeline_id * replicas_per_pipeline * per_replica
         stop = start + replicas_per_pipeline * per_replica
         dataset = dataset.map(_slice_rows(start, stop), num_parallel_calls=tf.data.AUTOTUNE)
-        dataset = dataset.unbatch().batch(per_replica, drop_remainder=True)
+        dataset = dataset.unbatch().batch(per_replica, drop_remainder=drop_remainder)
     return dataset.prefetch(tf.data.AUTOTUNE)
 
 

@@ -28,7 +28,12 @@ def summarize(error: BaseException) -> str:
     Keras wraps layer errors as "Exception encountered when calling X.call()." followed by
     the real message (in ANSI bold) and the arguments; this returns the real message.
     """
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    # AutoGraph puts "in user code:" and the user's frames before the original message.
+    original = list(re.finditer(r"^\s*(?:[\w.]+(?:Error|Exception)): ", text, re.M))
+    if "in user code:" in text and original:
+        text = text[original[-1].end():]
+    lines = [line.strip() for line in text.splitlines()]
     useful = [line for line in lines if line and not line.startswith(
         ("Exception encountered when calling", "Arguments received by", "•"))]
     return useful[0] if useful else type(error).__name__

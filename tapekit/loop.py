@@ -2,8 +2,10 @@
 
 Python runs once per loop, not once per step: the `tf.function` below holds a
 `tf.range` loop that reads the distributed iterator, runs the step on every replica
-and keeps per-replica running sums of the step's metrics and the first step where one was
-not finite. Cross-replica reduction happens once, after the loop.
+and keeps per-replica running sums of the step's metrics (weighted by the examples behind
+them, `tapekit.means`) and the first step where one was not finite. Cross-replica
+reduction happens once, after the loop. `keras.metrics` objects the step updates are reset
+when the loop starts and read (exactly, across replicas) when it ends.
 """
 
 from typing import Callable, Dict, NamedTuple, Optional, Sequence
@@ -11,6 +13,8 @@ from typing import Callable, Dict, NamedTuple, Optional, Sequence
 import tensorflow as tf
 from absl import logging
 
+from tapekit import means
+from tapekit import randomness
 from tapekit.errors import TapekitError
 
 NO_BAD_STEP = tf.int64.max
@@ -22,7 +26,7 @@ SHORT_EPOCH = 8
 class LoopResult(NamedTuple):
     """What one compiled loop reports (eager values)."""
 
-    metrics: Dict[str, float]  # mean over the loop's steps (and replicas)
+    metrics: Dict[str, float]  # mean over the loop's examples (and replicas); keras.metrics' results
     steps_run: int  # < steps asked for when the iterator ran out
     nonfinite_steps: int  # steps where some metric was NaN or infinite (counted with skip_step)
     first_nonfinite_offset: Optional[int]  # 0-based step within the loop, or None
@@ -33,12 +37,15 @@ class CompiledLoop:
     """Runs up to `num_steps` calls of `replica_step` under `strategy` in one `tf.function`.
 
     The contract of `replica_step(batch) -> dict[str, scalar tensor]`: it is traced (never
-    run eagerly), runs once per replica per step, and returns replica-local values whose
-    mean over replicas is the global value (what `Trainer.compute_loss` returns).
+    run eagerly), runs once per replica per step, and returns replica-local values. Each is
+    averaged over the loop weighted by the examples behind it (see `tapekit.means`).
+    `keras_metrics` are `keras.metrics.Metric`s the step updates: reset as the loop starts,
+    their `result()` reported under their names as it ends.
 
     The loop reads the iterator with `get_next_as_optional` and stops early, cleanly, when
-    it runs out. It is traced once per iterator type; `trace_count` counts traces so that
-    tests and the retrace guard can check it.
+    it runs out (`num_steps=None`: run to the end of the data). It is traced once per
+    iterator type; `trace_count` counts traces so that tests and the retrace guard can
+    check it.
     """
 
     def __init__(
@@ -52,9 +59,12 @@ class CompiledLoop:
         in_memory=None,
         max_retraces: Optional[int] = None,
         finite_means: bool = False,
+        keras_metrics: Sequence = (),
     ):
         self.strategy = strategy
-        self.metric_names = tuple(metric_names)
+        self.step_metric_names = tuple(metric_names)
+        self.keras_metrics = tuple(keras_metrics)
+        self.metric_names = self.step_metric_names + tuple(m.name for m in self.keras_metrics)
         self.step_counter = step_counter
         self.name = name
         self.in_memory = in_memory  # a tapekit.data.InMemoryExamples, or None: read an iterator
@@ -63,15 +73,37 @@ class CompiledLoop:
         self.trace_count = 0
         self._traced_spec = None
         self._concrete = None
-        self._replica_step = (
-            tf.function(replica_step, jit_compile=True) if jit_compile else replica_step)
+        self._user_step = replica_step
+        # Set while tracing: True when every metric's weight is a constant (static shapes).
+        self._static_weights = True
+        self._measured_step = (
+            tf.function(self._measure, jit_compile=True) if jit_compile else self._measure)
         self._function = tf.function(self._loop)
 
     def _initial_state(self):
-        count = len(self.metric_names)
+        count = len(self.step_metric_names)
         return {"sums": tf.zeros([count], tf.float32), "counts": tf.zeros([count], tf.float32),
                 "first_bad": tf.constant(NO_BAD_STEP, tf.int64),
                 "bad_steps": tf.zeros([], tf.float32)}
+
+    def _measure(self, batch):
+        """Runs the step on one replica's batch. Returns its metric values [k] and, unless
+        every weight is a constant, their weighted sums [k] and weights [k]."""
+        with means.recording(), randomness.per_replica_seeds():
+            outputs = self._user_step(batch) or {}
+            recorded = [means.recorded(outputs[name]) for name in self.step_metric_names]
+        if not self.step_metric_names:
+            return tf.zeros([0]), None, None
+        values = [tf.cast(outputs[name], tf.float32) for name in self.step_metric_names]
+        size = means.batch_size(batch)
+        weights = [entry[1] if entry else size for entry in recorded]
+        self._static_weights = all(isinstance(w, (int, float)) for w in weights)
+        if self._static_weights:
+            return tf.stack(values), None, None
+        weights = [tf.cast(w, tf.float32) for w in weights]
+        totals = [tf.cast(entry[0], tf.float32) if entry else value * weight
+                  for entry, value, weight in zip(recorded, values, weights)]
+        return tf.stack(values), tf.stack(totals), tf.stack(weights)
 
     def _in_memory_step_and_accumulate(self, step, state, offset, prepare=False):
         if prepare:
@@ -79,27 +111,36 @@ class CompiledLoop:
         return self._step_and_accumulate(self.in_memory.batch(step), state, offset)
 
     def _step_and_accumulate(self, batch, state, offset):
-        outputs = self._replica_step(batch) or {}
-        if not self.metric_names:
-            return state
         # All metrics as one vector: a handful of ops per step, whatever their number.
-        values = tf.stack([tf.cast(outputs[name], tf.float32) for name in self.metric_names])
+        values, totals, weights = self._measured_step(batch)
+        if not self.step_metric_names:
+            return state
         finite = tf.math.is_finite(values)
+        if weights is not None:  # a value over no examples (an empty batch) does not count
+            finite = tf.logical_or(finite, weights <= 0.0)
         all_finite = tf.reduce_all(finite)
         state = dict(state)
         state["first_bad"] = tf.minimum(state["first_bad"],
                                         tf.where(all_finite, NO_BAD_STEP, offset))
-        if self.finite_means:  # bad steps were skipped: average the others, count the bad ones
-            state["sums"] = state["sums"] + tf.where(finite, values, 0.0)
-            state["counts"] = state["counts"] + tf.cast(finite, tf.float32)
+        if self.finite_means:  # bad steps were skipped: count the bad ones
             state["bad_steps"] = state["bad_steps"] + 1.0 - tf.cast(all_finite, tf.float32)
-        else:  # training stops at the first bad step: plain sums suffice
-            state["sums"] = state["sums"] + values
+        if weights is None:
+            if self.finite_means:  # average the finite values only
+                state["sums"] = state["sums"] + tf.where(finite, values, 0.0)
+                state["counts"] = state["counts"] + tf.cast(finite, tf.float32)
+            else:  # training stops at the first bad step: plain sums suffice
+                state["sums"] = state["sums"] + values
+            return state
+        counted = tf.logical_and(finite, weights > 0.0) if self.finite_means else weights > 0.0
+        state["sums"] = state["sums"] + tf.where(counted, totals, 0.0)
+        state["counts"] = state["counts"] + tf.where(counted, weights, 0.0)
         return state
 
     def _loop(self, iterator, num_steps):
         self._count_trace(iterator)  # Python side effects: run only while tracing
         strategy = self.strategy
+        for metric in self.keras_metrics:
+            metric.reset_state()
         state = strategy.run(self._initial_state)
         steps_run = tf.constant(0, tf.int64)
         if self.in_memory is not None and self.in_memory.steps_per_epoch < SHORT_EPOCH:
@@ -137,11 +178,12 @@ class CompiledLoop:
                     self.step_counter.assign_add(1)
                 steps_run += 1
         sums = strategy.reduce(tf.distribute.ReduceOp.SUM, state["sums"], axis=None)
-        if self.finite_means:
+        if self.finite_means or not self._static_weights:
             counts = strategy.reduce(tf.distribute.ReduceOp.SUM, state["counts"], axis=None)
         else:
             counts = tf.cast(steps_run, tf.float32) * strategy.num_replicas_in_sync
-        means = tf.math.divide_no_nan(sums, counts)
+        means = tf.concat([tf.math.divide_no_nan(sums, counts),
+                           self._keras_metric_results()], 0)
         first_bad = _min_over_replicas(strategy, state["first_bad"])
         if self.finite_means:
             bad_steps = _max_over_replicas(strategy, state["bad_steps"])
@@ -152,6 +194,18 @@ class CompiledLoop:
         return tf.concat([tf.cast(means, tf.float64),
                           tf.cast(tf.stack([steps_run, first_bad]), tf.float64),
                           tf.cast(tf.reshape(bad_steps, [1]), tf.float64)], 0)
+
+    def _keras_metric_results(self):
+        """The keras.metrics' results (cross-replica: their states summed over replicas)."""
+        results = []
+        for metric in self.keras_metrics:
+            result = tf.convert_to_tensor(metric.result())
+            if result.shape.rank != 0:
+                raise TapekitError(
+                    f"keras metric {metric.name!r} has a result of shape {result.shape}; tapekit "
+                    "reports scalars: configure it to return one (e.g. average='macro').")
+            results.append(tf.cast(result, tf.float32))
+        return tf.stack(results) if results else tf.zeros([0])
 
     def _count_trace(self, iterator) -> None:
         """Counts traces; a retrace logs which input changed, and too many raise."""
@@ -170,8 +224,9 @@ class CompiledLoop:
                 f"{self.max_retraces} retraces); last change: {changes}. Give every batch the same "
                 "shape and dtype (e.g. drop_remainder=True), or raise --max_retraces.")
 
-    def __call__(self, iterator, num_steps: int) -> LoopResult:
-        num_steps = tf.constant(num_steps, tf.int64)
+    def __call__(self, iterator, num_steps: Optional[int]) -> LoopResult:
+        """Runs up to `num_steps` steps (None: until the iterator runs out). Eager."""
+        num_steps = tf.constant(NO_BAD_STEP if num_steps is None else num_steps, tf.int64)
         if iterator is None:
             # A concrete function called directly skips tf.function's per-call argument
             # binding and cache lookup (a fraction of a millisecond per loop).

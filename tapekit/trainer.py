@@ -12,7 +12,6 @@ and optimizer state before the first step, compiling `steps_per_loop` steps into
 `tf.function` (`tapekit.loop.CompiledLoop`), and the outer loop (`tapekit.controller`).
 """
 
-import functools
 import os
 import sys
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -23,11 +22,14 @@ import tensorflow as tf
 
 from absl import logging
 
+from tapekit import build as build_lib
 from tapekit import callbacks as callbacks_lib
 from tapekit import checkpointing
 from tapekit import data as data_lib
 from tapekit import distribute
+from tapekit import means
 from tapekit import precision as precision_lib
+from tapekit import state as state_lib
 from tapekit.checkpointing import Checkpointer
 from tapekit.controller import Controller
 from tapekit.errors import TapekitError, summarize, user_message
@@ -57,7 +59,10 @@ class Trainer:
       precision: "float32", "mixed_float16" (with tapekit's dynamic loss scaling) or
         "mixed_bfloat16"; the Keras dtype policy in force while `build()` creates models.
       checkpoint_every_steps: save a checkpoint when a loop ends past each multiple of this
-        (and always at the end of `fit`); None saves only at the end. Needs `model_dir`.
+        (and always at the end of `fit`); None: not by steps. Needs `model_dir`.
+      checkpoint_every_secs: also save at the first loop end this many seconds after the
+        last save (default 600: a killed run loses minutes, not the run); None or 0: not
+        by time. Needs `model_dir`.
       max_checkpoints_to_keep: older checkpoints are deleted beyond this many.
       restore_from: start from this checkpoint instead of the latest in `model_dir`;
         checkpoints there newer than it are moved aside (never overwritten or deleted).
@@ -91,6 +96,7 @@ class Trainer:
         cpu_replicas: int = 1,
         precision: str = "float32",
         checkpoint_every_steps: Optional[int] = None,
+        checkpoint_every_secs: Optional[float] = 600.0,
         max_checkpoints_to_keep: int = 3,
         restore_from: Optional[str] = None,
         deterministic: bool = False,
@@ -110,6 +116,8 @@ class Trainer:
                  f"learning_rate must be positive, got {learning_rate}.")
         _require(checkpoint_every_steps is None or checkpoint_every_steps >= 1,
                  f"checkpoint_every_steps must be at least 1, got {checkpoint_every_steps}.")
+        _require(checkpoint_every_secs is None or checkpoint_every_secs >= 0,
+                 f"checkpoint_every_secs must be at least 0, got {checkpoint_every_secs}.")
         _require(max_checkpoints_to_keep >= 1,
                  f"max_checkpoints_to_keep must be at least 1, got {max_checkpoints_to_keep}.")
         _require(nan_policy in NAN_POLICIES,
@@ -135,6 +143,7 @@ class Trainer:
         self.seed = int(seed)
         self.jit_compile = bool(jit_compile)
         self.checkpoint_every_steps = checkpoint_every_steps
+        self.checkpoint_every_secs = checkpoint_every_secs or None
         self.max_checkpoints_to_keep = max_checkpoints_to_keep
         self.restore_from = restore_from
         self.nan_policy = nan_policy
@@ -168,16 +177,16 @@ class Trainer:
             self.rng = tf.random.Generator.from_seed(self.seed)
         self.stop_training = False
         self.preempted = False
+        self.interrupted = False
         self.history: List[Dict[str, float]] = []
         self.last_loop: Optional[LoopResult] = None
         self.checkpointer: Optional[Checkpointer] = None
         self._built = False
         self._restored = False
-        self._recording: Optional[List] = None
         self._train_loop: Optional[CompiledLoop] = None
         self._eval_loop: Optional[CompiledLoop] = None
         self._train_iterator = None
-        self._train_metric_names: List[str] = []
+        self._train_trace: Optional[build_lib.StepTrace] = None
         self._in_memory: Optional[data_lib.InMemoryExamples] = None
         self._in_memory_key = None
         self._updaters: Dict[Tuple[int, ...], GradientUpdater] = {}
@@ -274,9 +283,10 @@ class Trainer:
           A float32 scalar whose value is the mean over the global batch (plus
           regularization) and whose gradient is this replica's share of it, so that
           summing gradients over replicas (what Keras optimizers do) gives the gradient of
-          the global mean. Its mean over replicas, which tapekit reports, is exact for any
-          number of replicas (the 1/N-of-the-loss report of plain `tf.distribute` loops
-          does not happen).
+          the global mean. Returned from the step as a metric, it is reported as the exact
+          mean over every example of the loop (or evaluation), whatever the batch sizes
+          and the number of replicas. With a dynamic batch size on several replicas, the
+          global batch is counted with one all-reduce.
         """
         losses = tf.cast(tf.convert_to_tensor(per_example_loss), tf.float32)
         if losses.shape.rank == 0:
@@ -284,20 +294,57 @@ class Trainer:
                 "compute_loss needs one loss per example (shape [batch, ...]), got a scalar; "
                 "pass the unreduced loss, e.g. tf.square(y - prediction).")
         replicas = self.num_replicas
+        regularization = (tf.add_n([tf.cast(loss, tf.float32) for loss in regularization_losses])
+                          if regularization_losses else None)
         # The mean over extra axes, then over the global batch, is one sum over everything
         # divided by (global batch × extra sizes): with static shapes a multiply by a
         # constant, whose gradient is cheap (a reduce_mean over axes is not).
         if losses.shape.is_fully_defined():
+            examples = losses.shape[0]
             share = tf.reduce_sum(losses) * (1.0 / (losses.shape.num_elements() * replicas))
+            local_total = share * (examples * replicas)
         else:
-            share = tf.reduce_sum(losses) / tf.cast(tf.size(losses) * replicas, tf.float32)
-        if regularization_losses:
-            regularization = [tf.cast(loss, tf.float32) for loss in regularization_losses]
-            share += tf.add_n(regularization) / replicas
-        if replicas == 1:
-            return share
-        # Value: this replica's estimate of the global loss; gradient: its share of it.
-        return share + tf.stop_gradient(share * (replicas - 1))
+            examples = tf.shape(losses)[0]
+            extra = tf.cast(tf.reduce_prod(tf.shape(losses)[1:]), tf.float32)
+            local_total = tf.math.divide_no_nan(tf.reduce_sum(losses), extra)
+            global_examples = tf.cast(examples, tf.float32)
+            if replicas > 1:  # replicas may hold batches of different sizes
+                global_examples = tf.distribute.get_replica_context().all_reduce(
+                    tf.distribute.ReduceOp.SUM, global_examples)
+            share = tf.math.divide_no_nan(local_total, global_examples)
+        if regularization is not None:
+            share += regularization / replicas
+            local_total += regularization * tf.cast(examples, tf.float32)
+        value = share if replicas == 1 else share + tf.stop_gradient(share * (replicas - 1))
+        means.record(value, local_total, examples)
+        return value
+
+    def compute_mean(self, values, sample_weight=None):
+        """The mean of a per-example quantity (e.g. `correct` for accuracy), reported exactly.
+
+        Call inside a step (per replica). `values` has shape [per_replica_batch, ...]; every
+        element counts, weighted by `sample_weight` (broadcast to `values`) if given, e.g. a
+        mask of real tokens. Returned from the step as a metric, it is reported as the mean
+        over every value the loop (or evaluation) saw, on all replicas, whatever the batch
+        sizes: sum(values × weight) / sum(weight). Returns this replica's mean (0 for no
+        values); it is not differentiable through the weights.
+        """
+        values = tf.cast(tf.convert_to_tensor(values), tf.float32)
+        if values.shape.rank == 0:
+            raise TapekitError(
+                "compute_mean needs one value per example (shape [batch, ...]), got a scalar; "
+                "pass the unreduced values, e.g. tf.cast(correct, tf.float32).")
+        if sample_weight is None:
+            total = tf.reduce_sum(values)
+            count = (values.shape.num_elements() if values.shape.is_fully_defined()
+                     else tf.cast(tf.size(values), tf.float32))
+        else:
+            weight = tf.broadcast_to(tf.cast(sample_weight, tf.float32), tf.shape(values))
+            total = tf.reduce_sum(values * weight)
+            count = tf.reduce_sum(weight)
+        value = tf.math.divide_no_nan(total, tf.cast(count, tf.float32))
+        means.record(value, total, count)
+        return value
 
     def apply_gradients(
         self,
@@ -319,8 +366,7 @@ class Trainer:
             raise TapekitError(
                 f"apply_gradients got no trainable variables from {models_or_variables!r}; "
                 "pass the model (or its variables) that the loss should update.")
-        if self._recording is not None:  # the build probe: remember which optimizer updates what
-            self._recording.append((optimizer, variables))
+        if build_lib.record_update(optimizer, variables):  # building: remember what updates what
             return
         updater = self._updaters.get(_updater_key(optimizer, variables))
         if updater is None:
@@ -365,7 +411,7 @@ class Trainer:
         dataset=None,
         callbacks: Sequence[callbacks_lib.Callback] = (),
         eval_every_steps: Optional[int] = None,
-        eval_steps: int = 10,
+        eval_steps: Optional[int] = None,
     ) -> List[Dict[str, float]]:
         """Trains until the global step reaches `train_steps`. Runs eagerly (the outer loop).
 
@@ -380,8 +426,9 @@ class Trainer:
             of GLOBAL batches is split across replicas; arrays (or a tuple/dict of arrays)
             of examples take the device-resident path (`tapekit.data.InMemoryExamples`).
           callbacks: extra `tapekit.Callback`s, called after tapekit's own.
-          eval_every_steps: evaluate for `eval_steps` steps after each loop that passes a
+          eval_every_steps: evaluate (`evaluate(eval_steps)`) after each loop that passes a
             multiple of this, and at the end; None: never.
+          eval_steps: steps per evaluation; None: the whole evaluation data (which must end).
 
         Returns:
           One dict per loop: `step`, the loop's mean metrics, `steps_per_sec`, `examples_per_sec`.
@@ -390,6 +437,8 @@ class Trainer:
         _require(steps_per_loop >= 1, f"steps_per_loop must be at least 1, got {steps_per_loop}.")
         _require(eval_every_steps is None or eval_every_steps >= 1,
                  f"eval_every_steps must be at least 1, got {eval_every_steps}.")
+        if eval_every_steps and eval_steps is None:  # refuse endless evaluation before training
+            self._distribute(None, self.eval_dataset, evaluation=True, must_end=True)
         in_memory = self._in_memory_examples(dataset)
         if not self._built:
             self._ensure_built(in_memory.element_spec if in_memory is not None
@@ -408,6 +457,8 @@ class Trainer:
         history = controller.train(int(train_steps), int(steps_per_loop),
                                    None if in_memory is not None else self._train_iterator)
         self.history.extend(history)
+        if self.interrupted:  # Ctrl-C: saved (with a model_dir); stop the caller too
+            raise KeyboardInterrupt(f"interrupted at step {self.current_step}")
         return history
 
     def restore(self, checkpoint: Optional[str] = None) -> int:
@@ -429,21 +480,32 @@ class Trainer:
             in_memory = self._in_memory_examples(None)
             self._ensure_built(in_memory.element_spec if in_memory is not None
                                else self._distribute(None, self.train_dataset).element_spec)
-        Checkpointer(self._state_objects(), None, True).restore(path)
+        Checkpointer(self._checkpoint_objects(), None, True).restore(path)
         logging.info("restored checkpoint %s at step %d", path, self.current_step)
         return self.current_step
 
-    def evaluate(self, steps: int, dataset=None) -> Dict[str, float]:
-        """Runs `eval_step` for up to `steps` steps (fewer if the data runs out) and returns
-        the mean metrics. Eager; the steps run in one compiled loop."""
-        _require(steps >= 1, f"evaluation steps must be at least 1, got {steps}.")
-        distributed = self._distribute(dataset, self.eval_dataset)
+    def evaluate(self, steps: Optional[int] = None, dataset=None) -> Dict[str, float]:
+        """Runs `eval_step` over the evaluation data and returns its metrics. Eager; the
+        steps run in one compiled loop.
+
+        `steps=None` runs the data to its end (a data set that repeats forever is refused:
+        give `steps`); otherwise at most `steps` steps. Metrics are exact means over every
+        example evaluated (partial and empty final batches included, on any number of
+        replicas); `keras.metrics` that `eval_step` updates are reset first and reported
+        under their names.
+        """
+        _require(steps is None or steps >= 1, f"evaluation steps must be at least 1, got {steps}.")
+        distributed = self._distribute(dataset, self.eval_dataset, evaluation=True,
+                                       must_end=steps is None)
         if not self._built:
-            self._ensure_built(self._distribute(None, self.train_dataset).element_spec)
+            in_memory = self._in_memory_examples(None)
+            self._ensure_built(in_memory.element_spec if in_memory is not None
+                               else self._distribute(None, self.train_dataset).element_spec)
         if self._eval_loop is None:
-            names = self._probe_metric_names(self.eval_step, distributed.element_spec)
-            self._eval_loop = CompiledLoop(self.strategy, self.eval_step, names,
-                                           jit_compile=self.jit_compile, name="eval_loop")
+            trace = self._trace(self.eval_step, distributed.element_spec)
+            self._eval_loop = CompiledLoop(self.strategy, self.eval_step, trace.metric_names,
+                                           jit_compile=self.jit_compile, name="eval_loop",
+                                           keras_metrics=trace.keras_metrics)
         return self._call_loop(self._eval_loop, iter(distributed), steps).metrics
 
     def any_worker(self, flag: bool) -> bool:
@@ -482,7 +544,8 @@ class Trainer:
                 result.append(callbacks_lib.SampleImages(os.path.join(self.model_dir, "samples"),
                                                          self.sample_every_steps))
         if self.checkpointer is not None:  # every worker saves (the chief into model_dir)
-            result.append(callbacks_lib.SaveCheckpoints(self.checkpointer, self.checkpoint_every_steps))
+            result.append(callbacks_lib.SaveCheckpoints(
+                self.checkpointer, self.checkpoint_every_steps, self.checkpoint_every_secs))
         return result
 
     def export(self, export_dir: str) -> str:
@@ -499,18 +562,23 @@ class Trainer:
         export_saved_model(model, signature, export_dir)
         return export_dir
 
-    def _distribute(self, dataset, dataset_fn, skip_steps: int = 0):
-        """A distributed dataset; `skip_steps` global steps of it already consumed."""
+    def _distribute(self, dataset, dataset_fn, skip_steps: int = 0, evaluation: bool = False,
+                    must_end: bool = False):
+        """A distributed dataset; `skip_steps` global steps of it already consumed.
+        `evaluation`: arrays are read once, in order; `must_end`: refuse data that repeats
+        forever (where TensorFlow knows)."""
         strategy = self.strategy
         if dataset is None:
             return strategy.distribute_datasets_from_function(
-                lambda context: _skip(self._checked_dataset(dataset_fn(context)), context, skip_steps))
+                lambda context: _skip(self._checked_dataset(dataset_fn(context), must_end),
+                                      context, skip_steps))
         if isinstance(dataset, tf.distribute.DistributedDataset):
             _require(skip_steps == 0, "cannot resume a tf.distribute.DistributedDataset at a "
                      "step; pass the tf.data.Dataset (or train_dataset) instead.")
             return dataset
         if isinstance(dataset, tf.data.Dataset):
-            return strategy.experimental_distribute_dataset(dataset.skip(skip_steps))
+            return strategy.experimental_distribute_dataset(
+                self._checked_dataset(dataset, must_end).skip(skip_steps))
         if isinstance(dataset, (np.ndarray, tf.Tensor, tuple, list, dict)):
             examples = tf.data.Dataset.from_tensor_slices(
                 tuple(dataset) if isinstance(dataset, list) else dataset)
@@ -518,90 +586,55 @@ class Trainer:
             return strategy.distribute_datasets_from_function(
                 lambda context: _skip(data_lib.per_replica_batches(
                     examples, context, self.global_batch_size,
-                    shuffle_buffer_size=size, seed=self.seed), context, skip_steps))
+                    shuffle_buffer_size=None if evaluation else size, seed=self.seed,
+                    repeat=not evaluation), context, skip_steps))
         raise TapekitError(
             f"fit/evaluate got a dataset of type {type(dataset).__name__}; pass a tf.data.Dataset "
             "of global batches, NumPy arrays (or a tuple/dict of them), or None.")
 
-    def _checked_dataset(self, dataset):
+    def _checked_dataset(self, dataset, must_end: bool = False):
         if not isinstance(dataset, tf.data.Dataset):
             raise TapekitError(
                 f"{type(self).__name__}.train_dataset/eval_dataset must return a tf.data.Dataset, "
                 f"got {type(dataset).__name__}.")
+        if must_end and dataset.cardinality() == tf.data.INFINITE_CARDINALITY:
+            raise TapekitError(
+                "the evaluation data repeats forever, so evaluating 'to its end' would never end: "
+                "give eval_steps (--eval_steps), or return one pass from eval_dataset (e.g. "
+                "tapekit.per_replica_batches(..., repeat=False)).")
         return dataset
 
     def _ensure_built(self, element_spec) -> None:
         """Creates every model variable and optimizer slot before the first step.
 
         Runs eagerly, once. `build()` runs in the strategy scope under the precision policy;
-        then `train_step` is traced once on placeholders in a scratch FuncGraph under
-        `keras.StatelessScope` and `keras.SymbolicScope`, as Keras' own symbolic build does
-        (no state changes; Keras creates the models' variables on leaving the scope). Every
-        optimizer passed to `apply_gradients` is then built on its variables in the strategy
-        scope: building one inside a replica context fails under MirroredStrategy
-        (keras-team/keras#19246), and unbuilt slots are skipped by restores (keras#19389).
+        then `train_step` is traced once for real (`tapekit.build.trace_step`), which builds
+        the models as a plain `tf.function` would. Every optimizer the step uses is then
+        built on its variables in the strategy scope: building one inside a replica context
+        fails under MirroredStrategy (keras-team/keras#19246), and unbuilt slots are skipped
+        by restores (keras#19389). Last, the checkpoint's contents are checked to cover
+        every variable the trainer owns.
         """
         with self.strategy.scope(), precision_lib.dtype_policy(self.precision):
             self.build()
-        self._train_metric_names = self._probe_metric_names(
-            self.train_step, element_spec, build_updaters=True)
+        self._train_trace = self._trace(self.train_step, element_spec)
+        with self.strategy.scope():
+            for optimizer, variables in self._train_trace.updates:
+                self._add_updater(optimizer, variables)
+        objects = self._checkpoint_objects()
+        state_lib.check_coverage(self._owned_state(), objects)
         if self.model_dir:
             self.checkpointer = Checkpointer(
-                self._state_objects(), self.model_dir, distribute.is_chief(self.strategy),
+                objects, self.model_dir, distribute.is_chief(self.strategy),
                 max_to_keep=self.max_checkpoints_to_keep, task_id=distribute.task_id(self.strategy))
         self._built = True
 
-    def _probe_metric_names(self, step_fn, element_spec, build_updaters=False) -> List[str]:
-        spec = per_replica_spec(element_spec)
-        self._recording = []
-        # Optimizers called directly in the step only record what they would update: an
-        # unbuilt Keras optimizer cannot build itself inside the scratch graph.
-        stubbed = [value for name, value in vars(self).items()
-                   if not name.startswith("_") and isinstance(value, keras.optimizers.Optimizer)]
-        for optimizer in stubbed:
-            optimizer.apply_gradients = functools.partial(self._record_direct_update, optimizer)
-        try:
-            try:
-                outputs = self._trace_in_scratch_graph(step_fn, spec)
-            except TapekitError:
-                raise
-            except Exception:
-                # A step that differentiates by itself (tape.gradient) cannot run on variables
-                # that do not exist yet; the first attempt created them: try once more.
-                self._recording = []
-                try:
-                    outputs = self._trace_in_scratch_graph(step_fn, spec)
-                except TapekitError:
-                    raise
-                except Exception as error:  # shapes/dtypes that do not fit the model, …
-                    raise TapekitError(
-                        f"{step_fn.__name__} cannot run on this data: batches are "
-                        f"{describe_spec(spec)}; {type(error).__name__}: "
-                        f"{summarize(error)}") from None
-            names = metric_names(outputs, step_fn.__name__)
-            if build_updaters:
-                with self.strategy.scope():
-                    for optimizer, variables in self._recording:
-                        self._add_updater(optimizer, variables)
-        finally:
-            self._recording = None
-            for optimizer in stubbed:
-                del optimizer.apply_gradients  # the class's method again
-        return names
-
-    def _trace_in_scratch_graph(self, step_fn, spec):
-        """Calls `step_fn` on placeholders of `spec`; nothing it builds ever runs."""
-        with self.strategy.scope():
-            with keras.StatelessScope(), keras.SymbolicScope():
-                # A scratch FuncGraph, as Keras' own symbolic build uses: it can capture
-                # variables that already exist.
-                with tf.__internal__.FuncGraph("tapekit_probe").as_default():
-                    batch = tf.nest.map_structure(
-                        lambda s: tf.compat.v1.placeholder(s.dtype, s.shape), spec)
-                    return step_fn(batch)
-
-    def _record_direct_update(self, optimizer, grads_and_vars) -> None:
-        self._recording.append((optimizer, [v for _, v in grads_and_vars]))
+    def _trace(self, step_fn, element_spec) -> build_lib.StepTrace:
+        attributes = vars(self)
+        optimizers = [value for value in state_lib.owned_leaves(attributes)
+                      if isinstance(value, keras.optimizers.Optimizer)]
+        return build_lib.trace_step(self.strategy, step_fn, element_spec, optimizers,
+                                    state_lib.keras_metrics(attributes))
 
     def _add_updater(self, optimizer, variables) -> None:
         key = _updater_key(optimizer, variables)
@@ -616,21 +649,21 @@ class Trainer:
             accumulation_steps=self.gradient_accumulation_steps,
             skip_nonfinite=self.nan_policy == "skip_step", name=f"updater_{len(self._updaters)}")
 
-    def _state_objects(self) -> Dict[str, Any]:
-        """Everything a checkpoint holds: the global step, the random generator, every
-        model, optimizer, variable and module the trainer has as a public attribute, and
-        tapekit's per-optimizer update state (loss scales, gradient accumulators)."""
-        objects: Dict[str, Any] = {"global_step": self.global_step, "rng": self.rng}
-        for name, value in vars(self).items():
-            if name.startswith("_") or name in objects:
-                continue
-            if isinstance(value, (keras.Layer, keras.optimizers.Optimizer, tf.Variable, tf.Module,
-                                  tf.random.Generator)):
-                objects[name] = value
+    def _owned_state(self) -> Dict[str, Any]:
+        """Everything a checkpoint holds (`tapekit.state`): the global step, the random
+        generator, every model, optimizer, metric, variable and module the trainer holds in
+        a public attribute, and tapekit's per-optimizer update state (loss scales, gradient
+        accumulators)."""
+        owned: Dict[str, Any] = {"global_step": self.global_step, "rng": self.rng}
+        for name, value in state_lib.owned_state(vars(self)).items():
+            owned.setdefault(name, value)
         for index, updater in enumerate(self._updaters.values()):
             if not updater.is_plain:
-                objects[f"updater_{index}"] = updater
-        return objects
+                owned[f"updater_{index}"] = updater
+        return owned
+
+    def _checkpoint_objects(self) -> Dict[str, Any]:
+        return state_lib.checkpoint_objects(self._owned_state())
 
     def _in_memory_examples(self, dataset) -> Optional[data_lib.InMemoryExamples]:
         """The device-resident input for `dataset` arrays (or `train_arrays()`), else None."""
@@ -650,9 +683,11 @@ class Trainer:
         if self._train_loop is not None and self._train_loop.in_memory is in_memory:
             return
         self._train_loop = CompiledLoop(
-            self.strategy, self.train_step, self._train_metric_names, step_counter=self.global_step,
-            jit_compile=self.jit_compile, name="train_loop", in_memory=in_memory,
-            max_retraces=self.max_retraces, finite_means=self.nan_policy == "skip_step")
+            self.strategy, self.train_step, self._train_trace.metric_names,
+            step_counter=self.global_step, jit_compile=self.jit_compile, name="train_loop",
+            in_memory=in_memory, max_retraces=self.max_retraces,
+            finite_means=self.nan_policy == "skip_step",
+            keras_metrics=self._train_trace.keras_metrics)
 
     def _make_train_iterator(self, dataset, skip_steps: int):
         return iter(self._distribute(dataset, self.train_dataset, skip_steps=skip_steps))
@@ -662,16 +697,17 @@ class Trainer:
         positioned where that checkpoint left off.
 
         In-memory input needs no positioning (it is a function of the step). With one
-        replica and a `tf.data` input the iterator itself is checkpointed (TensorFlow can save a plain
-        `tf.data` iterator); distributed iterators cannot be (tensorflow/tensorflow#24408),
-        so their input is re-created and skipped to the restored step, which is exact when
-        the input pipeline is a deterministic function of the seed.
+        replica and a `tf.data` input the iterator itself is checkpointed when TensorFlow can
+        save it (tried once, here); distributed iterators cannot be
+        (tensorflow/tensorflow#24408), nor pipelines with Python code (`from_generator`,
+        `py_function`), so their input is re-created and skipped to the restored step, which
+        is exact when the input pipeline is a deterministic function of the seed.
         """
         checkpointer = self.checkpointer
         path = self.restore_from or (checkpointer.latest if checkpointer else None)
         if checkpointer is None:
             if path:  # no model_dir: restore the state, nothing is saved later
-                Checkpointer(self._state_objects(), None, True).restore(path)
+                Checkpointer(self._checkpoint_objects(), None, True).restore(path)
                 logging.info("restored checkpoint %s at step %d", path, self.current_step)
             return None if in_memory else self._make_train_iterator(dataset, self.current_step)
         if in_memory is not None:  # the input is a function of the global step: nothing to position
@@ -680,8 +716,13 @@ class Trainer:
             return None
         saved_step = checkpointing.saved_step(path) if path else None
         iterator = self._make_train_iterator(dataset, skip_steps=0)
-        iterator_in_checkpoint = (isinstance(iterator, tf.data.Iterator)
-                                  and (path is None or checkpointing.has_iterator(path)))
+        saveable = isinstance(iterator, tf.data.Iterator) and checkpointing.iterator_can_be_saved(iterator)
+        if isinstance(iterator, tf.data.Iterator) and not saveable:
+            logging.info("the input pipeline's iterator cannot be checkpointed (it runs Python "
+                         "code: from_generator, py_function, ...); a resumed run re-creates the "
+                         "input and skips to the restored step, which is exact only if the "
+                         "pipeline yields the same batches every time (seeded, deterministic)")
+        iterator_in_checkpoint = saveable and (path is None or checkpointing.has_iterator(path))
         if iterator_in_checkpoint:
             checkpointer.track_iterator(iterator)
         elif saved_step:
@@ -703,31 +744,6 @@ class Trainer:
             raise TapekitError(user_message(error)) from None
 
 
-def metric_names(outputs, step_name: str) -> List[str]:
-    """Validates what a step returned (a dict of scalars, or None) and lists its keys."""
-    if outputs is None:
-        return []
-    if not isinstance(outputs, dict):
-        raise TapekitError(
-            f"{step_name} must return a dict of scalar metrics (or None), got "
-            f"{type(outputs).__name__}; e.g. return {{'loss': loss}}.")
-    for name, value in outputs.items():
-        shape = getattr(value, "shape", None)
-        if shape is None or shape.rank != 0:
-            raise TapekitError(
-                f"{step_name} returned metric {name!r} with shape {shape}; metrics must be "
-                "scalars (reduce them, e.g. tf.reduce_mean).")
-    return list(outputs)
-
-
-def per_replica_spec(element_spec):
-    """The spec of one replica's batch, from a (distributed) iterator's element spec."""
-    def one_replica(spec):
-        value_specs = getattr(spec, "_value_specs", None)  # tf.distribute's PerReplicaSpec
-        return value_specs[0] if value_specs else spec
-    return tf.nest.map_structure(one_replica, element_spec)
-
-
 def trainable_variables(models_or_variables: ModelsOrVariables) -> List[tf.Variable]:
     """The trainable variables of a model/layer/variable or of a list of them, de-duplicated."""
     items = (models_or_variables if isinstance(models_or_variables, (list, tuple))
@@ -744,14 +760,6 @@ def trainable_variables(models_or_variables: ModelsOrVariables) -> List[tf.Varia
 
 def variable_path(variable) -> str:
     return getattr(variable, "path", None) or getattr(variable, "name", repr(variable))
-
-
-def describe_spec(spec) -> str:
-    """'(float32[100, 5], float32[100, 1])' for a structure of TensorSpecs."""
-    def one(s):
-        return f"{s.dtype.name}{list(s.shape) if s.shape.rank is not None else '[?]'}"
-    parts = [one(s) for s in tf.nest.flatten(spec)]
-    return parts[0] if len(parts) == 1 else "(" + ", ".join(parts) + ")"
 
 
 def _updater_key(optimizer, variables) -> Tuple[int, ...]:

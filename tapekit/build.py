@@ -1,0 +1,229 @@
+"""Building a trainer before its first step: one real trace of its step.
+
+`trace_step` traces the user's step exactly as the compiled loop will — in a
+`tf.function`, under `strategy.run`, on placeholders of one replica's batch — so that
+whatever runs in a plain `tf.function` also runs here: layers build their variables,
+`add_loss`/`model.losses`, `keras.metrics` updates, SeedGenerators, BatchNorm updates.
+Nothing is executed (tracing only), so no state changes.
+
+Two things are only recorded while tracing, because they cannot happen in a replica
+context: which optimizer updates which variables (through `Trainer.apply_gradients`, or
+`optimizer.apply_gradients` called directly), so that the optimizers are built in the
+strategy scope afterwards (keras-team/keras#19246); and which `keras.metrics` the step
+updates, so that the loop resets and reports them.
+
+An exception from the user's step becomes one `TapekitError` naming the user's line;
+the data is blamed only when its shape or dtype is the cause.
+"""
+
+import functools
+import os
+import re
+import threading
+import traceback
+from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
+
+import keras
+import tensorflow as tf
+
+from tapekit import means
+from tapekit import randomness
+from tapekit.errors import TapekitError, summarize
+
+# (optimizer, variables) pairs while a step is traced for building. Module-level, not
+# thread-local: MirroredStrategy traces each replica in a thread of its own.
+_updates: Optional[List[Tuple[Any, List]]] = None
+
+
+class StepTrace(NamedTuple):
+    metric_names: List[str]  # the keys of the dict the step returns
+    updates: List[Tuple[Any, List]]  # (optimizer, variables), in call order, no duplicates
+    keras_metrics: List[keras.metrics.Metric]  # the ones the step updates
+
+
+def record_update(optimizer, variables) -> bool:
+    """Called by `apply_gradients`: True (and recorded) while a step is traced for building."""
+    if _updates is None:
+        return False
+    _updates.append((optimizer, list(variables)))
+    return True
+
+
+def trace_step(strategy: tf.distribute.Strategy, step_fn, element_spec,
+               optimizers: Sequence = (), keras_metrics: Sequence = ()) -> StepTrace:
+    """Traces `step_fn` once on one replica's batch of `element_spec`. Eager, in the
+    strategy's cross-replica context. Raises a TapekitError if the step fails."""
+    global _updates
+    spec = per_replica_spec(element_spec)
+    step_name = getattr(step_fn, "__name__", "step")
+    outputs = []
+    used_metrics = {}
+
+    def replica_fn(batch):
+        with tf.variable_creator_scope(_create_eagerly), means.recording(), \
+                randomness.per_replica_seeds():
+            result = step_fn(batch)
+        outputs.append(result)
+
+    def record_direct(optimizer, grads_and_vars, *args, **kwargs):
+        _updates.append((optimizer, [v for _, v in grads_and_vars]))
+
+    def record_metric(metric, original, *args, **kwargs):
+        used_metrics[id(metric)] = metric
+        return original(*args, **kwargs)
+
+    _updates = []
+    for optimizer in optimizers:
+        optimizer.apply_gradients = functools.partial(record_direct, optimizer)
+    for metric in keras_metrics:
+        metric.update_state = functools.partial(record_metric, metric, metric.update_state)
+    try:
+        traced = tf.function(lambda batch: strategy.run(replica_fn, args=(batch,)))
+        with strategy.scope():
+            traced.get_concrete_function(tf.nest.map_structure(_placeholder_spec, spec))
+        updates = _unique(_updates)
+    except TapekitError:
+        raise
+    except Exception as error:  # from the user's step (or the model it calls)
+        raise TapekitError(explain(error, step_name, spec)) from None
+    finally:
+        _updates = None
+        for optimizer in optimizers:
+            del optimizer.apply_gradients  # the class's method again
+        for metric in keras_metrics:
+            del metric.update_state
+    names = metric_names(outputs[0] if outputs else None, step_name)
+    used = [m for m in keras_metrics if id(m) in used_metrics]
+    clashes = sorted(set(names) & {m.name for m in used})
+    if clashes:
+        raise TapekitError(
+            f"{step_name} returns {', '.join(clashes)} and updates keras metrics of the same "
+            "name; rename one (keras.metrics.X(name=...)) or stop returning it.")
+    for metric in used:
+        _check_metric_placement(metric, strategy)
+    return StepTrace(names, updates, used)
+
+
+def _create_eagerly(next_creator, **kwargs):
+    """Variables a layer creates while the step is traced are created eagerly (Keras passes
+    an initializer callable): every replica's copy starts from one eager value, as when
+    they are created in the strategy scope."""
+    with tf.init_scope():
+        return next_creator(**kwargs)
+
+
+def _placeholder_spec(spec):
+    return tf.TensorSpec(spec.shape, spec.dtype) if isinstance(spec, tf.TensorSpec) else spec
+
+
+def _unique(updates):
+    result, seen = [], set()
+    for optimizer, variables in updates:
+        key = (id(optimizer),) + tuple(id(v) for v in variables)
+        if key not in seen:
+            seen.add(key)
+            result.append((optimizer, variables))
+    return result
+
+
+def _check_metric_placement(metric, strategy) -> None:
+    if strategy.num_replicas_in_sync == 1:
+        return
+    for variable in metric.variables:
+        if not isinstance(variable.value, tf.distribute.DistributedValues):
+            raise TapekitError(
+                f"keras metric {metric.name!r} was created outside the strategy scope, so its "
+                f"{strategy.num_replicas_in_sync} replicas cannot update it; create it in build().")
+
+
+def metric_names(outputs, step_name: str) -> List[str]:
+    """Validates what a step returned (a dict of scalars, or None) and lists its keys."""
+    if outputs is None:
+        return []
+    if not isinstance(outputs, dict):
+        raise TapekitError(
+            f"{step_name} must return a dict of scalar metrics (or None), got "
+            f"{type(outputs).__name__}; e.g. return {{'loss': loss}}.")
+    for name, value in outputs.items():
+        shape = getattr(value, "shape", None)
+        if shape is None or shape.rank != 0:
+            raise TapekitError(
+                f"{step_name} returned metric {name!r} with shape {shape}; metrics must be "
+                "scalars (reduce them, e.g. tf.reduce_mean).")
+    return list(outputs)
+
+
+def per_replica_spec(element_spec):
+    """The spec of one replica's batch, from a (distributed) iterator's element spec."""
+    def one_replica(spec):
+        value_specs = getattr(spec, "_value_specs", None)  # tf.distribute's PerReplicaSpec
+        return value_specs[0] if value_specs else spec
+    return tf.nest.map_structure(one_replica, element_spec)
+
+
+def describe_spec(spec) -> str:
+    """'(float32[100, 5], float32[100, 1])' for a structure of TensorSpecs."""
+    def one(s):
+        shape = getattr(s, "shape", None)
+        dtype = getattr(getattr(s, "dtype", None), "name", "?")
+        return f"{dtype}{list(shape) if shape is not None and shape.rank is not None else '[?]'}"
+    parts = [one(s) for s in tf.nest.flatten(spec)]
+    return parts[0] if len(parts) == 1 else "(" + ", ".join(parts) + ")"
+
+
+# ------------------------------------------------------------------ errors for people
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)')
+# A layer refusing its input, or an op refusing the dtype it was fed: the data's fault.
+_DATA_ERRORS = re.compile(
+    r"is incompatible with the layer|expected axis .* of input shape|expected shape=|"
+    r"found shape=|DataType \w+ not in list of allowed values|Cannot convert .* to EagerTensor"
+    r"|could not convert string|expected .*dtype|incompatible with the expected dtype", re.S)
+
+
+@functools.lru_cache(maxsize=1)
+def _framework_dirs() -> Tuple[str, ...]:
+    """TensorFlow, Keras, absl, the standard library, tapekit and its models."""
+    import absl
+    from tapekit import models
+    dirs = [os.path.dirname(module.__file__) for module in (tf, keras, absl, threading, models)]
+    dirs.append(os.path.dirname(os.path.abspath(__file__)))
+    return tuple(os.path.realpath(d) + os.sep for d in dirs)
+
+
+def user_frame(error: BaseException) -> Optional[str]:
+    """'path/to/file.py:42 (`code`)' for the innermost line of user code behind `error`:
+    from AutoGraph's "in user code" trace (listed outermost first) when there is one, else
+    from the traceback."""
+    traced = [(m.group(1), int(m.group(2)), m.group(4).strip()) for m in _FRAME.finditer(str(error))]
+    raised = [(f.filename, f.lineno, (f.line or "").strip())
+              for f in traceback.extract_tb(error.__traceback__)]
+    for frames in (traced, raised):
+        mine = [frame for frame in frames if _is_user_code(frame[0])]
+        if mine:
+            path, line, code = mine[-1]
+            relative = os.path.relpath(path)
+            shown = path if relative.startswith("..") else relative
+            return f"{shown}:{line}" + (f" (`{code}`)" if code else "")
+    return None
+
+
+def _is_user_code(path: str) -> bool:
+    return not (path.startswith("<") or os.path.basename(path).startswith("__autograph_generated")
+                or os.path.realpath(path).startswith(_framework_dirs()))
+
+
+def blames_data(error: BaseException) -> bool:
+    return bool(_DATA_ERRORS.search(str(error)))
+
+
+def explain(error: BaseException, step_name: str, spec) -> str:
+    """One line for an exception raised while tracing `step_name` on batches of `spec`."""
+    where = user_frame(error)
+    at = f" at {where}" if where else ""
+    if blames_data(error):
+        return (f"{step_name} cannot run on this data: batches are {describe_spec(spec)}; "
+                f"{type(error).__name__}{at}: {summarize(error)}")
+    return (f"{step_name} raised {type(error).__name__}{at}: {summarize(error)}. The error is "
+            f"in {step_name} or code it calls (traced once before step 1 to build the models; "
+            f"batches are {describe_spec(spec)}).")
