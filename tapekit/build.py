@@ -173,7 +173,7 @@ def describe_spec(spec) -> str:
 
 # ------------------------------------------------------------------ errors for people
 
-_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)')
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)[^\n]*\n\s*(.*)')
 # A layer refusing its input, or an op refusing the dtype it was fed: the data's fault.
 _DATA_ERRORS = re.compile(
     r"is incompatible with the layer|expected axis .* of input shape|expected shape=|"

@@ -1,0 +1,118 @@
+"""tapekit.build: the trainer is built by a real trace of its step; errors name the user's line."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tapekit
+from tapekit import build
+
+HERE = os.path.basename(__file__)
+
+
+class ActivityRegularized(keras.layers.Layer):
+    """Adds an activity penalty with add_loss inside call (Keras 3 style)."""
+
+    def __init__(self, units, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(units)
+
+    def call(self, x):
+        y = self.dense(x)
+        self.add_loss(0.01 * tf.reduce_mean(tf.square(y)))
+        return y
+
+
+class Base(tapekit.Trainer):
+    default_global_batch_size = 32
+
+    def build(self):
+        self.model = keras.Sequential([ActivityRegularized(8), keras.layers.Dense(1)])
+        self.optimizer = keras.optimizers.Adam(0.01)
+
+    def train_dataset(self, input_context):
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((256, 4)).astype(np.float32)
+        y = x.sum(axis=1, keepdims=True)
+        return tapekit.per_replica_batches(tf.data.Dataset.from_tensor_slices((x, y)),
+                                           input_context, self.global_batch_size)
+
+
+class AddLossStep(Base):
+    def train_step(self, batch):
+        x, y = batch
+        with tf.GradientTape() as tape:
+            prediction = self.model(x, training=True)
+            penalty = tf.add_n(self.model.losses)  # empty in a symbolic probe: fails there
+            loss = self.compute_loss(tf.square(y - prediction), regularization_losses=[penalty])
+        self.apply_gradients(tape, loss, self.model, self.optimizer)
+        return {"loss": loss, "penalty": penalty}
+
+
+def test_add_loss_in_call_is_seen_when_the_trainer_is_built():
+    history = AddLossStep().fit(train_steps=20, steps_per_loop=10)
+    assert all(loop["penalty"] > 0 for loop in history)
+    assert history[-1]["loss"] < history[0]["loss"]
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_an_error_in_the_step_names_the_users_line_not_the_data(replicas):
+    class Buggy(Base):
+        def train_step(self, batch):
+            x, y = batch
+            wrong = tf.reshape(x, [7, -1])  # 32 × 4 values do not make rows of 7
+            return {"loss": self.compute_loss(tf.square(wrong))}
+
+    strategy = dict(strategy="mirrored", cpu_replicas=2) if replicas == 2 else {}
+    with pytest.raises(tapekit.TapekitError) as raised:
+        Buggy(**strategy).fit(train_steps=5)
+    message = str(raised.value)
+    assert message.startswith("train_step raised ")
+    assert f"{HERE}:" in message and "tf.reshape(x, [7, -1])" in message
+    assert "cannot run on this data" not in message and "\n" not in message
+
+
+def test_an_optimizer_called_directly_and_a_metric_updated_in_the_step_are_recorded():
+    class Direct(Base):
+        def build(self):
+            super().build()
+            self.mean_error = keras.metrics.MeanAbsoluteError(name="mae")
+            self.unused = keras.metrics.Mean(name="unused")
+
+        def train_step(self, batch):
+            x, y = batch
+            with tf.GradientTape() as tape:
+                prediction = self.model(x, training=True)
+                loss = tf.reduce_mean(tf.square(y - prediction))
+            gradients = tape.gradient(loss, self.model.trainable_variables)
+            self.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
+            self.mean_error.update_state(y, prediction)
+            return {"loss": loss}
+
+    trainer = Direct()
+    history = trainer.fit(train_steps=10, steps_per_loop=10)
+    assert set(history[0]) == {"step", "loss", "mae", "steps_per_sec", "examples_per_sec"}
+    assert int(trainer.optimizer.iterations.numpy()) == 10
+    assert trainer.optimizer.built
+
+
+def test_tracing_changes_no_state():
+    trainer = AddLossStep()
+    trainer._ensure_built(trainer._distribute(None, trainer.train_dataset).element_spec)
+    assert trainer.current_step == 0
+    assert int(trainer.optimizer.iterations.numpy()) == 0
+    assert all(np.all(v.numpy() == 0) for v in trainer.optimizer.variables[2:])  # slots
+
+
+def test_explain_blames_the_data_only_for_input_errors():
+    spec = (tf.TensorSpec([32, 3], tf.float32),)
+    incompatible = ValueError('Input 0 of layer "dense" is incompatible with the layer: '
+                              "expected axis -1 of input shape to have value 5")
+    assert build.explain(incompatible, "train_step", spec).startswith(
+        "train_step cannot run on this data: batches are float32[32, 3]")
+    other = ZeroDivisionError("division by zero")
+    assert build.explain(other, "eval_step", spec).startswith(
+        "eval_step raised ZeroDivisionError: division by zero")
