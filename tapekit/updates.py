@@ -71,14 +71,18 @@ class GradientUpdater(tf.Module):
         context = tf.distribute.get_replica_context()
         replicas = context.num_replicas_in_sync
         if self.loss_scale is not None:
-            gradients = [g / self.loss_scale.scale for g in gradients]
+            gradients = [_scaled(g, 1.0 / self.loss_scale.scale) for g in gradients]
         if self.accumulation_steps > 1:
             for accumulator, gradient in zip(self.accumulators, gradients):
-                accumulator.assign_add(gradient)
+                if isinstance(gradient, tf.IndexedSlices):  # sparse (an Embedding's rows)
+                    accumulator.scatter_add(gradient)
+                else:
+                    accumulator.assign_add(gradient)
             gradients = [a.read_value() / self.accumulation_steps for a in self.accumulators]
         finite = tf.constant(True)
         if self.skip_nonfinite:
-            finite_here = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in gradients])
+            finite_here = tf.reduce_all([tf.reduce_all(tf.math.is_finite(_values(g)))
+                                         for g in gradients])
             bad_replicas = context.all_reduce(SUM, 1.0 - tf.cast(finite_here, tf.float32))
             finite = tf.equal(bad_replicas, 0.0)
         if self.clip_global_norm is not None:
@@ -87,7 +91,7 @@ class GradientUpdater(tf.Module):
             total = context.all_reduce(SUM, gradients) if replicas > 1 else gradients
             norm = tf.linalg.global_norm(total)
             factor = tf.minimum(1.0, self.clip_global_norm / tf.maximum(norm, 1e-12))
-            gradients = [g * tf.cast(factor, g.dtype) for g in gradients]
+            gradients = [_scaled(g, factor) for g in gradients]
         context.merge_call(self._cross_replica_apply, args=(gradients, variables, finite))
 
     def _cross_replica_apply(self, strategy, gradients, variables, finite):
@@ -114,3 +118,16 @@ class GradientUpdater(tf.Module):
         if self.loss_scale is not None:
             tf.cond(due, lambda: self.loss_scale.update(finite) or tf.constant(True),
                     lambda: tf.constant(False))
+
+
+def _values(gradient):
+    """The numbers of a dense or sparse (tf.IndexedSlices) gradient."""
+    return gradient.values if isinstance(gradient, tf.IndexedSlices) else gradient
+
+
+def _scaled(gradient, factor):
+    """`gradient` × `factor`, keeping a sparse gradient sparse."""
+    if isinstance(gradient, tf.IndexedSlices):
+        return tf.IndexedSlices(gradient.values * tf.cast(factor, gradient.values.dtype),
+                                gradient.indices, gradient.dense_shape)
+    return gradient * tf.cast(factor, gradient.dtype)
