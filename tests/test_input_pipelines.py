@@ -59,7 +59,7 @@ def test_a_generator_pipeline_checkpoints_and_resumes_exactly(use_py_function, t
     whole.fit(train_steps=40, steps_per_loop=5)
     # 25 steps is mid-epoch (15 steps per epoch); a checkpoint every 5 steps
     first = GeneratorInput(model_dir=str(tmp_path), checkpoint_every_steps=5, **kwargs)
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="absl"):
         first.fit(train_steps=25, steps_per_loop=5)
     assert "iterator cannot be checkpointed" in caplog.text
     assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith("ckpt-25")
