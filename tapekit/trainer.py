@@ -32,7 +32,7 @@ from tapekit import precision as precision_lib
 from tapekit import state as state_lib
 from tapekit.checkpointing import Checkpointer
 from tapekit.controller import Controller
-from tapekit.errors import TapekitError, summarize, user_message
+from tapekit.errors import TapekitError, user_message
 from tapekit.loop import CompiledLoop, LoopResult
 from tapekit.updates import GradientUpdater
 

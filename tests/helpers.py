@@ -1,7 +1,9 @@
 """Small shared pieces for the tests."""
 
+import os
 import subprocess
 import sys
+import time
 
 TAPEKIT_TRAIN = [sys.executable, "-m", "tapekit.trainers"]
 
@@ -10,3 +12,18 @@ def run_cli(args, env, cwd=None, timeout=300):
     """Runs `python -m tapekit.trainers ARGS` and returns the CompletedProcess (text)."""
     return subprocess.run(TAPEKIT_TRAIN + list(args), env=env, cwd=cwd, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def start_cli(args, env, cwd, stderr=subprocess.PIPE):
+    """Starts `python -m tapekit.trainers ARGS` in the background (text pipes)."""
+    return subprocess.Popen(TAPEKIT_TRAIN + list(args), cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=stderr, text=True)
+
+
+def wait_for(path, process, timeout=120, containing=None):
+    """Waits until `path` exists (and holds `containing`) while `process` runs."""
+    deadline = time.monotonic() + timeout
+    while not (os.path.exists(path) and (containing is None or containing in open(path).read())):
+        assert process.poll() is None, f"the process ended ({process.returncode})"
+        assert time.monotonic() < deadline, f"{path} never appeared (holding {containing!r})"
+        time.sleep(0.02)

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import keras
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 import tapekit
+from helpers import start_cli, wait_for
 from tapekit.callbacks import EarlyStopping
 from tapekit.models import MLP
 from tapekit.trainers import GANTrainer, RegressionTrainer
@@ -26,17 +26,7 @@ def _run(args, env, timeout=240):
 
 
 def _start(args, env):
-    return subprocess.Popen([sys.executable, "-m", "tapekit.trainers"] + args, cwd=TESTS, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for(path, process, timeout=120, containing=None):
-    """Waits until `path` exists (and holds `containing`) while `process` runs."""
-    deadline = time.monotonic() + timeout
-    while not (os.path.exists(path) and (containing is None or containing in open(path).read())):
-        assert process.poll() is None, process.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.02)
+    return start_cli(args, env, cwd=TESTS)
 
 
 def _reported(stdout):
@@ -59,7 +49,7 @@ def test_sigkill_then_resume_is_bitwise_equal_to_an_uninterrupted_run(trainer, t
     process = _start(common + [f"--model_dir={model_dir}", "--sleep_per_loop=0.25"], cli_env)
     try:
         # the manager's state file names ckpt-35 once that checkpoint is complete
-        _wait_for(model_dir / "checkpoints" / "checkpoint", process, containing="ckpt-35")
+        wait_for(model_dir / "checkpoints" / "checkpoint", process, containing="ckpt-35")
         process.send_signal(signal.SIGKILL)
     finally:
         process.kill()
@@ -94,7 +84,7 @@ def test_sigterm_finishes_the_loop_saves_and_exits_zero_then_resumes(tmp_path, c
             f"--model_dir={model_dir}"]
     process = _start(args + ["--sleep_per_loop=0.1"], cli_env)
     try:
-        _wait_for(model_dir / "metrics.jsonl", process)
+        wait_for(model_dir / "metrics.jsonl", process)
         process.send_signal(signal.SIGTERM)
         stdout, stderr = process.communicate(timeout=120)
     finally:

@@ -2,41 +2,22 @@
 
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import tensorflow as tf
 
+from helpers import start_cli, wait_for
 from tapekit.trainers import RegressionTrainer
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
-def _start(args, env):
-    return subprocess.Popen([sys.executable, "-m", "tapekit.trainers"] + args, cwd=TESTS, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for_file(path, process, timeout=120):
-    _wait_for_text(path, "", process, timeout)
-
-
-def _wait_for_text(path, text, process, timeout=120):
-    """Waits until file `path` exists and holds `text` while `process` runs."""
-    deadline = time.monotonic() + timeout
-    while not (os.path.exists(path) and text in open(path).read()):
-        assert process.poll() is None, f"the process ended ({process.returncode})"
-        assert time.monotonic() < deadline, f"{path} never held {text!r}"
-        time.sleep(0.02)
-
-
 def test_ctrl_c_finishes_the_loop_saves_and_exits_130(tmp_path, cli_env):
     model_dir = tmp_path / "run"
-    process = _start(["--trainer=resumable:Regression", "--train_steps=5000", "--steps_per_loop=10",
-                      f"--model_dir={model_dir}", "--sleep_per_loop=0.1"], cli_env)
+    process = start_cli(["--trainer=resumable:Regression", "--train_steps=5000",
+                         "--steps_per_loop=10", f"--model_dir={model_dir}",
+                         "--sleep_per_loop=0.1"], cli_env, cwd=TESTS)
     try:
-        _wait_for_file(model_dir / "metrics.jsonl", process)
+        wait_for(model_dir / "metrics.jsonl", process)
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=120)
     finally:
@@ -54,15 +35,13 @@ def test_a_second_ctrl_c_aborts_at_once(tmp_path, cli_env):
     log = tmp_path / "stderr.txt"
     # Each loop end sleeps 60 s: only an abort ends the process quickly.
     with open(log, "w") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "tapekit.trainers", "--trainer=resumable:Regression",
-             "--train_steps=5000", "--steps_per_loop=10", f"--model_dir={model_dir}",
-             "--sleep_per_loop=60"], cwd=TESTS, env=cli_env, stdout=subprocess.DEVNULL,
-            stderr=stderr)
+        process = start_cli(["--trainer=resumable:Regression", "--train_steps=5000",
+                             "--steps_per_loop=10", f"--model_dir={model_dir}",
+                             "--sleep_per_loop=60"], cli_env, cwd=TESTS, stderr=stderr)
         try:
-            _wait_for_file(model_dir / "metrics.jsonl", process)
+            wait_for(model_dir / "metrics.jsonl", process)
             process.send_signal(signal.SIGINT)
-            _wait_for_text(log, "press Ctrl-C again to abort", process)
+            wait_for(log, process, containing="press Ctrl-C again to abort")
             process.send_signal(signal.SIGINT)
             process.wait(timeout=50)
         finally:
