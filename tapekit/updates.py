@@ -6,6 +6,11 @@ update: replicas agree on a flag through an all-reduce, then one `merge_call` ta
 `tf.cond` in cross-replica context whose branch runs the optimizer on every replica
 (`call_for_each_replica`). A cond in a replica context whose branch calls `merge_call`
 (Keras optimizers do, to all-reduce) is not allowed by tf.distribute.
+
+Accumulated gradients are summed over replicas at every micro-step (as Keras 3's own
+`gradient_accumulation_steps` does) and kept in mirrored variables: every replica holds
+the same global sum, so a checkpoint taken between micro-steps restores it exactly and a
+resumed run continues bitwise as the uninterrupted one would.
 """
 
 from typing import List, Optional
@@ -43,11 +48,10 @@ class GradientUpdater(tf.Module):
         self.skip_nonfinite = skip_nonfinite or loss_scale is not None
         self.variable_ids = [id(v) for v in variables]
         if self.accumulation_steps > 1:
-            # Local to each replica (ON_READ): summed into the update only when it is applied.
+            # Mirrored: the running sum over micro-steps of the global-batch gradient.
             self.accumulators = [
                 tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name="accumulator",
-                            synchronization=tf.VariableSynchronization.ON_READ,
-                            aggregation=tf.VariableAggregation.SUM)
+                            aggregation=tf.VariableAggregation.NONE)
                 for v in variables]
             self.micro_steps = tf.Variable(
                 0, dtype=tf.int64, trainable=False, name="micro_steps",
@@ -72,13 +76,13 @@ class GradientUpdater(tf.Module):
         replicas = context.num_replicas_in_sync
         if self.loss_scale is not None:
             gradients = [_scaled(g, 1.0 / self.loss_scale.scale) for g in gradients]
+        accumulated = None
         if self.accumulation_steps > 1:
-            for accumulator, gradient in zip(self.accumulators, gradients):
-                if isinstance(gradient, tf.IndexedSlices):  # sparse (an Embedding's rows)
-                    accumulator.scatter_add(gradient)
-                else:
-                    accumulator.assign_add(gradient)
-            gradients = [a.read_value() / self.accumulation_steps for a in self.accumulators]
+            summed = context.all_reduce(SUM, gradients) if replicas > 1 else gradients
+            accumulated = [a.read_value() + tf.convert_to_tensor(g)
+                           for a, g in zip(self.accumulators, summed)]
+            # This replica's share of the mean global gradient (the optimizer sums shares).
+            gradients = [a / (self.accumulation_steps * replicas) for a in accumulated]
         finite = tf.constant(True)
         if self.skip_nonfinite:
             finite_here = tf.reduce_all([tf.reduce_all(tf.math.is_finite(_values(g)))
@@ -88,15 +92,21 @@ class GradientUpdater(tf.Module):
         if self.clip_global_norm is not None:
             # Clip the gradient the optimizer will apply (the sum over replicas), not each
             # replica's share: scale every share by the factor computed from the sum.
-            total = context.all_reduce(SUM, gradients) if replicas > 1 else gradients
+            if accumulated is not None:
+                total = [a / self.accumulation_steps for a in accumulated]
+            else:
+                total = context.all_reduce(SUM, gradients) if replicas > 1 else gradients
             norm = tf.linalg.global_norm(total)
             factor = tf.minimum(1.0, self.clip_global_norm / tf.maximum(norm, 1e-12))
             gradients = [_scaled(g, factor) for g in gradients]
-        context.merge_call(self._cross_replica_apply, args=(gradients, variables, finite))
+        context.merge_call(self._cross_replica_apply,
+                           args=(gradients, variables, finite, accumulated))
 
-    def _cross_replica_apply(self, strategy, gradients, variables, finite):
+    def _cross_replica_apply(self, strategy, gradients, variables, finite, accumulated):
         finite = strategy.experimental_local_results(finite)[0]
         if self.accumulation_steps > 1:
+            for accumulator, value in zip(self.accumulators, accumulated):
+                strategy.extended.update(accumulator, lambda a, v: a.assign(v), args=(value,))
             self.micro_steps.assign_add(1)
             due = tf.equal(self.micro_steps % self.accumulation_steps, 0)
         else:
@@ -111,8 +121,8 @@ class GradientUpdater(tf.Module):
         tf.cond(tf.logical_and(due, finite), apply, lambda: tf.constant(False))
         if self.accumulation_steps > 1:
             def reset():
-                strategy.extended.call_for_each_replica(
-                    lambda: [a.assign(tf.zeros_like(a)) for a in self.accumulators] and None)
+                for accumulator in self.accumulators:
+                    accumulator.assign(tf.zeros_like(accumulator))
                 return tf.constant(True)
             tf.cond(due, reset, lambda: tf.constant(False))
         if self.loss_scale is not None:
