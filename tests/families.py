@@ -13,6 +13,7 @@ uninterrupted one bit for bit.
 """
 
 import dataclasses
+import sys
 from typing import Any, Dict, Optional, Tuple
 
 import keras
@@ -21,9 +22,14 @@ import tensorflow as tf
 from keras import layers, ops
 
 import tapekit
+from conftest import REPO
 
-IMAGE_SIZE = 12
-NUM_SHAPES = 4  # horizontal bar, vertical bar, filled square, hollow square
+if REPO not in sys.path:  # examples/ is a package of the repository, not installed
+    sys.path.insert(0, REPO)
+
+from examples.shapes_classifier import (  # noqa: E402
+    IMAGE_SIZE, NUM_SHAPES, ShapesClassifier, shape_images)
+
 # 25 steps per epoch at the global batch size of 32: the suite's resume point (step 15)
 # falls mid-epoch and the resumed run crosses an epoch boundary.
 NUM_EXAMPLES = 800
@@ -48,99 +54,7 @@ class SyntheticTrainer(tapekit.Trainer):
                                            repeat=False)
 
 
-def shape_images(seed: int, num_examples: int, size: int = IMAGE_SIZE, noise: float = 0.1):
-    """Images float32 [n, size, size, 1] in [0, 1] and labels int32 [n].
-
-    Label 0: a horizontal bar, 1: a vertical bar, 2: a filled square, 3: a hollow square, each
-    at a random position and size, plus Gaussian pixel noise of standard deviation `noise`
-    (clipped to [0, 1]). Deterministic in `seed`.
-    """
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, NUM_SHAPES, num_examples).astype(np.int32)
-    images = np.zeros((num_examples, size, size), np.float32)
-    for index, label in enumerate(labels):
-        if label < 2:  # a bar: long side 5..size-2, 2 pixels thick
-            length = rng.integers(5, size - 1)
-            start, offset = rng.integers(0, size - length + 1), rng.integers(0, size - 1)
-            long, thick = slice(start, start + length), slice(offset, offset + 2)
-            images[index][(thick, long) if label == 0 else (long, thick)] = 1.0
-        else:  # a square: side 4..7, filled or a 1-pixel frame
-            side = rng.integers(4, 8)
-            top, left = rng.integers(0, size - side + 1, 2)
-            images[index, top:top + side, left:left + side] = 1.0
-            if label == 3:
-                images[index, top + 1:top + side - 1, left + 1:left + side - 1] = 0.0
-    images += noise * rng.standard_normal(images.shape).astype(np.float32)
-    return np.clip(images, 0.0, 1.0)[..., None], labels
-
-
-# ---------------------------------------------------------------------- 1. CNN classifier
-
-class ShapesClassifier(SyntheticTrainer):
-    """1. A CNN classifier (TensorFlow "Convolutional Neural Network" tutorial and Keras
-    "Writing a training loop from scratch"): Conv2D + BatchNormalization + Dropout with L2
-    kernel regularization, whose losses (`model.losses`) go to `compute_loss`, and
-    `keras.metrics.SparseCategoricalAccuracy` objects updated in the steps.
-
-    `dropout_rate=0` switches the step's randomness off.
-    """
-
-    def __init__(self, dropout_rate: float = 0.25, l2: float = 1e-4, **kwargs):
-        self.dropout_rate = dropout_rate
-        self.l2 = l2
-        super().__init__(**kwargs)
-        x, y = shape_images(self.seed, NUM_EXAMPLES + NUM_EVAL_EXAMPLES)
-        x = 2.0 * x - 1.0  # pixels in [-1, 1]
-        self.train_examples = (x[:NUM_EXAMPLES], y[:NUM_EXAMPLES])
-        self.eval_examples = (x[NUM_EXAMPLES:], y[NUM_EXAMPLES:])
-
-    def build(self):
-        regularizer = keras.regularizers.L2(self.l2)
-        self.model = keras.Sequential([
-            keras.Input(shape=(IMAGE_SIZE, IMAGE_SIZE, 1)),
-            layers.Conv2D(8, 3, use_bias=False, kernel_regularizer=regularizer),
-            # Statistics of the global batch: 1 and N replicas train the same model.
-            layers.BatchNormalization(synchronized=True),
-            layers.Activation("relu"),
-            layers.MaxPooling2D(),
-            layers.Conv2D(16, 3, activation="relu", kernel_regularizer=regularizer),
-            layers.GlobalAveragePooling2D(),
-            layers.Dropout(self.dropout_rate),
-            layers.Dense(NUM_SHAPES, kernel_regularizer=regularizer),
-        ], name="cnn")
-        self.loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
-        self.optimizer = keras.optimizers.Adam(self.learning_rate)
-        self.train_accuracy = keras.metrics.SparseCategoricalAccuracy(name="train_accuracy")
-        self.eval_accuracy = keras.metrics.SparseCategoricalAccuracy(name="eval_accuracy")
-
-    def train_arrays(self):
-        return self.train_examples
-
-    def train_step(self, batch):
-        images, labels = batch
-        with tf.GradientTape() as tape:
-            logits = self.model(images, training=True)
-            loss = self.compute_loss(self.loss_fn(labels, logits),
-                                     regularization_losses=self.model.losses)
-        self.apply_gradients(tape, loss, self.model, self.optimizer)
-        self.train_accuracy.update_state(labels, logits)
-        return {"loss": loss, "accuracy": self._accuracy(labels, logits)}
-
-    def eval_step(self, batch):
-        images, labels = batch
-        logits = self.model(images, training=False)
-        self.eval_accuracy.update_state(labels, logits)
-        return {"loss": self.compute_loss(self.loss_fn(labels, logits)),
-                "accuracy": self._accuracy(labels, logits)}
-
-    def _accuracy(self, labels, logits):
-        correct = ops.equal(ops.argmax(logits, axis=-1), ops.cast(labels, "int64"))
-        return self.compute_mean(ops.cast(correct, "float32"))
-
-    def export_model(self):
-        return self.model, [tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE, 1], tf.float32,
-                                          name="images")]
-
+# 1. The CNN classifier is examples/shapes_classifier.py (a teaching example).
 
 # ---------------------------------------------------------------------- 2. VAE
 

@@ -99,3 +99,17 @@ def test_focal_loss_classifier_learns_the_spirals():
     trainer.fit(train_steps=600, steps_per_loop=300)
     evaluation = trainer.evaluate(steps=10)
     assert evaluation["accuracy"] > 0.9
+
+
+def test_shapes_classifier_runs_from_the_command_line_and_reports_its_metrics(tmp_path, cli_env):
+    result = run_cli(["--trainer=examples.shapes_classifier:ShapesClassifier",
+                      "--train_steps=60", "--steps_per_loop=20", "--eval_every_steps=60",
+                      f"--model_dir={tmp_path}", "--progress=log"], cli_env, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    (evaluation,) = [r for r in records if r["split"] == "eval"]
+    assert [r["step"] for r in train] == [20, 40, 60]
+    assert {"loss", "accuracy", "train_accuracy"} <= set(train[-1])
+    assert evaluation["eval_accuracy"] == pytest.approx(evaluation["accuracy"], abs=1e-6)
+    assert "Held-out accuracy: " in result.stdout
