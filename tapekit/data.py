@@ -39,9 +39,9 @@ def per_replica_batches(
       seed: the shuffle seed.
       repeat: repeat the examples forever (training); False for one pass (evaluation).
       drop_remainder: drop the examples that do not fill a last global batch. Default:
-        True when repeating (static batch shapes), False for one pass, so that evaluation
-        sees every example; the last global batch is then split as far as it goes, and
-        replicas past its end get empty batches from tf.distribute.
+        True when repeating or when `examples` never end (static batch shapes), else False
+        (one pass: evaluation sees every example; the last global batch is then split as
+        far as it goes, and replicas past its end get empty batches from tf.distribute).
 
     Returns:
       A dataset whose elements are per-replica batches of
@@ -63,8 +63,8 @@ def per_replica_batches(
         dataset = dataset.shuffle(shuffle_buffer_size, seed=seed, reshuffle_each_iteration=True)
     if repeat:
         dataset = dataset.repeat()
-    if drop_remainder is None:
-        drop_remainder = repeat
+    if drop_remainder is None:  # keep static shapes unless one pass must see every example
+        drop_remainder = repeat or examples.cardinality() == tf.data.INFINITE_CARDINALITY
     dataset = dataset.batch(global_batch_size, drop_remainder=drop_remainder)
     if num_replicas > 1:
         # Each worker keeps its contiguous share of the global batch, then cuts it into
@@ -176,7 +176,8 @@ class InMemoryExamples:
         `prepare`d. Traced, per replica."""
         replica = tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group, tf.int64)
         start = (step % self.steps_per_epoch) * self.global_batch_size + replica * self.per_replica_batch
-        indices = self._permutation[start:start + self.per_replica_batch]
+        # A slice of static size: the batch keeps a static shape (cheaper metrics and losses).
+        indices = tf.slice(self._permutation, tf.reshape(start, [1]), [self.per_replica_batch])
         return tf.nest.map_structure(lambda t: tf.gather(t, indices), self._tensors)
 
 
