@@ -55,6 +55,8 @@ def trace_step(strategy: tf.distribute.Strategy, step_fn, element_spec,
     strategy's cross-replica context. Raises a TapekitError if the step fails."""
     global _updates
     spec = per_replica_spec(element_spec)
+    optimizers = list({id(o): o for o in optimizers}.values())
+    keras_metrics = list({id(m): m for m in keras_metrics}.values())
     step_name = getattr(step_fn, "__name__", "step")
     outputs = []
     used_metrics = {}
@@ -89,9 +91,9 @@ def trace_step(strategy: tf.distribute.Strategy, step_fn, element_spec,
     finally:
         _updates = None
         for optimizer in optimizers:
-            del optimizer.apply_gradients  # the class's method again
+            vars(optimizer).pop("apply_gradients", None)  # the class's method again
         for metric in keras_metrics:
-            del metric.update_state
+            vars(metric).pop("update_state", None)
     names = metric_names(outputs[0] if outputs else None, step_name)
     used = [m for m in keras_metrics if id(m) in used_metrics]
     clashes = sorted(set(names) & {m.name for m in used})
@@ -109,7 +111,23 @@ def _create_eagerly(next_creator, **kwargs):
     an initializer callable): every replica's copy starts from one eager value, as when
     they are created in the strategy scope."""
     with tf.init_scope():
-        return next_creator(**kwargs)
+        return same_on_every_replica(next_creator, **kwargs)
+
+
+def same_on_every_replica(next_creator, **kwargs):
+    """A variable creator for models: a non-trainable float variable that replicas would
+    each assign on their own (Keras creates BatchNorm's moving statistics with aggregation
+    "none") averages the replicas' assignments instead, so its mirrored copies never drift
+    apart and the one copy a checkpoint holds is the model's state. tf.keras averaged them
+    on read; Keras 3 under MirroredStrategy keeps each replica's own."""
+    dtype = kwargs.get("dtype")
+    if (kwargs.get("trainable") is False and dtype is not None
+            and tf.as_dtype(dtype).is_floating
+            and kwargs.get("aggregation") in (None, tf.VariableAggregation.NONE)
+            and kwargs.get("synchronization") in (None, tf.VariableSynchronization.AUTO,
+                                                  tf.VariableSynchronization.ON_WRITE)):
+        kwargs["aggregation"] = tf.VariableAggregation.MEAN
+    return next_creator(**kwargs)
 
 
 def _placeholder_spec(spec):
@@ -145,7 +163,10 @@ def metric_names(outputs, step_name: str) -> List[str]:
             f"{step_name} must return a dict of scalar metrics (or None), got "
             f"{type(outputs).__name__}; e.g. return {{'loss': loss}}.")
     for name, value in outputs.items():
-        shape = getattr(value, "shape", None)
+        try:
+            shape = tf.convert_to_tensor(value).shape
+        except (TypeError, ValueError):
+            shape = None
         if shape is None or shape.rank != 0:
             raise TapekitError(
                 f"{step_name} returned metric {name!r} with shape {shape}; metrics must be "
@@ -178,7 +199,7 @@ _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)[^\n]*\n\s*(.*)')
 _DATA_ERRORS = re.compile(
     r"is incompatible with the layer|expected axis .* of input shape|expected shape=|"
     r"found shape=|DataType \w+ not in list of allowed values|Cannot convert .* to EagerTensor"
-    r"|could not convert string|expected .*dtype|incompatible with the expected dtype", re.S)
+    r"|could not convert string|expected [\w ]*dtype|incompatible with the expected dtype")
 
 
 @functools.lru_cache(maxsize=1)
@@ -214,7 +235,8 @@ def _is_user_code(path: str) -> bool:
 
 
 def blames_data(error: BaseException) -> bool:
-    return bool(_DATA_ERRORS.search(str(error)))
+    """Whether the original message (not Keras' echo of the arguments) is an input error."""
+    return bool(_DATA_ERRORS.search(summarize(error)))
 
 
 def explain(error: BaseException, step_name: str, spec) -> str:

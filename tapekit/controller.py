@@ -78,14 +78,15 @@ class Controller:
                 history.append({"step": step, **logs})
                 for callback in self.callbacks:
                     callback.on_loop_end(step, logs)
-                if self._evaluation_due(start_step, step, train_steps):
-                    eval_logs = trainer.evaluate(self.eval_steps)
-                    for callback in self.callbacks:
-                        callback.on_eval_end(step, eval_logs)
                 if trainer.any_worker(signals.terminated or signals.interrupted):
                     trainer.stop_training = True
                     trainer.interrupted = signals.interrupted
                     trainer.preempted = not signals.interrupted
+                elif self._evaluation_due(start_step, step, train_steps):
+                    # (not when stopping on a signal: the grace period is for the checkpoint)
+                    eval_logs = trainer.evaluate(self.eval_steps)
+                    for callback in self.callbacks:
+                        callback.on_eval_end(step, eval_logs)
         if self.profiler:
             self.profiler.stop()
         for callback in self.callbacks:

@@ -33,6 +33,8 @@ def summarize(error: BaseException) -> str:
     original = list(re.finditer(r"^\s*(?:[\w.]+(?:Error|Exception)): ", text, re.M))
     if "in user code:" in text and original:
         text = text[original[-1].end():]
+    # Keras' symbolic build of a Sequential wraps a layer's error after "Error encountered:".
+    text = text.split("Error encountered:", 1)[-1]
     lines = [line.strip() for line in text.splitlines()]
     useful = [line for line in lines if line and not line.startswith(
         ("Exception encountered when calling", "Arguments received by", "•"))]

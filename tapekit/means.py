@@ -10,36 +10,40 @@ When every weight is a constant (static batch shapes) the loop keeps plain sums 
 """
 
 import contextlib
-from typing import Dict, Optional, Tuple
+import threading
+from typing import Optional, Tuple
 
 import tensorflow as tf
 
-# tensor.ref() -> (sum of per-example values, number of examples). Module-level, not
-# thread-local: MirroredStrategy traces each replica in a thread of its own.
-_table: Optional[Dict] = None
+# tensor.ref() -> (sum of per-example values, number of examples), per thread: under
+# MirroredStrategy each replica's step is traced in a thread of its own, and the threads
+# take turns at every merge_call, so each replica records and looks up in its own table.
+_local = threading.local()
 
 
 def record(value: tf.Tensor, total, count) -> None:
     """Remembers that `value` (a scalar the step may return) stands for total / count."""
-    if _table is not None:
-        _table[value.ref()] = (total, count)
+    table = getattr(_local, "table", None)
+    if table is not None:
+        table[value.ref()] = (total, count)
 
 
 def recorded(value) -> Optional[Tuple]:
-    if _table is None or not isinstance(value, tf.Tensor):
+    table = getattr(_local, "table", None)
+    if table is None or not isinstance(value, tf.Tensor):
         return None
-    return _table.get(value.ref())
+    return table.get(value.ref())
 
 
 @contextlib.contextmanager
 def recording():
-    """Collects `record` calls made while a step is traced."""
-    global _table
-    previous, _table = _table, ({} if _table is None else _table)
+    """Collects the `record` calls this thread makes while a step is traced."""
+    previous = getattr(_local, "table", None)
+    _local.table = {} if previous is None else previous
     try:
         yield
     finally:
-        _table = previous
+        _local.table = previous
 
 
 def batch_size(batch):

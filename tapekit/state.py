@@ -80,6 +80,15 @@ def keras_metrics(attributes: Dict[str, Any]) -> List[keras.metrics.Metric]:
     return found
 
 
+def _trackable_container(value):
+    """`value` with dict keys as strings (TensorFlow saves only string keys) and tuples as lists."""
+    if isinstance(value, dict):
+        return {str(key): _trackable_container(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_trackable_container(item) for item in value]
+    return value
+
+
 def _key(variable) -> int:
     """Identity of a variable's storage: a Keras variable wraps a tf.Variable."""
     if isinstance(variable, keras.Variable):
@@ -104,7 +113,7 @@ def checkpoint_objects(state: Dict[str, Any]) -> Dict[str, Any]:
             objects[name] = value
         elif isinstance(value, (list, tuple, dict)):
             holder = tf.Module(name=name)
-            holder.value = value  # wrapped by TensorFlow's tracking (ListWrapper, _DictWrapper)
+            holder.value = _trackable_container(value)  # TensorFlow wraps it (ListWrapper, …)
             objects[name] = holder
     saved = _saved_keys(objects)
     missed = tf.Module(name=KERAS_STATE)

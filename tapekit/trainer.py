@@ -602,6 +602,10 @@ class Trainer:
                 "the evaluation data repeats forever, so evaluating 'to its end' would never end: "
                 "give eval_steps (--eval_steps), or return one pass from eval_dataset (e.g. "
                 "tapekit.per_replica_batches(..., repeat=False)).")
+        if must_end and dataset.cardinality() == tf.data.UNKNOWN_CARDINALITY:
+            logging.log_first_n(
+                logging.INFO, "evaluating to the end of data of unknown length (e.g. a Python "
+                "generator): it must end; otherwise give eval_steps (--eval_steps)", 1)
         return dataset
 
     def _ensure_built(self, element_spec) -> None:
@@ -615,7 +619,8 @@ class Trainer:
         by restores (keras#19389). Last, the checkpoint's contents are checked to cover
         every variable the trainer owns.
         """
-        with self.strategy.scope(), precision_lib.dtype_policy(self.precision):
+        with self.strategy.scope(), precision_lib.dtype_policy(self.precision), \
+                tf.variable_creator_scope(build_lib.same_on_every_replica):
             self.build()
         self._train_trace = self._trace(self.train_step, element_spec)
         with self.strategy.scope():

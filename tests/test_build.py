@@ -99,6 +99,18 @@ def test_an_optimizer_called_directly_and_a_metric_updated_in_the_step_are_recor
     assert trainer.optimizer.built
 
 
+def test_an_optimizer_held_twice_is_recorded_once():
+    class Twice(AddLossStep):
+        def build(self):
+            super().build()
+            self.optimizers = {"model": self.optimizer}
+
+    trainer = Twice()
+    trainer.fit(train_steps=2, steps_per_loop=2)
+    assert int(trainer.optimizer.iterations.numpy()) == 2
+    assert "apply_gradients" not in vars(trainer.optimizer)  # the stub is gone
+
+
 def test_tracing_changes_no_state():
     trainer = AddLossStep()
     trainer._ensure_built(trainer._distribute(None, trainer.train_dataset).element_spec)
@@ -113,6 +125,10 @@ def test_explain_blames_the_data_only_for_input_errors():
                               "expected axis -1 of input shape to have value 5")
     assert build.explain(incompatible, "train_step", spec).startswith(
         "train_step cannot run on this data: batches are float32[32, 3]")
+    mine = ValueError("expected a positive temperature\n\nArguments received by Scaled.call():\n"
+                      "  • x=tf.Tensor(shape=(32, 2), dtype=float32)")
+    assert build.explain(mine, "train_step", spec).startswith(
+        "train_step raised ValueError: expected a positive temperature.")
     other = ZeroDivisionError("division by zero")
     assert build.explain(other, "eval_step", spec).startswith(
         "eval_step raised ZeroDivisionError: division by zero")

@@ -5,6 +5,7 @@ import signal
 
 import tensorflow as tf
 
+import tapekit
 from helpers import start_cli, wait_for
 from tapekit.trainers import RegressionTrainer
 
@@ -62,3 +63,21 @@ def test_by_default_a_short_run_saves_only_at_its_end(tmp_path):
     RegressionTrainer(model_dir=str(tmp_path)).fit(train_steps=20, steps_per_loop=5)
     state = tf.train.get_checkpoint_state(str(tmp_path / "checkpoints"))
     assert [int(p.rsplit("-", 1)[1]) for p in state.all_model_checkpoint_paths] == [20]
+
+
+def test_a_stop_signal_skips_the_evaluation_that_was_due(tmp_path):
+    evaluated = []
+
+    class SignalAtStep10(tapekit.Callback):
+        def on_loop_end(self, step, logs):
+            if step == 10:
+                os.kill(os.getpid(), signal.SIGTERM)  # handled by fit: stop after this loop
+
+        def on_eval_end(self, step, logs):
+            evaluated.append(step)
+
+    trainer = RegressionTrainer(model_dir=str(tmp_path))
+    trainer.fit(train_steps=100, steps_per_loop=5, eval_every_steps=5, callbacks=[SignalAtStep10()])
+    assert trainer.preempted and trainer.current_step == 10
+    assert evaluated == [5]  # not at 10: the grace period is for the checkpoint
+    assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith("ckpt-10")

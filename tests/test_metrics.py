@@ -102,16 +102,25 @@ def test_keras_metrics_are_reset_at_every_loop_and_reported_by_name():
         assert 0.0 < loop["auc"] <= 1.0
 
 
-def test_compute_mean_weights_every_value_by_its_sample_weight():
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_compute_mean_weights_every_value_by_its_sample_weight(replicas):
     class Masked(Classifier):
         def train_step(self, batch):
             points, labels = batch
-            values = tf.cast(tf.reshape(tf.range(2 * tf.shape(labels)[0]), [-1, 2]), tf.float32)
-            mask = tf.tile(tf.constant([[1.0, 0.0]]), [tf.shape(labels)[0], 1])
-            return {"even_mean": self.compute_mean(values, sample_weight=mask)}
+            with tf.GradientTape() as tape:  # an update: a merge_call between the replicas
+                loss = self.compute_loss(tf.square(self.model(points)))
+            self.apply_gradients(tape, loss, self.model, self.optimizer)
+            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+            rows = tf.shape(labels)[0]
+            values = tf.cast(tf.reshape(tf.range(2 * rows) + 2 * rows * replica, [-1, 2]),
+                             tf.float32)
+            mask = tf.tile(tf.constant([[1.0, 0.0]]), [rows, 1])
+            return {"even_mean": self.compute_mean(values, sample_weight=mask), "plain": 1.0}
 
-    (loop,) = Masked(global_batch_size=10).fit(train_steps=1, steps_per_loop=1)
+    strategy = dict(strategy="mirrored", cpu_replicas=2) if replicas == 2 else {}
+    (loop,) = Masked(global_batch_size=10, **strategy).fit(train_steps=1, steps_per_loop=1)
     assert loop["even_mean"] == pytest.approx(np.mean(np.arange(0, 20, 2)))  # 0, 2, …, 18
+    assert loop["plain"] == 1.0  # a Python number is a metric too
 
 
 def test_evaluating_endless_data_to_its_end_is_refused_before_training():

@@ -89,3 +89,65 @@ def test_restore_warns_about_nothing(tmp_path, caplog):
         gc.collect(1)  # the restore status is young: no full collection needed
     assert "could not be found" not in caplog.text
     assert "train_iterator" not in caplog.text
+
+
+def test_dict_attributes_with_any_keys_are_saved(tmp_path):
+    class Heads(Everything):
+        def build(self):
+            super().build()
+            self.by_index = {0: keras.layers.Dense(1), 1: keras.layers.Dense(1)}
+            for layer in self.by_index.values():
+                layer.build((None, 1))
+
+    Heads(model_dir=str(tmp_path)).fit(train_steps=2, steps_per_loop=2)
+    names = [name for name, _ in tf.train.list_variables(
+        tf.train.latest_checkpoint(str(tmp_path / "checkpoints")))]
+    assert any(name.startswith("by_index/value/0/") for name in names)
+
+
+class UnsynchronizedBatchNorm(tapekit.Trainer):
+    """Replicas see different examples (unshuffled rows of growing scale)."""
+
+    default_global_batch_size = 8
+
+    def build(self):
+        self.model = keras.Sequential([keras.layers.Dense(4), keras.layers.BatchNormalization(),
+                                       keras.layers.Dense(1)])
+        self.optimizer = keras.optimizers.SGD(0.01)
+
+    def _examples(self):
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(64, 3)) * np.linspace(0.1, 3, 64)[:, None]
+        return tf.data.Dataset.from_tensor_slices((x.astype(np.float32),
+                                                   rng.normal(size=(64, 1)).astype(np.float32)))
+
+    def train_dataset(self, input_context):
+        return tapekit.per_replica_batches(self._examples(), input_context, self.global_batch_size)
+
+    def eval_dataset(self, input_context):
+        return tapekit.per_replica_batches(self._examples(), input_context,
+                                           self.global_batch_size, repeat=False)
+
+    def train_step(self, batch):
+        x, y = batch
+        with tf.GradientTape() as tape:
+            loss = self.compute_loss(tf.square(self.model(x, training=True) - y))
+        self.apply_gradients(tape, loss, self.model, self.optimizer)
+        return {"loss": loss}
+
+    def eval_step(self, batch):
+        x, y = batch
+        return {"loss": self.compute_loss(tf.square(self.model(x) - y))}
+
+
+def test_batchnorm_statistics_stay_one_value_on_two_replicas(tmp_path):
+    trainer = UnsynchronizedBatchNorm(strategy="mirrored", cpu_replicas=2, model_dir=str(tmp_path))
+    trainer.fit(train_steps=8, steps_per_loop=8)
+    batch_norm = trainer.model.layers[1]
+    for variable in (batch_norm.moving_mean, batch_norm.moving_variance):
+        first, second = trainer.strategy.experimental_local_results(variable.value)
+        np.testing.assert_array_equal(second.numpy(), first.numpy())
+    assert float(batch_norm.moving_mean.numpy().std()) > 0  # it did move
+    before = trainer.evaluate()
+    trainer.restore()  # the checkpoint it just wrote
+    assert trainer.evaluate() == before
