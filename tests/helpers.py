@@ -1,11 +1,13 @@
 """Small shared pieces for the tests."""
 
+import json
 import os
 import subprocess
 import sys
 import time
 
 TAPEKIT_TRAIN = [sys.executable, "-m", "tapekit.trainers"]
+TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 def run_cli(args, env, cwd=None, timeout=300):
@@ -27,3 +29,9 @@ def wait_for(path, process, timeout=120, containing=None):
         assert process.poll() is None, f"the process ended ({process.returncode})"
         assert time.monotonic() < deadline, f"{path} never appeared (holding {containing!r})"
         time.sleep(0.02)
+
+
+def reported_weights(stdout):
+    """The WEIGHTS line a `resumable` trainer prints at the end: {"step", "weights"}."""
+    line = next(l for l in stdout.splitlines() if l.startswith("WEIGHTS "))
+    return json.loads(line[len("WEIGHTS "):])

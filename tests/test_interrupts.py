@@ -1,4 +1,5 @@
-"""Ctrl-C saves and exits 130 (a second one aborts at once); checkpoints by time."""
+"""SIGTERM saves and exits 0; Ctrl-C saves and exits 130 (a second one aborts at once);
+checkpoints by time."""
 
 import os
 import signal
@@ -6,10 +7,29 @@ import signal
 import tensorflow as tf
 
 import tapekit
-from helpers import start_cli, wait_for
+from helpers import TESTS, reported_weights, run_cli, start_cli, wait_for
 from tapekit.trainers import RegressionTrainer
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
+def test_sigterm_finishes_the_loop_saves_and_exits_zero_then_resumes(tmp_path, cli_env):
+    model_dir = tmp_path / "run"
+    args = ["--trainer=resumable:Regression", "--train_steps=2000", "--steps_per_loop=10",
+            f"--model_dir={model_dir}"]
+    process = start_cli(args + ["--sleep_per_loop=0.1"], cli_env, cwd=TESTS)
+    try:
+        wait_for(model_dir / "metrics.jsonl", process)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr[-3000:]
+    step = int(stderr.split("preempted at step ")[1].split(",")[0])
+    assert 0 < step < 2000 and step % 10 == 0
+    assert f"preempted at step {step}, checkpoint saved" in stderr
+    assert (model_dir / "checkpoints" / f"ckpt-{step}.index").exists()
+    resumed = run_cli(args + ["--train_steps=" + str(step + 20)], cli_env, cwd=TESTS)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from checkpoint {model_dir / 'checkpoints' / f'ckpt-{step}'} at step {step}" in resumed.stderr
+    assert reported_weights(resumed.stdout)["step"] == step + 20
 
 
 def test_ctrl_c_finishes_the_loop_saves_and_exits_130(tmp_path, cli_env):

@@ -10,7 +10,7 @@ import tensorflow as tf
 import tapekit
 from tapekit.data import InMemoryExamples
 from tapekit.trainers import RegressionTrainer
-from test_fault_tolerance import LinearSGD, _rows
+from small_trainers import LinearSGD, rows
 
 
 def _batches(source):
@@ -62,7 +62,7 @@ def test_the_compiled_loop_is_built_once_per_trainer():
 
 
 def test_a_retrace_warns_naming_the_input_that_changed(caplog):
-    x, y = _rows(64)
+    x, y = rows(64)
     trainer = LinearSGD(global_batch_size=16)
     trainer.fit(train_steps=4, steps_per_loop=2,
                 dataset=tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(16, drop_remainder=True))
@@ -75,7 +75,7 @@ def test_a_retrace_warns_naming_the_input_that_changed(caplog):
 
 
 def test_max_retraces_turns_retracing_into_an_error():
-    x, y = _rows(64)
+    x, y = rows(64)
     trainer = LinearSGD(global_batch_size=16, max_retraces=0)
     trainer.fit(train_steps=2, steps_per_loop=2,
                 dataset=tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(16, drop_remainder=True))
