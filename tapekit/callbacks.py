@@ -256,10 +256,9 @@ class TensorBoard(EveryNSteps):
         self._eval_writer = None  # created at the first evaluation
 
     def _learning_rates(self) -> Dict[str, float]:
-        import keras
         import tensorflow as tf
-        optimizers = {name: value for name, value in vars(self.trainer).items()
-                      if isinstance(value, keras.optimizers.Optimizer) and not name.startswith("_")}
+        from tapekit import state
+        optimizers = state.optimizers(vars(self.trainer))
         # convert_to_tensor reads distributed (mirrored) variables too, where float() cannot
         return {("learning_rate" if len(optimizers) == 1 else f"learning_rate/{name}"):
                 float(tf.convert_to_tensor(optimizer.learning_rate))

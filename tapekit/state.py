@@ -39,6 +39,20 @@ def owned_leaves(attributes: Dict[str, Any]) -> List[Any]:
     return [leaf for value in owned_state(attributes).values() for leaf in _leaves(value)]
 
 
+def optimizers(attributes: Dict[str, Any]) -> Dict[str, keras.optimizers.Optimizer]:
+    """The optimizers the trainer holds, by attribute name ("name/key" inside a container),
+    without duplicates."""
+    found, seen = {}, set()
+    for name, value in owned_state(attributes).items():
+        items = (value.items() if isinstance(value, dict) else enumerate(value)
+                 if isinstance(value, (list, tuple)) else [(None, value)])
+        for key, item in items:
+            if isinstance(item, keras.optimizers.Optimizer) and id(item) not in seen:
+                seen.add(id(item))
+                found[name if key is None else f"{name}/{key}"] = item
+    return found
+
+
 def _holds_state(value) -> bool:
     return any(isinstance(leaf, STATE_TYPES) for leaf in _leaves(value))
 

@@ -636,9 +636,8 @@ class Trainer:
 
     def _trace(self, step_fn, element_spec) -> build_lib.StepTrace:
         attributes = vars(self)
-        optimizers = [value for value in state_lib.owned_leaves(attributes)
-                      if isinstance(value, keras.optimizers.Optimizer)]
-        return build_lib.trace_step(self.strategy, step_fn, element_spec, optimizers,
+        return build_lib.trace_step(self.strategy, step_fn, element_spec,
+                                    list(state_lib.optimizers(attributes).values()),
                                     state_lib.keras_metrics(attributes))
 
     def _add_updater(self, optimizer, variables) -> None:
