@@ -37,7 +37,7 @@ _updates: Optional[List[Tuple[Any, List]]] = None
 
 class StepTrace(NamedTuple):
     metric_names: List[str]  # the keys of the dict the step returns
-    updates: List[Tuple[Any, List]]  # (optimizer, variables), in call order, no duplicates
+    updates: List[Tuple[Any, List]]  # (optimizer, variables) in call order, once per replica
     keras_metrics: List[keras.metrics.Metric]  # the ones the step updates
 
 
@@ -83,7 +83,7 @@ def trace_step(strategy: tf.distribute.Strategy, step_fn, element_spec,
         traced = tf.function(lambda batch: strategy.run(replica_fn, args=(batch,)))
         with strategy.scope():
             traced.get_concrete_function(tf.nest.map_structure(_placeholder_spec, spec))
-        updates = _unique(_updates)
+        updates = list(_updates)
     except TapekitError:
         raise
     except Exception as error:  # from the user's step (or the model it calls)
@@ -132,16 +132,6 @@ def same_on_every_replica(next_creator, **kwargs):
 
 def _placeholder_spec(spec):
     return tf.TensorSpec(spec.shape, spec.dtype) if isinstance(spec, tf.TensorSpec) else spec
-
-
-def _unique(updates):
-    result, seen = [], set()
-    for optimizer, variables in updates:
-        key = (id(optimizer),) + tuple(id(v) for v in variables)
-        if key not in seen:
-            seen.add(key)
-            result.append((optimizer, variables))
-    return result
 
 
 def _check_metric_placement(metric, strategy) -> None:

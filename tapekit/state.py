@@ -155,17 +155,6 @@ def check_coverage(state: Dict[str, Any], objects: Dict[str, Any]) -> None:
             "the trainer (created in build()), not inside other objects.")
 
 
-def variables(state: Dict[str, Any]) -> List[Any]:
-    """Every variable of `state`, without duplicates (for checks and tests)."""
-    result, seen = [], set()
-    for value in state.values():
-        for variable in _variables_of(value):
-            if _key(variable) not in seen:
-                seen.add(_key(variable))
-                result.append(variable)
-    return result
-
-
 def _short_name(variable) -> str:
     name = getattr(variable, "name", "") or "variable"
     return name.split("/")[-1].split(":")[0]
