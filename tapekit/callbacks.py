@@ -1,14 +1,16 @@
 """Callbacks: plain objects whose hooks the outer loop calls between compiled loops.
 
 Hooks run eagerly in Python on every worker, at loop boundaries only (never per step).
-They may read the trainer (`self.trainer`) and ask the loop to stop by setting
-`self.trainer.stop_training = True`; they never reach into the compiled step.
+They get the loop's metrics (`logs`), may read the user's trainer (`self.trainer`: its
+models and hooks) and ask the loop to stop by setting `self.trainer.stop_training = True`;
+they never reach into the compiled step or tapekit's engine. tapekit's own callbacks
+are assembled, in order, by `tapekit.controller.default_callbacks`.
 """
 
 import json
 import os
 import time
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 from absl import logging
 
@@ -101,10 +103,12 @@ class SaveCheckpoints(EveryNSteps):
     they save at the same step.
     """
 
-    def __init__(self, checkpointer, every_steps: Optional[int], every_secs: Optional[float] = None):
+    def __init__(self, checkpointer, every_steps: Optional[int], every_secs: Optional[float] = None,
+                 vote: Callable[[bool], bool] = bool):
         super().__init__(every_steps)
         self.checkpointer = checkpointer
         self.every_secs = every_secs
+        self.vote = vote  # True if any worker says True (`Runner.any_worker`)
         self._saved_at = time.monotonic()
 
     def on_train_begin(self, step):
@@ -114,7 +118,7 @@ class SaveCheckpoints(EveryNSteps):
     def on_loop_end(self, step, logs):
         if self.every_secs and not self.due(step):
             overdue = time.monotonic() - self._saved_at >= self.every_secs
-            if self.trainer.any_worker(overdue):
+            if self.vote(overdue):
                 self._run(step)
                 return
         super().on_loop_end(step, logs)
@@ -122,36 +126,6 @@ class SaveCheckpoints(EveryNSteps):
     def act(self, step):
         self.checkpointer.save(step)
         self._saved_at = time.monotonic()
-
-
-class NonFiniteGuard(Callback):
-    """Stops training with one error when a loop saw a NaN or infinite metric (`policy="stop"`).
-
-    Detection is in the graph (`tapekit.loop`); this runs first at the loop's end, before
-    anything records or checkpoints the loop, so the last good checkpoint stays the latest.
-    With `policy="skip_step"` the updates of such steps were not applied; it only warns.
-    """
-
-    def __init__(self, policy: str = "stop"):
-        self.policy = policy
-
-    def on_loop_end(self, step, logs):
-        result = self.trainer.last_loop
-        if result is None or not result.nonfinite_steps:
-            return
-        bad_step = step - result.steps_run + result.first_nonfinite_offset + 1
-        if self.policy == "skip_step":
-            logging.warning("%d step(s) with non-finite values were skipped (first: %s at step %d)",
-                            result.nonfinite_steps, result.first_nonfinite_metric, bad_step)
-            return
-        from tapekit.errors import TapekitError  # here to keep this module free of cycles
-        checkpointer = self.trainer.checkpointer
-        latest = checkpointer.latest if checkpointer else None
-        kept = f"the last good checkpoint {latest} is kept" if latest else "nothing was saved"
-        raise TapekitError(
-            f"non-finite {result.first_nonfinite_metric} at step {bad_step}; training stopped "
-            f"and this state was not checkpointed ({kept}). Check the data, lower the learning "
-            "rate, or use --nan_policy=skip_step.")
 
 
 class EarlyStopping(Callback):

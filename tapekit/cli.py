@@ -18,26 +18,16 @@ from absl import app, flags, logging
 from tapekit.callbacks import EarlyStopping
 from tapekit import controller
 from tapekit import distribute
-from tapekit.distribute import STRATEGY_NAMES
+from tapekit import options as options_lib
 from tapekit.errors import TapekitError, user_message
 from tapekit.export import check_export_dir
-from tapekit.precision import PRECISIONS
 from tapekit.trainer import Trainer
 
 FLAGS = flags.FLAGS
 
-# The flags every trainer gets; the first group maps to Trainer(...), the second to fit(...).
-TRAINER_FLAGS = ("model_dir", "strategy", "global_batch_size", "learning_rate", "seed",
-                 "jit_compile", "device", "cpu_replicas", "precision", "checkpoint_every_steps",
-                 "checkpoint_every_secs",
-                 "max_checkpoints_to_keep", "restore_from", "deterministic", "nan_policy",
-                 "clip_global_norm", "gradient_accumulation_steps", "max_retraces",
-                 "profile_steps", "progress", "sample_every_steps")
-FIT_FLAGS = ("train_steps", "steps_per_loop", "eval_every_steps", "eval_steps")
-
-
 def define_common_flags(flag_values: flags.FlagValues = FLAGS) -> None:
-    """Declares the flags shared by all trainers (idempotent)."""
+    """Declares the flags shared by all trainers (idempotent): one per option of
+    `tapekit.options` (the constructor's and `fit`'s), plus the command line's own."""
     if "trainer" in flag_values:
         return
     def define(kind, name, default, help_text, **kwargs):
@@ -45,69 +35,10 @@ def define_common_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     define("string", "trainer", "regression",
            "A built-in trainer name or 'package.module:ClassName' (a tapekit.Trainer subclass; "
            "the current directory is importable).")
-    define("string", "model_dir", None,
-           "Directory for metrics.jsonl (and checkpoints, summaries). Unset: write nothing.")
-    define("integer", "train_steps", 1000, "Train until the global step reaches this.", lower_bound=1)
-    define("integer", "steps_per_loop", 100,
-           "Steps per compiled in-graph loop; metrics are logged once per loop.", lower_bound=1)
-    define("integer", "global_batch_size", None,
-           "Examples per step over all replicas. Unset: the trainer's default.", lower_bound=1)
-    define("float", "learning_rate", None, "Unset: the trainer's default.", lower_bound=1e-300)
-    define("integer", "seed", 0, "Seeds Python, NumPy and TensorFlow (and synthetic data).")
-    flags.DEFINE_enum("strategy", "default", list(STRATEGY_NAMES), "tf.distribute strategy.",
-                      flag_values=flag_values)
-    define("string", "device", None, "Device for --strategy=one_device, e.g. /gpu:0.")
-    define("integer", "cpu_replicas", 1,
-           "Split the host CPU into this many logical devices (mirrored/auto on CPU).",
-           lower_bound=1)
-    define("bool", "jit_compile", False, "Compile the per-replica step with XLA.")
-    flags.DEFINE_enum("precision", "float32", list(PRECISIONS),
-                      "float32, mixed_float16 (dynamic loss scaling) or mixed_bfloat16.",
-                      flag_values=flag_values)
-    define("integer", "checkpoint_every_steps", None,
-           "Save a checkpoint every this many steps (at loop ends) and at the end; unset: "
-           "only at the end. Needs --model_dir.", lower_bound=1)
-    define("float", "checkpoint_every_secs", 600.0,
-           "Also save a checkpoint at the first loop end this many seconds after the last "
-           "one (a killed run loses minutes, not the run); 0: not by time. Needs --model_dir.",
-           lower_bound=0.0)
-    define("integer", "max_checkpoints_to_keep", 3, "Checkpoints kept in MODEL_DIR/checkpoints.",
-           lower_bound=1)
-    define("string", "restore_from", None,
-           "Start from this checkpoint (a prefix like DIR/ckpt-1000) instead of the latest one "
-           "in MODEL_DIR/checkpoints; newer checkpoints there are moved aside, not deleted.")
-    define("bool", "deterministic", False,
-           "Turn on TensorFlow op determinism: with --seed, a killed and resumed run ends "
-           "bitwise equal to an uninterrupted one.")
-    flags.DEFINE_enum("nan_policy", "stop", ["stop", "skip_step"],
-                      "On a NaN/inf loss or metric: stop with an error at the end of the loop "
-                      "(nothing bad is checkpointed), or skip the update of that step.",
-                      flag_values=flag_values)
-    define("float", "clip_global_norm", None,
-           "Clip the global-batch gradient of each optimizer to this global norm.",
-           lower_bound=1e-300)
-    define("integer", "gradient_accumulation_steps", 1,
-           "Apply the mean gradient of this many steps (micro-batches) at once.", lower_bound=1)
-    define("integer", "max_retraces", None,
-           "Fail once the compiled loop is traced more than this many extra times (each "
-           "retrace logs which input's shape or dtype changed). Unset: only warn.", lower_bound=0)
-    flags.DEFINE_list("profile_steps", None,
-                      "START,END: write a TensorBoard profiler trace of these global steps to "
-                      "MODEL_DIR/profile.", flag_values=flag_values)
-    flags.DEFINE_enum("progress", "auto", ["auto", "bar", "log", "none"],
-                      "Progress bar (bar), one log line per loop (log), nothing (none); auto: a "
-                      "bar on a terminal, log lines in a batch job.", flag_values=flag_values)
-    define("integer", "sample_every_steps", None,
-           "With --model_dir: save sample image grids (MODEL_DIR/samples/step_N.png) and "
-           "TensorBoard image/histogram summaries this often, and at the end.", lower_bound=1)
+    options_lib.define_flags(flag_values)
     define("string", "export_dir", None,
            "After training, write the trained model (the generator for GANs) here as a "
            "SavedModel with a serving_default signature.")
-    define("integer", "eval_every_steps", None,
-           "Evaluate after each loop passing a multiple of this, and at the end.", lower_bound=1)
-    define("integer", "eval_steps", None,
-           "Steps per evaluation; unset: the whole evaluation data set (one pass, which must "
-           "end).", lower_bound=1)
     define("string", "early_stopping_metric", None,
            "Stop when this metric stops improving: a training metric ('loss') or an "
            "evaluation one ('eval_loss').")
@@ -167,7 +98,8 @@ def parse_trainer_class(argv: Sequence[str], builtins: Dict[str, str],
 
 def trainer_kwargs(own_flags: Sequence[str], **overrides) -> Dict[str, object]:
     """The trainer's constructor arguments from the parsed flags."""
-    kwargs = {name: FLAGS[name].value for name in TRAINER_FLAGS + tuple(own_flags)}
+    names = options_lib.names(options_lib.TRAINER_OPTIONS) + tuple(own_flags)
+    kwargs = {name: FLAGS[name].value for name in names}
     kwargs.update(overrides)
     return kwargs
 
@@ -194,7 +126,8 @@ def _train(program: str, trainer_class: Type[Trainer], own_flags: List[str], arg
         trainer = trainer_class(**trainer_kwargs(own_flags))
         controller.kill_on_second_interrupt()
         try:
-            trainer.fit(callbacks=callbacks, **{name: FLAGS[name].value for name in FIT_FLAGS})
+            trainer.fit(callbacks=callbacks, **{name: FLAGS[name].value
+                                                for name in options_lib.names(options_lib.FIT_OPTIONS)})
         except KeyboardInterrupt:  # Ctrl-C: the loop finished and was saved (and logged)
             sys.exit(130)
         if trainer.preempted:  # exit 0 so that the scheduler's requeue resumes the run

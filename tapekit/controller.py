@@ -2,62 +2,112 @@
 
 Separate from the inner loop (`tapekit.loop.CompiledLoop`, what one call runs in the
 graph) in the spirit of Orbit's controller: this object decides loop lengths, times
-them, evaluates on schedule, reacts to SIGTERM, Ctrl-C and to input that runs out, and
-hands each loop's metrics to the callbacks (NaN guard, logging, metrics file,
-checkpoints). Everything here runs eagerly in Python, once per loop.
+them, stops on a non-finite loop before anything records or saves it, evaluates on
+schedule, reacts to SIGTERM, Ctrl-C and to input that runs out, and hands each loop's
+metrics to the callbacks (logging, metrics file, TensorBoard, checkpoints). It drives a
+`tapekit.runner.Runner` (the engine) and nothing else, eagerly, once per loop; it imports
+no TensorFlow until it profiles.
 """
 
+import os
 import signal
+import sys
 import threading
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import tensorflow as tf
 from absl import logging
 
+from tapekit import callbacks as callbacks_lib
 from tapekit.callbacks import Callback
+from tapekit.errors import TapekitError
+from tapekit.runner import LoopResult, Runner
+
+
+def default_callbacks(runner: Runner, options, train_steps: int, write_dir: Optional[str],
+                      checkpointer=None) -> List[Callback]:
+    """tapekit's own callbacks for a `fit`, in the order they run (before the user's).
+
+    Progress first, then (with `write_dir`: the chief's model_dir) the metrics file,
+    TensorBoard and sample images, and last the checkpoints (on every worker that has a
+    `checkpointer`), so that a loop is recorded before it is saved. The non-finite check
+    is not a callback: the controller makes it before any of these runs.
+    """
+    result: List[Callback] = []
+    progress = options.progress
+    if progress == "auto":
+        progress = "bar" if sys.stderr.isatty() else "log"
+    if progress == "bar":
+        result.append(callbacks_lib.ProgressBar(train_steps))
+    elif progress == "log":
+        result.append(callbacks_lib.LogProgress(train_steps))
+    if write_dir:
+        model_dir = write_dir
+        result.append(callbacks_lib.MetricsFile(os.path.join(model_dir, "metrics.jsonl")))
+        result.append(callbacks_lib.TensorBoard(os.path.join(model_dir, "summaries"),
+                                                options.sample_every_steps))
+        if options.sample_every_steps:
+            result.append(callbacks_lib.SampleImages(os.path.join(model_dir, "samples"),
+                                                     options.sample_every_steps))
+    if checkpointer is not None:  # every worker saves (the chief into model_dir)
+        result.append(callbacks_lib.SaveCheckpoints(
+            checkpointer, options.checkpoint_every_steps, options.checkpoint_every_secs,
+            vote=runner.any_worker))
+    return result
 
 
 class Controller:
-    """Drives `trainer`'s compiled loop until its global step reaches `train_steps`."""
+    """Drives `runner`'s compiled training loop until its global step reaches `train_steps`.
 
-    def __init__(self, trainer, callbacks: Sequence[Callback] = (),
+    Args:
+      runner: the engine (`tapekit.runner.Runner`).
+      callbacks: called after each loop, in order; they are given `trainer`.
+      trainer: what callbacks see as `self.trainer` (the user's trainer).
+      eval_every_steps: evaluate after each loop that passes a multiple of this, and at the
+        end; None: never.
+      eval_steps: steps per evaluation; None: the evaluation data to its end.
+      nan_policy: "stop" raises at the end of a loop that saw a non-finite metric, before
+        any callback records or saves it; "skip_step" (the steps were skipped) warns.
+      profile_steps, profile_dir: record a profiler trace of global steps START..END.
+    """
+
+    def __init__(self, runner: Runner, callbacks: Sequence[Callback] = (), trainer=None,
                  eval_every_steps: Optional[int] = None, eval_steps: Optional[int] = None,
-                 profile_steps: Optional[Tuple[int, int]] = None, profile_dir: Optional[str] = None):
-        self.trainer = trainer
+                 nan_policy: str = "stop", profile_steps: Optional[Tuple[int, int]] = None,
+                 profile_dir: Optional[str] = None):
+        self.runner = runner
         self.callbacks = list(callbacks)
         self.eval_every_steps = eval_every_steps
         self.eval_steps = eval_steps
+        self.nan_policy = nan_policy
         self.profiler = _Profiler(profile_steps, profile_dir) if profile_steps else None
         for callback in self.callbacks:
             callback.set_trainer(trainer)
 
-    def train(self, train_steps: int, steps_per_loop: int, iterator) -> List[Dict[str, float]]:
+    def train(self, train_steps: int, steps_per_loop: int) -> List[Dict[str, float]]:
         """Runs loops of `steps_per_loop` steps (the last one clamped) up to `train_steps`.
 
         Stops early, after the loop in progress, when a callback sets
-        `trainer.stop_training`, when the input runs out, on SIGTERM (then a checkpoint is
-        saved and `trainer.preempted` is True) or on a first Ctrl-C (SIGINT: a checkpoint
-        is saved and `trainer.interrupted` is True; a second Ctrl-C aborts at once). Returns
-        one dict per loop: the global `step` at its end, the loop's mean metrics,
-        `steps_per_sec`, `examples_per_sec`.
+        `trainer.stop_training` (`runner.status.stop_training`), when the input runs out,
+        on SIGTERM (then a checkpoint is saved and `status.preempted` is True) or on a first
+        Ctrl-C (SIGINT: a checkpoint is saved and `status.interrupted` is True; a second
+        Ctrl-C aborts at once). Returns one dict per loop: the global `step` at its end, the
+        loop's mean metrics, `steps_per_sec`, `examples_per_sec`.
         """
-        trainer = self.trainer
-        step = trainer.current_step
-        trainer.stop_training = False
-        trainer.preempted = False
-        trainer.interrupted = False
+        runner, status = self.runner, self.runner.status
+        step = runner.current_step
+        status.stop_training = status.preempted = status.interrupted = False
         history: List[Dict[str, float]] = []
         for callback in self.callbacks:
             callback.on_train_begin(step)
         logs = None
         with _StopSignals() as signals:
-            while step < train_steps and not trainer.stop_training:
+            while step < train_steps and not status.stop_training:
                 num_steps = min(steps_per_loop, train_steps - step)
                 if self.profiler:
                     num_steps = self.profiler.before_loop(step, num_steps)
                 start_step, start = step, time.perf_counter()
-                result = trainer.run_train_loop(iterator, num_steps)
+                result = runner.run_train_loop(num_steps)
                 seconds = max(time.perf_counter() - start, 1e-9)
                 step += result.steps_run  # what the loop added to the global step
                 if self.profiler:
@@ -67,42 +117,62 @@ class Controller:
                         "the training data ran out: %d of this loop's %d steps ran, training "
                         "stops at step %d of train_steps=%d", result.steps_run, num_steps, step,
                         train_steps)
-                    trainer.stop_training = True
+                    status.stop_training = True
                 if result.steps_run == 0:
                     break
+                self._check_finite(step, result)  # before anything records or saves the loop
                 logs = dict(result.metrics)
                 if result.nonfinite_steps:
                     logs["nonfinite_steps"] = float(result.nonfinite_steps)
                 logs["steps_per_sec"] = result.steps_run / seconds
-                logs["examples_per_sec"] = result.steps_run * trainer.global_batch_size / seconds
+                logs["examples_per_sec"] = result.steps_run * runner.examples_per_step / seconds
                 history.append({"step": step, **logs})
                 for callback in self.callbacks:
                     callback.on_loop_end(step, logs)
-                if trainer.any_worker(signals.terminated or signals.interrupted):
-                    trainer.stop_training = True
-                    trainer.interrupted = signals.interrupted
-                    trainer.preempted = not signals.interrupted
+                if runner.any_worker(signals.terminated or signals.interrupted):
+                    status.stop_training = True
+                    status.interrupted = signals.interrupted
+                    status.preempted = not signals.interrupted
                 elif self._evaluation_due(start_step, step, train_steps):
                     # (not when stopping on a signal: the grace period is for the checkpoint)
-                    eval_logs = trainer.evaluate(self.eval_steps)
+                    eval_logs = runner.evaluate(self.eval_steps)
                     for callback in self.callbacks:
                         callback.on_eval_end(step, eval_logs)
         if self.profiler:
             self.profiler.stop()
         for callback in self.callbacks:
             callback.on_train_end(step, logs)
-        saved = "checkpoint saved" if trainer.checkpointer is not None else "nothing saved (no model_dir)"
-        if trainer.preempted:
+        latest = runner.latest_checkpoint
+        saved = f"checkpoint {latest} saved" if latest else "nothing saved (no model_dir)"
+        if status.preempted:
             logging.warning("preempted at step %d, %s", step, saved)
-        if trainer.interrupted:
+        if status.interrupted:
             logging.warning("interrupted at step %d, %s", step, saved)
         return history
+
+    def _check_finite(self, step: int, result: LoopResult) -> None:
+        """With nan_policy="stop", one error for a loop that saw a NaN or infinite metric (the
+        last good checkpoint stays the latest); with "skip_step", a warning."""
+        if not result.nonfinite_steps:
+            return
+        bad_step = step - result.steps_run + result.first_nonfinite_offset + 1
+        if self.nan_policy == "skip_step":
+            logging.warning("%d step(s) with non-finite values were skipped (first: %s at step %d)",
+                            result.nonfinite_steps, result.first_nonfinite_metric, bad_step)
+            return
+        latest = self.runner.latest_checkpoint
+        kept = f"the last good checkpoint {latest} is kept" if latest else "nothing was saved"
+        raise TapekitError(
+            f"non-finite {result.first_nonfinite_metric} at step {bad_step}; training stopped "
+            f"and this state was not checkpointed ({kept}). Check the data, lower the learning "
+            "rate, or use --nan_policy=skip_step.")
 
     def _evaluation_due(self, start_step: int, step: int, train_steps: int) -> bool:
         every = self.eval_every_steps
         if not every:
             return False
-        return step // every > start_step // every or step >= train_steps or self.trainer.stop_training
+        return (step // every > start_step // every or step >= train_steps
+                or self.runner.status.stop_training)
 
 
 class _Profiler:
@@ -122,6 +192,7 @@ class _Profiler:
             return min(num_steps, self.start - 1 - step)
         if step < self.end:
             if not self.active:
+                import tensorflow as tf
                 tf.profiler.experimental.start(self.logdir)
                 self.active = True
                 logging.info("profiling steps %d to %d into %s", step + 1, self.end, self.logdir)
@@ -134,6 +205,7 @@ class _Profiler:
 
     def stop(self) -> None:
         if self.active:
+            import tensorflow as tf
             tf.profiler.experimental.stop()
             self.active = False
 

@@ -11,8 +11,8 @@ from typing import Optional, Union
 import tensorflow as tf
 
 from tapekit.errors import TapekitError
+from tapekit.options import STRATEGY_NAMES
 
-STRATEGY_NAMES = ("default", "auto", "one_device", "mirrored", "multi_worker")
 
 # Mirrored strategies over the same devices share TensorFlow's collective keys: a second one
 # in the same process collides with the first ("Shape mismatch in the collective instance").

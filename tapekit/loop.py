@@ -8,7 +8,7 @@ reduction happens once, after the loop. `keras.metrics` objects the step updates
 when the loop starts and read (exactly, across replicas) when it ends.
 """
 
-from typing import Callable, Dict, NamedTuple, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import tensorflow as tf
 from absl import logging
@@ -16,21 +16,12 @@ from absl import logging
 from tapekit import means
 from tapekit import randomness
 from tapekit.errors import TapekitError
+from tapekit.runner import LoopResult
 
 NO_BAD_STEP = tf.int64.max
 # Below this many steps per epoch, in-memory input checks its epoch at every step rather
 # than looping over stretches of one epoch (whose set-up would cost more than it saves).
 SHORT_EPOCH = 8
-
-
-class LoopResult(NamedTuple):
-    """What one compiled loop reports (eager values)."""
-
-    metrics: Dict[str, float]  # mean over the loop's examples (and replicas); keras.metrics' results
-    steps_run: int  # < steps asked for when the iterator ran out
-    nonfinite_steps: int  # steps where some metric was NaN or infinite (counted with skip_step)
-    first_nonfinite_offset: Optional[int]  # 0-based step within the loop, or None
-    first_nonfinite_metric: Optional[str]
 
 
 class CompiledLoop:

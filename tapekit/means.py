@@ -15,6 +15,8 @@ from typing import Optional, Tuple
 
 import tensorflow as tf
 
+from tapekit.errors import TapekitError
+
 # tensor.ref() -> (sum of per-example values, number of examples), per thread: under
 # MirroredStrategy each replica's step is traced in a thread of its own, and the threads
 # take turns at every merge_call, so each replica records and looks up in its own table.
@@ -63,3 +65,59 @@ def batch_size(batch):
         return int(shape[0])
     return tf.shape(first, out_type=tf.int64)[0] if not isinstance(first, tf.SparseTensor) \
         else first.dense_shape[0]
+
+
+def global_batch_mean(per_example_loss, regularization_losses, num_replicas: int) -> tf.Tensor:
+    """`Trainer.compute_loss`: the mean of a per-example loss over the GLOBAL batch, whose
+    gradient is this replica's share. Runs per replica, traced; records (sum, count)."""
+    losses = tf.cast(tf.convert_to_tensor(per_example_loss), tf.float32)
+    if losses.shape.rank == 0:
+        raise TapekitError(
+            "compute_loss needs one loss per example (shape [batch, ...]), got a scalar; "
+            "pass the unreduced loss, e.g. tf.square(y - prediction).")
+    replicas = num_replicas
+    regularization = (tf.add_n([tf.cast(loss, tf.float32) for loss in regularization_losses])
+                      if regularization_losses else None)
+    # The mean over extra axes, then over the global batch, is one sum over everything
+    # divided by (global batch × extra sizes): with static shapes a multiply by a
+    # constant, whose gradient is cheap (a reduce_mean over axes is not).
+    if losses.shape.is_fully_defined():
+        examples = losses.shape[0]
+        share = tf.reduce_sum(losses) * (1.0 / (losses.shape.num_elements() * replicas))
+        local_total = share * (examples * replicas)
+    else:
+        examples = tf.shape(losses)[0]
+        extra = tf.cast(tf.reduce_prod(tf.shape(losses)[1:]), tf.float32)
+        local_total = tf.math.divide_no_nan(tf.reduce_sum(losses), extra)
+        global_examples = tf.cast(examples, tf.float32)
+        if replicas > 1:  # replicas may hold batches of different sizes
+            global_examples = tf.distribute.get_replica_context().all_reduce(
+                tf.distribute.ReduceOp.SUM, global_examples)
+        share = tf.math.divide_no_nan(local_total, global_examples)
+    if regularization is not None:
+        share += regularization / replicas
+        local_total += regularization * tf.cast(examples, tf.float32)
+    value = share if replicas == 1 else share + tf.stop_gradient(share * (replicas - 1))
+    record(value, local_total, examples)
+    return value
+
+
+def weighted_mean(values, sample_weight=None) -> tf.Tensor:
+    """`Trainer.compute_mean`: this replica's (weighted) mean of `values`, recording
+    (sum, weight) so that the loop reports the exact mean. Runs per replica, traced."""
+    values = tf.cast(tf.convert_to_tensor(values), tf.float32)
+    if values.shape.rank == 0:
+        raise TapekitError(
+            "compute_mean needs one value per example (shape [batch, ...]), got a scalar; "
+            "pass the unreduced values, e.g. tf.cast(correct, tf.float32).")
+    if sample_weight is None:
+        total = tf.reduce_sum(values)
+        count = (values.shape.num_elements() if values.shape.is_fully_defined()
+                 else tf.cast(tf.size(values), tf.float32))
+    else:
+        weight = tf.broadcast_to(tf.cast(sample_weight, tf.float32), tf.shape(values))
+        total = tf.reduce_sum(values * weight)
+        count = tf.reduce_sum(weight)
+    value = tf.math.divide_no_nan(total, tf.cast(count, tf.float32))
+    record(value, total, count)
+    return value

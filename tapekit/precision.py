@@ -14,8 +14,8 @@ import keras
 import tensorflow as tf
 
 from tapekit.errors import TapekitError
+from tapekit.options import PRECISIONS
 
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 # Below this compute capability GPUs have no float16 arithmetic worth the name.
 MIN_FLOAT16_COMPUTE_CAPABILITY = (5, 3)
 

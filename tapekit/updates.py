@@ -17,6 +17,7 @@ from typing import List, Optional
 
 import tensorflow as tf
 
+from tapekit.errors import TapekitError
 from tapekit.precision import DynamicLossScale
 
 SUM = tf.distribute.ReduceOp.SUM
@@ -141,3 +142,46 @@ def _scaled(gradient, factor):
         return tf.IndexedSlices(gradient.values * tf.cast(factor, gradient.values.dtype),
                                 gradient.indices, gradient.dense_shape)
     return gradient * tf.cast(factor, gradient.dtype)
+
+
+def trainable_variables(models_or_variables) -> List[tf.Variable]:
+    """The trainable variables of a model/layer/variable or of a list of them, de-duplicated."""
+    items = (models_or_variables if isinstance(models_or_variables, (list, tuple))
+             else [models_or_variables])
+    result, seen = [], set()
+    for item in items:
+        found = (item.trainable_variables if hasattr(item, "trainable_variables") else [item])
+        for variable in found:
+            if id(variable) not in seen:
+                seen.add(id(variable))
+                result.append(variable)
+    return result
+
+
+def updater_key(optimizer, variables) -> tuple:
+    """Identifies one optimizer/variables pair (one `GradientUpdater`)."""
+    return (id(optimizer),) + tuple(id(v) for v in variables)
+
+
+def apply_from_tape(updater: GradientUpdater, tape: tf.GradientTape, loss, variables,
+                    allow_none_gradients: bool = False) -> None:
+    """`Trainer.apply_gradients` once the updater is known: d(loss)/d(variables) from `tape`,
+    applied by `updater`. Traced, per replica. None gradients raise unless allowed."""
+    # Seeding backprop with the loss scale is differentiating loss × scale (the tape has closed).
+    gradients = tape.gradient(loss, variables, output_gradients=updater.backprop_seed(loss.dtype))
+    missing = [_variable_path(v) for g, v in zip(gradients, variables) if g is None]
+    if missing and not allow_none_gradients:
+        raise TapekitError(
+            f"no gradient for {len(missing)} variable(s): {', '.join(missing)}; the loss does "
+            "not depend on them. Run the forward pass inside the tape and pass only the models "
+            "that loss trains (or apply_gradients(..., allow_none_gradients=True)).")
+    if updater.is_plain:
+        pairs = [(g, v) for g, v in zip(gradients, variables) if g is not None]
+        updater.apply([g for g, _ in pairs], [v for _, v in pairs])
+    else:
+        updater.apply([tf.zeros_like(v) if g is None else g for g, v in zip(gradients, variables)],
+                      variables)
+
+
+def _variable_path(variable) -> str:
+    return getattr(variable, "path", None) or getattr(variable, "name", repr(variable))

@@ -1,6 +1,5 @@
 """Bad input gets one clear error before work is lost, and nothing saved is changed."""
 
-import os
 
 import keras
 import numpy as np
@@ -10,7 +9,6 @@ import tensorflow as tf
 import tapekit
 from small_trainers import LinearSGD, Unshuffled, rows
 from tapekit.models import MLP
-from tapekit.trainers import RegressionTrainer
 
 
 class FixedInput(Unshuffled):
@@ -42,68 +40,6 @@ def test_data_of_the_wrong_dtype_fails_before_the_first_step():
     with pytest.raises(tapekit.TapekitError, match=r"batches are \(string\[32, 5\], float32\[32, 1\]\)"):
         trainer.fit(train_steps=5)
     assert trainer.current_step == 0
-
-
-def _snapshot(directory):
-    return {name: (directory / name).read_bytes() for name in sorted(os.listdir(directory))
-            if (directory / name).is_file()}
-
-
-def test_a_checkpoint_of_another_model_is_refused_with_the_mismatches(tmp_path):
-    RegressionTrainer(model="linear", model_dir=str(tmp_path)).fit(train_steps=20, steps_per_loop=10)
-    before = _snapshot(tmp_path / "checkpoints")
-    other = RegressionTrainer(model="mlp", model_dir=str(tmp_path))
-    with pytest.raises(tapekit.TapekitError) as raised:
-        other.fit(train_steps=40)
-    message = str(raised.value)
-    assert "does not fit this trainer" in message and "mismatches" in message
-    assert "model/w in the checkpoint is not in this trainer" in message
-    assert "missing from the checkpoint" in message
-    assert _snapshot(tmp_path / "checkpoints") == before
-
-
-def test_a_checkpoint_with_other_shapes_is_refused(tmp_path):
-    RegressionTrainer(model="mlp", hidden_units=10, model_dir=str(tmp_path)).fit(
-        train_steps=10, steps_per_loop=10)
-    with pytest.raises(tapekit.TapekitError, match=r"has shape \[5, 10\] in the checkpoint, \[5, 7\] here"):
-        RegressionTrainer(model="mlp", hidden_units=7, model_dir=str(tmp_path)).fit(train_steps=20)
-
-
-def test_a_truncated_checkpoint_is_named_left_alone_and_an_older_one_restores(tmp_path):
-    RegressionTrainer(model_dir=str(tmp_path), checkpoint_every_steps=10).fit(
-        train_steps=20, steps_per_loop=10)
-    checkpoints = tmp_path / "checkpoints"
-    damaged = checkpoints / "ckpt-20.data-00000-of-00001"
-    damaged.write_bytes(damaged.read_bytes()[:7])
-    with pytest.raises(tapekit.TapekitError) as raised:
-        RegressionTrainer(model_dir=str(tmp_path)).fit(train_steps=30)
-    message = str(raised.value)
-    assert str(damaged) in message and "--restore_from=" in message and "ckpt-10" in message
-    assert damaged.read_bytes() and len(damaged.read_bytes()) == 7
-
-    restarted = RegressionTrainer(model_dir=str(tmp_path), restore_from=str(checkpoints / "ckpt-10"))
-    restarted.fit(train_steps=30, steps_per_loop=10)
-    assert restarted.current_step == 30
-    (aside,) = [d for d in os.listdir(checkpoints) if d.startswith("set_aside-")]
-    assert len((checkpoints / aside / damaged.name).read_bytes()) == 7  # kept, not overwritten
-    assert tf.train.latest_checkpoint(checkpoints).endswith("ckpt-30")
-
-
-def test_restore_from_a_path_that_is_not_a_checkpoint(tmp_path):
-    with pytest.raises(tapekit.TapekitError, match="is not a checkpoint"):
-        RegressionTrainer(restore_from=str(tmp_path / "nothing-here"))
-
-
-def test_model_dir_that_is_a_file_or_unwritable_fails_before_training(tmp_path):
-    afile = tmp_path / "afile"
-    afile.write_text("keep me")
-    with pytest.raises(tapekit.TapekitError, match="is a file, not a directory"):
-        RegressionTrainer(model_dir=str(afile))
-    with pytest.raises(tapekit.TapekitError, match="cannot write to model_dir"):
-        RegressionTrainer(model_dir=str(afile / "below"))
-    with pytest.raises(tapekit.TapekitError, match="cannot write to model_dir"):
-        RegressionTrainer(model_dir="/proc/tapekit-cannot-write-here")
-    assert afile.read_text() == "keep me"
 
 
 def test_data_that_runs_out_stops_cleanly_at_the_last_step_and_checkpoints_it(tmp_path, caplog):

@@ -113,7 +113,7 @@ def test_an_optimizer_held_twice_is_recorded_once():
 
 def test_tracing_changes_no_state():
     trainer = AddLossStep()
-    trainer._ensure_built(trainer._distribute(None, trainer.train_dataset).element_spec)
+    trainer._engine.ensure_built()
     assert trainer.current_step == 0
     assert int(trainer.optimizer.iterations.numpy()) == 0
     assert all(np.all(v.numpy() == 0) for v in trainer.optimizer.variables[2:])  # slots

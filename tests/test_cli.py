@@ -83,7 +83,7 @@ def test_helpfull_lists_the_trainers_own_flags(tmp_path, cli_env):
     ("nonsense", "neither a built-in trainer"),
     ("no_such_module_xyz:Trainer", "cannot import module 'no_such_module_xyz'"),
     ("tapekit.trainer:NoSuchClass", "has no 'NoSuchClass'"),
-    ("tapekit.trainer:trainable_variables", "is not a subclass of tapekit.Trainer"),
+    ("tapekit.options:Option", "is not a subclass of tapekit.Trainer"),
     ("broken_module:Anything", "SyntaxError"),
 ])
 def test_bad_trainer_values_give_one_line_and_nonzero_exit(value, expected, tmp_path, cli_env):

@@ -3,60 +3,21 @@
 import glob
 import os
 
-import numpy as np
 import pytest
 import tensorflow as tf
 
 import tapekit
-from tapekit.data import InMemoryExamples
 from tapekit.trainers import RegressionTrainer
 from small_trainers import LinearSGD, rows
-
-
-def _batches(source):
-    @tf.function
-    def batch(step):
-        source.prepare(step // source.steps_per_epoch)
-        return source.batch(step)
-    return lambda step: batch(tf.constant(step, tf.int64))
-
-
-def test_in_memory_batches_cover_each_epoch_once_and_differ_between_epochs():
-    examples = np.arange(50, dtype=np.int64)
-    source = InMemoryExamples(tf.distribute.get_strategy(), examples, global_batch_size=10, seed=4)
-    batch = _batches(source)
-    epoch0 = np.concatenate([batch(s).numpy() for s in range(5)])
-    epoch1 = np.concatenate([batch(s).numpy() for s in range(5, 10)])
-    assert sorted(epoch0) == list(range(50)) and sorted(epoch1) == list(range(50))
-    assert list(epoch0) != list(range(50)) and list(epoch0) != list(epoch1)
-    again = np.concatenate([batch(s).numpy() for s in range(5)])
-    np.testing.assert_array_equal(again, epoch0)  # a pure function of (seed, step)
-
-
-def test_in_memory_batches_split_the_global_batch_across_replicas():
-    strategy = tapekit.distribute.resolve_strategy("mirrored", cpu_replicas=2)
-    examples = np.arange(40, dtype=np.int64)
-    one = InMemoryExamples(tf.distribute.get_strategy(), examples, 8, seed=1)
-    two = InMemoryExamples(strategy, examples, 8, seed=1)
-    whole = _batches(one)(3).numpy()
-
-    @tf.function
-    def replica_batch(step):
-        two.prepare(step // two.steps_per_epoch)
-        return two.batch(step)
-
-    parts = strategy.run(replica_batch, args=(tf.constant(3, tf.int64),))
-    halves = [t.numpy() for t in strategy.experimental_local_results(parts)]
-    np.testing.assert_array_equal(np.concatenate(halves), whole)
 
 
 def test_the_compiled_loop_is_built_once_per_trainer():
     trainer = RegressionTrainer(model="mlp")
     trainer.fit(train_steps=30, steps_per_loop=10)
-    loop = trainer._train_loop
+    loop = trainer._engine.train_loop
     for target in (60, 95, 100):
         trainer.fit(train_steps=target, steps_per_loop=7)
-    assert trainer._train_loop is loop
+    assert trainer._engine.train_loop is loop
     assert loop._function.experimental_get_tracing_count() == 1
     assert trainer.train_loop_trace_count == 1
 

@@ -133,7 +133,7 @@ def test_bad_constructor_arguments_raise_clear_errors():
         MyTrainer(global_batch_size=0)
     with pytest.raises(tapekit.TapekitError, match="learning_rate must be positive"):
         MyTrainer(learning_rate=-1.0)
-    with pytest.raises(tapekit.TapekitError, match="train_steps must be at least 1"):
+    with pytest.raises(tapekit.TapekitError, match="train_steps must be a positive integer"):
         MyTrainer(global_batch_size=10).fit(train_steps=0)
 
 

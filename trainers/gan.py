@@ -47,12 +47,12 @@ class GANTrainer(tapekit.Trainer):
         if model not in MODELS:
             raise tapekit.TapekitError(
                 f"model must be one of {', '.join(MODELS)} for this GAN, got {model!r}.")
+        super().__init__(**kwargs)
         default_noise_dim, default_num_examples, self.default_learning_rate = _DEFAULTS[model]
         self.model_name = model
         self.noise_dim = int(noise_dim or default_noise_dim)
         self.hidden_units = hidden_units
         self.real_mean, self.real_stddev = real_mean, real_stddev
-        super().__init__(**kwargs)
         num_examples = num_examples or default_num_examples
         if model == "dense":
             self.arrays = (datasets.load_npz(data, ("x",)) if data else

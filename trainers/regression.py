@@ -26,11 +26,11 @@ class RegressionTrainer(tapekit.Trainer):
                  hidden_units: int = 10, **kwargs):
         if model not in ("linear", "mlp"):
             raise tapekit.TapekitError(f"model must be 'linear' or 'mlp', got {model!r}.")
+        super().__init__(**kwargs)
         self.model_name = model
         self.data_path = data
         self.hidden_units = hidden_units
         self.default_learning_rate = 0.1 if model == "linear" else 0.01
-        super().__init__(**kwargs)
         if data:
             self.arrays = datasets.load_npz(data, ("x", "y"))
         elif model == "linear":

@@ -1,0 +1,364 @@
+"""The machinery behind a `Trainer`: strategy, build, updaters, compiled loops, input, checkpoints.
+
+A `Trainer` (the user's contract) holds one `Engine` and nothing else of tapekit's. The
+engine owns the run's state — the strategy, the global step, the random generator, the
+optimizers' update state (`tapekit.updates`), the compiled training and evaluation loops
+(`tapekit.loop`), the input (`tapekit.inputs`) and the checkpointer — and offers the
+outer loop (`tapekit.controller.Controller`) the narrow interface of `tapekit.runner.Runner`.
+Everything here runs eagerly, on every worker.
+"""
+
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from tapekit import build as build_lib
+from tapekit import checkpointing
+from tapekit import controller as controller_lib
+from tapekit import data as data_lib
+from tapekit import distribute
+from tapekit import inputs
+from tapekit import options as options_lib
+from tapekit import precision as precision_lib
+from tapekit import state as state_lib
+from tapekit import updates
+from tapekit.checkpointing import Checkpointer
+from tapekit.errors import TapekitError, user_message
+from tapekit.loop import CompiledLoop
+from tapekit.runner import LoopResult, RunStatus
+
+# A trainer's attributes that are tapekit's (read-only, except stop_training), and what
+# they hold: a subclass assigning one would silently change the run, so it is an error.
+TAPEKIT_ATTRIBUTES = {
+    "strategy": "the run's tf.distribute strategy",
+    "seed": "the run's seed, which input pipelines and synthetic data read",
+    "global_batch_size": "the run's global batch size",
+    "learning_rate": "the run's learning rate",
+    "model_dir": "where the run writes",
+    "global_step": "the checkpointed global step",
+    "rng": "the checkpointed tf.random.Generator for randomness inside train_step",
+    "current_step": "the global step as an int",
+    "num_replicas": "the number of replicas in sync",
+    "history": "the metrics of every loop run",
+    "preempted": "whether the last fit stopped on SIGTERM",
+    "interrupted": "whether the last fit stopped on Ctrl-C",
+    "loss_scales": "the dynamic loss scales under mixed_float16",
+    "train_loop_trace_count": "how often the training loop was traced",
+    "options": "the run's validated options",
+}
+TAPEKIT_ATTRIBUTES.update({option.name: f"the run's {option.name} option"
+                           for option in options_lib.TRAINER_OPTIONS
+                           if option.name not in TAPEKIT_ATTRIBUTES})
+
+
+class Engine:
+    """Runs `trainer`'s steps under the strategy its `options` name. Created by `Trainer`."""
+
+    def __init__(self, trainer, options):
+        self.trainer = trainer
+        self.options = options
+        # The strategy first: splitting the CPU must happen before TensorFlow starts its devices.
+        self.strategy = distribute.resolve_strategy(options.strategy, device=options.device,
+                                                    cpu_replicas=options.cpu_replicas)
+        precision_lib.check_precision(options.precision, self.strategy)
+        if options.global_batch_size is not None:
+            self._check_global_batch_size(options.global_batch_size)
+        if options.restore_from is not None:
+            checkpointing.check_restorable(options.restore_from)
+        # Last of the checks, and the first thing written.
+        self.model_dir = (checkpointing.prepare_model_dir(options.model_dir)
+                          if options.model_dir else None)
+        if options.deterministic:
+            tf.config.experimental.enable_op_determinism()
+        keras.utils.set_random_seed(options.seed)
+        with self.strategy.scope():
+            self.global_step = tf.Variable(
+                0, dtype=tf.int64, trainable=False, name="global_step",
+                aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+            # For randomness inside train_step that must resume exactly (checkpointed).
+            self.rng = tf.random.Generator.from_seed(options.seed)
+        self.status = RunStatus()
+        self.history: List[Dict[str, float]] = []
+        self.checkpointer: Optional[Checkpointer] = None
+        self.built = False
+        self.train_loop: Optional[CompiledLoop] = None
+        self._restored = False
+        self._eval_loop: Optional[CompiledLoop] = None
+        self._train_iterator = None
+        self._train_trace: Optional[build_lib.StepTrace] = None
+        self._in_memory = inputs.InMemoryCache()
+        self._updaters: Dict[tuple, updates.GradientUpdater] = {}
+
+    # ------------------------------------------------------------------ resolved options
+
+    @property
+    def global_batch_size(self) -> int:
+        """The option, else the trainer class's `default_global_batch_size` (read lazily)."""
+        value = self.options.global_batch_size
+        if value is None:
+            value = self.trainer.default_global_batch_size
+            self._check_global_batch_size(value)
+        return int(value)
+
+    @property
+    def learning_rate(self) -> float:
+        """The option, else the trainer class's `default_learning_rate` (read lazily)."""
+        value = self.options.learning_rate
+        return float(value if value is not None else self.trainer.default_learning_rate)
+
+    def _check_global_batch_size(self, value) -> None:
+        options_lib.check("global_batch_size", value)
+        replicas = self.strategy.num_replicas_in_sync
+        if value % replicas:
+            raise TapekitError(
+                f"global_batch_size={value} is not divisible by the {replicas} replicas in "
+                f"sync; use a multiple of {replicas}.")
+
+    # ------------------------------------------------------------------ what the controller uses
+
+    @property
+    def current_step(self) -> int:
+        return int(self.global_step.numpy())
+
+    @property
+    def examples_per_step(self) -> int:
+        return self.global_batch_size
+
+    @property
+    def latest_checkpoint(self) -> Optional[str]:
+        return self.checkpointer.latest if self.checkpointer is not None else None
+
+    def run_train_loop(self, num_steps: int) -> LoopResult:
+        """Runs one compiled loop of up to `num_steps` steps on the input `prepare_training` set."""
+        iterator = None if self.train_loop.in_memory is not None else self._train_iterator
+        return _call_loop(self.train_loop, iterator, num_steps)
+
+    def any_worker(self, flag: bool) -> bool:
+        """True if `flag` is True on any worker (a collective only when multi-worker).
+
+        Used at loop ends so that a SIGTERM sent to one worker stops all of them at the
+        same step, where every worker then takes part in saving the checkpoint.
+        """
+        if not distribute.is_multi_worker(self.strategy):
+            return bool(flag)
+        votes = self.strategy.run(lambda: tf.constant(float(flag)))
+        return float(self.strategy.reduce(tf.distribute.ReduceOp.SUM, votes, axis=None)) > 0
+
+    # ------------------------------------------------------------------ fit, evaluate, restore
+
+    def fit(self, train_steps: int, steps_per_loop: int, dataset, callbacks: Sequence,
+            eval_every_steps: Optional[int], eval_steps: Optional[int]) -> List[Dict[str, float]]:
+        """`Trainer.fit` (arguments validated there)."""
+        if eval_every_steps and eval_steps is None:  # refuse endless evaluation before training
+            self.distribute(None, self.trainer.eval_dataset, evaluation=True, must_end=True)
+        self.prepare_training(dataset)
+        options = self.options
+        write_dir = self.model_dir if distribute.is_chief(self.strategy) else None
+        defaults = controller_lib.default_callbacks(self, options, train_steps, write_dir,
+                                                    self.checkpointer)
+        controller = controller_lib.Controller(
+            self, defaults + list(callbacks),
+            trainer=self.trainer, eval_every_steps=eval_every_steps, eval_steps=eval_steps,
+            nan_policy=options.nan_policy, profile_steps=options.profile_steps,
+            profile_dir=os.path.join(self.model_dir, "profile") if self.model_dir else None)
+        history = controller.train(int(train_steps), int(steps_per_loop))
+        self.history.extend(history)
+        return history
+
+    def prepare_training(self, dataset=None) -> None:
+        """Builds the trainer (once), compiles the loop for this kind of input, and on the
+        first call restores `restore_from` or the latest checkpoint, positioning the input."""
+        in_memory = self.in_memory_examples(dataset)
+        self.ensure_built(dataset, in_memory)
+        if self.train_loop is None or self.train_loop.in_memory is not in_memory:
+            trace, options = self._train_trace, self.options
+            self.train_loop = CompiledLoop(
+                self.strategy, self.trainer.train_step, trace.metric_names,
+                step_counter=self.global_step, jit_compile=options.jit_compile, name="train_loop",
+                in_memory=in_memory, max_retraces=options.max_retraces,
+                finite_means=options.nan_policy == "skip_step", keras_metrics=trace.keras_metrics)
+        if not self._restored:
+            self._restored = True
+            self._train_iterator = self._restore_and_position(dataset, in_memory)
+        elif in_memory is None and (dataset is not None or self._train_iterator is None):
+            self._train_iterator = self._make_train_iterator(dataset, 0)
+
+    def evaluate(self, steps: Optional[int] = None, dataset=None) -> Dict[str, float]:
+        """`Trainer.evaluate` (arguments validated there)."""
+        distributed = self.distribute(dataset, self.trainer.eval_dataset, evaluation=True,
+                                      must_end=steps is None)
+        self.ensure_built()
+        if self._eval_loop is None:
+            trace = self.trace(self.trainer.eval_step, distributed.element_spec)
+            self._eval_loop = CompiledLoop(self.strategy, self.trainer.eval_step,
+                                           trace.metric_names, jit_compile=self.options.jit_compile,
+                                           name="eval_loop", keras_metrics=trace.keras_metrics)
+        return _call_loop(self._eval_loop, iter(distributed), steps).metrics
+
+    def restore(self, checkpoint: Optional[str] = None) -> int:
+        """`Trainer.restore`: builds, restores, returns the step; trains and writes nothing."""
+        path = checkpoint or self.options.restore_from or (
+            tf.train.latest_checkpoint(os.path.join(self.model_dir, "checkpoints"))
+            if self.model_dir else None)
+        if path is None:
+            raise TapekitError("nothing to restore: give a checkpoint, restore_from, or a model_dir "
+                               "that has checkpoints (train first).")
+        checkpointing.check_restorable(path)
+        self.ensure_built()
+        Checkpointer(self.checkpoint_objects(), None, True).restore(path)
+        logging.info("restored checkpoint %s at step %d", path, self.current_step)
+        return self.current_step
+
+    # ------------------------------------------------------------------ input
+
+    def distribute(self, dataset, dataset_fn, **kwargs):
+        """A distributed dataset of `dataset`, or of `dataset_fn` (see `tapekit.inputs`)."""
+        return inputs.distribute(self.strategy, dataset, dataset_fn, self.global_batch_size,
+                                 self.options.seed, **kwargs)
+
+    def in_memory_examples(self, dataset) -> Optional[data_lib.InMemoryExamples]:
+        """The device-resident input for `dataset` arrays (or `train_arrays()`), else None."""
+        arrays = dataset if data_lib.is_arrays(dataset) else (
+            self.trainer.train_arrays() if dataset is None else None)
+        return self._in_memory.get(self.strategy, arrays, self.global_batch_size, self.options.seed)
+
+    def _make_train_iterator(self, dataset, skip_steps: int):
+        return iter(self.distribute(dataset, self.trainer.train_dataset, skip_steps=skip_steps))
+
+    def _restore_and_position(self, dataset, in_memory):
+        """Restores `restore_from` or the latest checkpoint; returns the training iterator
+        positioned where it left off (None for in-memory input: a function of the step)."""
+        checkpointer = self.checkpointer
+        path = self.options.restore_from or (checkpointer.latest if checkpointer else None)
+        if checkpointer is None:
+            if path:  # no model_dir: restore the state, nothing is saved later
+                Checkpointer(self.checkpoint_objects(), None, True).restore(path)
+                logging.info("restored checkpoint %s at step %d", path, self.current_step)
+            return None if in_memory else self._make_train_iterator(dataset, self.current_step)
+        iterator = None if in_memory is not None else inputs.positioned_iterator(
+            lambda skip_steps: self._make_train_iterator(dataset, skip_steps), checkpointer, path)
+        if path:
+            checkpointer.restore(path)
+            if self.options.restore_from:  # restarted from an older checkpoint: newer ones go aside
+                checkpointer.set_aside_checkpoints_after(self.current_step)
+            logging.info("resumed from checkpoint %s at step %d", path, self.current_step)
+        return iterator
+
+    # ------------------------------------------------------------------ building
+
+    def ensure_built(self, dataset=None, in_memory=None) -> None:
+        """Creates every model variable and optimizer slot before the first step.
+
+        Runs eagerly, once. `build()` runs in the strategy scope under the precision policy;
+        then `train_step` is traced once for real (`tapekit.build.trace_step`), which builds
+        the models as a plain `tf.function` would. Every optimizer the step uses is then
+        built on its variables in the strategy scope: building one inside a replica context
+        fails under MirroredStrategy (keras-team/keras#19246), and unbuilt slots are skipped
+        by restores (keras#19389). Last, the checkpoint's contents are checked to cover
+        every variable the trainer owns.
+        """
+        if self.built:
+            return
+        check_namespace(self.trainer)
+        if in_memory is None and dataset is None:
+            in_memory = self.in_memory_examples(None)
+        element_spec = (in_memory.element_spec if in_memory is not None
+                        else self.distribute(dataset, self.trainer.train_dataset).element_spec)
+        with self.strategy.scope(), precision_lib.dtype_policy(self.options.precision), \
+                tf.variable_creator_scope(build_lib.same_on_every_replica):
+            self.trainer.build()
+        self._train_trace = self.trace(self.trainer.train_step, element_spec)
+        with self.strategy.scope():
+            for optimizer, variables in self._train_trace.updates:
+                self._add_updater(optimizer, variables)
+        objects = self.checkpoint_objects()
+        state_lib.check_coverage(self.owned_state(), objects)
+        if self.model_dir:
+            self.checkpointer = Checkpointer(
+                objects, self.model_dir, distribute.is_chief(self.strategy),
+                max_to_keep=self.options.max_checkpoints_to_keep,
+                task_id=distribute.task_id(self.strategy))
+        self.built = True
+
+    def trace(self, step_fn, element_spec) -> build_lib.StepTrace:
+        attributes = vars(self.trainer)
+        return build_lib.trace_step(self.strategy, step_fn, element_spec,
+                                    list(state_lib.optimizers(attributes).values()),
+                                    state_lib.keras_metrics(attributes))
+
+    def _add_updater(self, optimizer, variables) -> None:
+        key = updates.updater_key(optimizer, variables)
+        if key in self._updaters:
+            return
+        if not optimizer.built:
+            optimizer.build(variables)
+        options = self.options
+        loss_scale = (precision_lib.DynamicLossScale() if options.precision == "mixed_float16"
+                      else None)
+        self._updaters[key] = updates.GradientUpdater(
+            optimizer, variables, loss_scale=loss_scale, clip_global_norm=options.clip_global_norm,
+            accumulation_steps=options.gradient_accumulation_steps,
+            skip_nonfinite=options.nan_policy == "skip_step", name=f"updater_{len(self._updaters)}")
+
+    def apply_gradients(self, tape, loss, models_or_variables, optimizer,
+                        allow_none_gradients: bool) -> None:
+        """`Trainer.apply_gradients` (traced, per replica)."""
+        variables = updates.trainable_variables(models_or_variables)
+        if not variables:
+            raise TapekitError(
+                f"apply_gradients got no trainable variables from {models_or_variables!r}; "
+                "pass the model (or its variables) that the loss should update.")
+        if build_lib.record_update(optimizer, variables):  # building: remember what updates what
+            return
+        updater = self._updaters.get(updates.updater_key(optimizer, variables))
+        if updater is None:
+            raise TapekitError(
+                "apply_gradients was called with an optimizer/variables pair that train_step did "
+                "not use when tapekit built the trainer; call apply_gradients the same way every step.")
+        updates.apply_from_tape(updater, tape, loss, variables, allow_none_gradients)
+
+    @property
+    def loss_scales(self) -> List[precision_lib.DynamicLossScale]:
+        return [u.loss_scale for u in self._updaters.values() if u.loss_scale is not None]
+
+    # ------------------------------------------------------------------ checkpointed state
+
+    def owned_state(self) -> Dict[str, Any]:
+        """Everything a checkpoint holds (`tapekit.state`): the global step, the random
+        generator, every model, optimizer, metric, variable and module the trainer holds in
+        a public attribute, and tapekit's per-optimizer update state (loss scales, gradient
+        accumulators)."""
+        owned: Dict[str, Any] = {"global_step": self.global_step, "rng": self.rng}
+        for name, value in state_lib.owned_state(vars(self.trainer)).items():
+            owned.setdefault(name, value)
+        for index, updater in enumerate(self._updaters.values()):
+            if not updater.is_plain:
+                owned[f"updater_{index}"] = updater
+        return owned
+
+    def checkpoint_objects(self) -> Dict[str, Any]:
+        return state_lib.checkpoint_objects(self.owned_state())
+
+
+def check_namespace(trainer) -> None:
+    """Raises if `trainer`'s class redefines one of tapekit's attributes (instances cannot:
+    `Trainer.__setattr__` refuses them)."""
+    for klass in type(trainer).__mro__:
+        if klass.__module__ == "tapekit.trainer":  # Trainer itself defines them
+            break
+        clashes = sorted(set(vars(klass)) & set(TAPEKIT_ATTRIBUTES))
+        if clashes:
+            name = clashes[0]
+            raise TapekitError(
+                f"{klass.__name__} defines {name!r}, which is tapekit's "
+                f"({TAPEKIT_ATTRIBUTES[name]}); rename yours (e.g. {name}_).")
+
+
+def _call_loop(loop: CompiledLoop, iterator, num_steps) -> LoopResult:
+    try:
+        return loop(iterator, num_steps)
+    except TapekitError as error:
+        raise TapekitError(user_message(error)) from None

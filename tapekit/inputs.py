@@ -1,0 +1,122 @@
+"""How a trainer's input becomes distributed batches, and where a resumed run picks it up.
+
+Eager code, run once per `fit`/`evaluate` (never per step). The input is one of:
+`train_arrays()`/NumPy arrays (the device-resident path, `tapekit.data.InMemoryExamples`),
+a `tf.data.Dataset` of global batches, or the trainer's `train_dataset`/`eval_dataset`
+functions of a `tf.distribute.InputContext`.
+"""
+
+from typing import Callable, Optional
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from tapekit import checkpointing
+from tapekit import data as data_lib
+from tapekit.errors import TapekitError
+
+
+def distribute(strategy: tf.distribute.Strategy, dataset, dataset_fn: Callable,
+               global_batch_size: int, seed: int, skip_steps: int = 0, evaluation: bool = False,
+               must_end: bool = False):
+    """A distributed dataset of `dataset` (or of `dataset_fn` when it is None), with
+    `skip_steps` global steps of it already consumed.
+
+    `evaluation`: arrays are read once, in order, not shuffled or repeated; `must_end`:
+    refuse data that TensorFlow knows repeats forever.
+    """
+    if dataset is None:
+        return strategy.distribute_datasets_from_function(
+            lambda context: skip(checked(dataset_fn(context), must_end), context, skip_steps))
+    if isinstance(dataset, tf.distribute.DistributedDataset):
+        if skip_steps:
+            raise TapekitError("cannot resume a tf.distribute.DistributedDataset at a step; pass "
+                               "the tf.data.Dataset (or train_dataset) instead.")
+        return dataset
+    if isinstance(dataset, tf.data.Dataset):
+        return strategy.experimental_distribute_dataset(checked(dataset, must_end).skip(skip_steps))
+    if isinstance(dataset, (np.ndarray, tf.Tensor, tuple, list, dict)):
+        examples = tf.data.Dataset.from_tensor_slices(
+            tuple(dataset) if isinstance(dataset, list) else dataset)
+        size = int(examples.cardinality())
+        return strategy.distribute_datasets_from_function(
+            lambda context: skip(data_lib.per_replica_batches(
+                examples, context, global_batch_size,
+                shuffle_buffer_size=None if evaluation else size, seed=seed,
+                repeat=not evaluation), context, skip_steps))
+    raise TapekitError(
+        f"fit/evaluate got a dataset of type {type(dataset).__name__}; pass a tf.data.Dataset "
+        "of global batches, NumPy arrays (or a tuple/dict of them), or None.")
+
+
+def checked(dataset, must_end: bool = False) -> tf.data.Dataset:
+    """`dataset` if it is a `tf.data.Dataset` that may be read (to its end if `must_end`)."""
+    if not isinstance(dataset, tf.data.Dataset):
+        raise TapekitError(
+            f"train_dataset/eval_dataset must return a tf.data.Dataset, got "
+            f"{type(dataset).__name__}.")
+    if must_end and dataset.cardinality() == tf.data.INFINITE_CARDINALITY:
+        raise TapekitError(
+            "the evaluation data repeats forever, so evaluating 'to its end' would never end: "
+            "give eval_steps (--eval_steps), or return one pass from eval_dataset (e.g. "
+            "tapekit.per_replica_batches(..., repeat=False)).")
+    if must_end and dataset.cardinality() == tf.data.UNKNOWN_CARDINALITY:
+        logging.log_first_n(
+            logging.INFO, "evaluating to the end of data of unknown length (e.g. a Python "
+            "generator): it must end; otherwise give eval_steps (--eval_steps)", 1)
+    return dataset
+
+
+def skip(dataset: tf.data.Dataset, context, steps: int) -> tf.data.Dataset:
+    """Skips `steps` global steps of a per-replica dataset (each step takes one batch per
+    local replica)."""
+    if not steps:
+        return dataset
+    local_replicas = context.num_replicas_in_sync // context.num_input_pipelines if context else 1
+    return dataset.skip(steps * local_replicas)
+
+
+class InMemoryCache:
+    """The device-resident copy of in-memory examples, made once per set of arrays."""
+
+    def __init__(self):
+        self._examples: Optional[data_lib.InMemoryExamples] = None
+        self._key = None
+
+    def get(self, strategy, arrays, global_batch_size: int, seed: int):
+        """`InMemoryExamples` of `arrays` (copied to the devices on first use), or None."""
+        if arrays is None:
+            return None
+        key = tuple(id(a) for a in tf.nest.flatten(arrays))
+        if self._examples is None or self._key != key:
+            self._examples = data_lib.InMemoryExamples(strategy, arrays, global_batch_size, seed)
+            self._key = key
+        return self._examples
+
+
+def positioned_iterator(make_iterator: Callable[[int], object], checkpointer,
+                        path: Optional[str]):
+    """The training iterator, positioned where checkpoint `path` (None: a new run) left off.
+
+    Call before restoring `path` with `checkpointer`. With one replica and a `tf.data`
+    input the iterator itself is checkpointed when TensorFlow can save it (tried once,
+    here): it is tracked by `checkpointer` and restored with the rest. Distributed
+    iterators cannot be (tensorflow/tensorflow#24408), nor pipelines with Python code
+    (`from_generator`, `py_function`): their input is re-created and skipped to the
+    checkpoint's step, which is exact when the pipeline is a deterministic function of the
+    seed. `make_iterator(skip_steps)` makes the iterator.
+    """
+    iterator = make_iterator(0)
+    saveable = (isinstance(iterator, tf.data.Iterator)
+                and checkpointing.iterator_can_be_saved(iterator))
+    if isinstance(iterator, tf.data.Iterator) and not saveable:
+        logging.info("the input pipeline's iterator cannot be checkpointed (it runs Python "
+                     "code: from_generator, py_function, ...); a resumed run re-creates the "
+                     "input and skips to the restored step, which is exact only if the "
+                     "pipeline yields the same batches every time (seeded, deterministic)")
+    if saveable and (path is None or checkpointing.has_iterator(path)):
+        checkpointer.track_iterator(iterator)
+        return iterator
+    saved_step = checkpointing.saved_step(path) if path else 0
+    return make_iterator(saved_step) if saved_step else iterator

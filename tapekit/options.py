@@ -1,0 +1,193 @@
+"""Every option of a run, declared once: the constructor, the command line and the run record.
+
+`TRAINER_OPTIONS` are `Trainer(...)`'s keyword arguments and `FIT_OPTIONS` are `fit(...)`'s;
+the command line declares one absl flag per option from the same table (`define_flags`),
+with the same default, bounds, choices and help text. `resolve` validates a trainer's
+arguments once, with one error per bad value, and returns them as an `Options` object.
+
+Two defaults are the trainer class's own (`default_learning_rate`,
+`default_global_batch_size`): None here, and resolved by the trainer when read, so a
+subclass may set them anywhere in its `__init__`.
+"""
+
+import dataclasses
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+from tapekit.errors import TapekitError
+
+STRATEGY_NAMES = ("default", "auto", "one_device", "mirrored", "multi_worker")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+NAN_POLICIES = ("stop", "skip_step")
+PROGRESS_MODES = ("auto", "bar", "log", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One option: its absl flag kind ("string", "integer", "float", "bool", "enum", "list"),
+    default, help text and the checks its value must pass (None always passes)."""
+
+    name: str
+    kind: str
+    default: Any
+    help: str
+    minimum: Optional[float] = None  # integers: at least this; floats: see `positive`
+    positive: bool = False  # a float that must be > 0
+    choices: Tuple[str, ...] = ()
+
+    def check(self, value) -> None:
+        """Raises a TapekitError naming this option when `value` is not allowed."""
+        if value is None:
+            return
+        if self.kind == "integer":
+            if isinstance(value, bool) or not isinstance(value, int) and not _is_integer(value):
+                raise TapekitError(f"{self.name} must be an integer, got {value!r}.")
+            if self.minimum is not None and value < self.minimum:
+                wanted = "a positive integer" if self.minimum == 1 else f"at least {self.minimum}"
+                raise TapekitError(f"{self.name} must be {wanted}, got {value!r}.")
+        elif self.kind == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) and not _is_number(value):
+                raise TapekitError(f"{self.name} must be a number, got {value!r}.")
+            if self.positive and not value > 0:
+                raise TapekitError(f"{self.name} must be positive, got {value}.")
+            if self.minimum is not None and not value >= self.minimum:
+                raise TapekitError(f"{self.name} must be at least {self.minimum:g}, got {value}.")
+        elif self.kind == "enum" and isinstance(value, str) and value not in self.choices:
+            raise TapekitError(
+                f"{self.name} must be one of {', '.join(self.choices)}, got {value!r}.")
+
+
+def _is_integer(value) -> bool:
+    return hasattr(value, "__index__")  # NumPy integers
+
+
+def _is_number(value) -> bool:
+    return hasattr(value, "__float__") and not isinstance(value, str)
+
+
+TRAINER_OPTIONS = (
+    Option("model_dir", "string", None,
+           "Directory for metrics.jsonl, checkpoints and summaries. Unset: write nothing."),
+    Option("strategy", "enum", "default", "tf.distribute strategy (or, in Python, a "
+           "tf.distribute.Strategy object).", choices=STRATEGY_NAMES),
+    Option("global_batch_size", "integer", None,
+           "Examples per step over all replicas. Unset: the trainer's default.", minimum=1),
+    Option("learning_rate", "float", None, "Unset: the trainer's default.", positive=True),
+    Option("seed", "integer", 0, "Seeds Python, NumPy and TensorFlow (and synthetic data)."),
+    Option("jit_compile", "bool", False, "Compile the per-replica step with XLA."),
+    Option("device", "string", None, "Device for --strategy=one_device, e.g. /gpu:0."),
+    Option("cpu_replicas", "integer", 1,
+           "Split the host CPU into this many logical devices (mirrored/auto on CPU).", minimum=1),
+    Option("precision", "enum", "float32",
+           "float32, mixed_float16 (dynamic loss scaling) or mixed_bfloat16: the Keras dtype "
+           "policy while build() creates models.", choices=PRECISIONS),
+    Option("checkpoint_every_steps", "integer", None,
+           "Save a checkpoint every this many steps (at loop ends) and at the end; unset: only "
+           "at the end. Needs a model_dir.", minimum=1),
+    Option("checkpoint_every_secs", "float", 600.0,
+           "Also save a checkpoint at the first loop end this many seconds after the last one "
+           "(a killed run loses minutes, not the run); 0: not by time. Needs a model_dir.",
+           minimum=0.0),
+    Option("max_checkpoints_to_keep", "integer", 3, "Checkpoints kept in MODEL_DIR/checkpoints.",
+           minimum=1),
+    Option("restore_from", "string", None,
+           "Start from this checkpoint (a prefix like DIR/ckpt-1000) instead of the latest one "
+           "in MODEL_DIR/checkpoints; newer checkpoints there are moved aside, not deleted."),
+    Option("deterministic", "bool", False,
+           "Turn on TensorFlow op determinism: with the seed, a killed and resumed run ends "
+           "bitwise equal to an uninterrupted one."),
+    Option("nan_policy", "enum", "stop",
+           "On a NaN/inf loss or metric: stop with an error at the end of the loop (nothing bad "
+           "is checkpointed), or skip the update of that step.", choices=NAN_POLICIES),
+    Option("clip_global_norm", "float", None,
+           "Clip the global-batch gradient of each optimizer to this global norm.", positive=True),
+    Option("gradient_accumulation_steps", "integer", 1,
+           "Apply the mean gradient of this many steps (micro-batches) at once.", minimum=1),
+    Option("max_retraces", "integer", None,
+           "Fail once the compiled loop is traced more than this many extra times (each retrace "
+           "logs which input's shape or dtype changed). Unset: only warn.", minimum=0),
+    Option("profile_steps", "list", None,
+           "START,END: write a TensorBoard profiler trace of these global steps to "
+           "MODEL_DIR/profile."),
+    Option("progress", "enum", "auto",
+           "Progress bar (bar), one log line per loop (log), nothing (none); auto: a bar on a "
+           "terminal, log lines in a batch job.", choices=PROGRESS_MODES),
+    Option("sample_every_steps", "integer", None,
+           "With a model_dir: save sample image grids (MODEL_DIR/samples/step_N.png) and "
+           "TensorBoard image/histogram summaries this often, and at the end.", minimum=1),
+)
+
+FIT_OPTIONS = (
+    Option("train_steps", "integer", 1000, "Train until the global step reaches this.",
+           minimum=1),
+    Option("steps_per_loop", "integer", 100,
+           "Steps per compiled in-graph loop; metrics are logged once per loop.", minimum=1),
+    Option("eval_every_steps", "integer", None,
+           "Evaluate after each loop passing a multiple of this, and at the end.", minimum=1),
+    Option("eval_steps", "integer", None,
+           "Steps per evaluation; unset: the whole evaluation data set (one pass, which must "
+           "end).", minimum=1),
+)
+
+_BY_NAME = {option.name: option for option in TRAINER_OPTIONS + FIT_OPTIONS}
+
+Options = dataclasses.make_dataclass(
+    "Options", [(option.name, Any, dataclasses.field(default=option.default))
+                for option in TRAINER_OPTIONS], frozen=True)
+Options.__doc__ = "A trainer's validated options (`tapekit.options.TRAINER_OPTIONS`)."
+Options.__module__ = __name__
+
+
+def check(name: str, value) -> None:
+    """Validates one option (of the constructor or of `fit`) by name."""
+    _BY_NAME[name].check(value)
+
+
+def resolve(arguments: Dict[str, Any]) -> "Options":
+    """Validates `Trainer(...)`'s keyword arguments and returns them as `Options`.
+
+    Unknown names are a TypeError (as for any Python call). Normalizes `profile_steps` to a
+    (START, END) tuple and `checkpoint_every_secs=0` to None.
+    """
+    unknown = sorted(set(arguments) - {option.name for option in TRAINER_OPTIONS})
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) for Trainer: {', '.join(unknown)} "
+                        f"(the options are {', '.join(o.name for o in TRAINER_OPTIONS)}).")
+    for name, value in arguments.items():
+        check(name, value)
+    values = dict(arguments)
+    steps = values.get("profile_steps")
+    if steps is not None:
+        try:
+            steps = tuple(int(step) for step in steps)
+        except (TypeError, ValueError):
+            steps = ()
+        if len(steps) != 2 or not 1 <= steps[0] <= steps[1]:
+            raise TapekitError(f"profile_steps must be START,END with 1 <= START <= END, got "
+                               f"{values['profile_steps']}.")
+        if not values.get("model_dir"):
+            raise TapekitError("profile_steps needs a model_dir to write the trace to.")
+        values["profile_steps"] = steps
+    if "checkpoint_every_secs" in values:
+        values["checkpoint_every_secs"] = values["checkpoint_every_secs"] or None
+    return Options(**values)
+
+
+def define_flags(flag_values, options: Sequence[Option] = TRAINER_OPTIONS + FIT_OPTIONS) -> None:
+    """Declares one absl flag per option (same name, default, bounds, choices and help)."""
+    from absl import flags  # only the command line needs absl.flags
+    for option in options:
+        kwargs: Dict[str, Any] = {"flag_values": flag_values}
+        if option.kind == "enum":
+            kwargs["enum_values"] = list(option.choices)
+        if option.kind == "integer" and option.minimum is not None:
+            kwargs["lower_bound"] = int(option.minimum)
+        if option.kind == "float" and option.minimum is not None:
+            kwargs["lower_bound"] = float(option.minimum)
+        if option.kind == "float" and option.positive:
+            kwargs["lower_bound"] = 1e-300  # absl has no exclusive bound
+        define: Callable = getattr(flags, f"DEFINE_{option.kind}")
+        define(name=option.name, default=option.default, help=option.help, **kwargs)
+
+
+def names(options: Sequence[Option]) -> Tuple[str, ...]:
+    return tuple(option.name for option in options)

@@ -1,0 +1,58 @@
+"""What the outer loop drives: the narrow interface between `Controller` and the engine.
+
+The controller (`tapekit.controller`) decides how long to train, when to evaluate and what
+happens between loops; it needs only what `Runner` lists. `tapekit.engine.Engine` is the
+real one (TensorFlow, strategies, compiled loops); tests drive the controller with a fake
+one in plain Python. Nothing here imports TensorFlow.
+"""
+
+from typing import Dict, NamedTuple, Optional, Protocol
+
+
+class LoopResult(NamedTuple):
+    """What one compiled loop reports (eager values)."""
+
+    metrics: Dict[str, float]  # mean over the loop's examples (and replicas); keras.metrics' results
+    steps_run: int  # < steps asked for when the input ran out
+    nonfinite_steps: int  # steps where some metric was NaN or infinite (counted with skip_step)
+    first_nonfinite_offset: Optional[int]  # 0-based step within the loop, or None
+    first_nonfinite_metric: Optional[str]
+
+
+class RunStatus:
+    """How the last (or current) `fit` ended: set by the controller, read by the trainer.
+
+    `stop_training` may be set by a callback to stop after the loop in progress.
+    """
+
+    def __init__(self):
+        self.stop_training = False
+        self.preempted = False  # stopped on SIGTERM (a checkpoint was saved)
+        self.interrupted = False  # stopped on a first Ctrl-C (a checkpoint was saved)
+
+
+class Runner(Protocol):
+    """The engine as the controller sees it. Every call is eager, made on every worker."""
+
+    status: RunStatus
+
+    @property
+    def current_step(self) -> int:
+        """The global step (training steps applied so far)."""
+
+    @property
+    def examples_per_step(self) -> int:
+        """The global batch size."""
+
+    @property
+    def latest_checkpoint(self) -> Optional[str]:
+        """The newest checkpoint saved by this run's model_dir, or None."""
+
+    def run_train_loop(self, num_steps: int) -> LoopResult:
+        """Runs one compiled loop of up to `num_steps` training steps on the prepared input."""
+
+    def evaluate(self, steps: Optional[int]) -> Dict[str, float]:
+        """Runs the evaluation (None: the data to its end) and returns its metrics."""
+
+    def any_worker(self, flag: bool) -> bool:
+        """True if `flag` is True on any worker (a collective vote when multi-worker)."""

@@ -1,0 +1,265 @@
+"""The outer loop (`tapekit.controller`) on a fake engine: plain Python, no TensorFlow.
+
+The fake runner reports scripted `LoopResult`s; these tests check loop lengths, the
+evaluation cadence, stopping (callbacks, data running out, SIGTERM, Ctrl-C, another
+worker's vote), the non-finite stop before anything records a loop, and the order of
+tapekit's default callbacks.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import types
+
+import pytest
+
+from tapekit import callbacks as callbacks_lib
+from tapekit import controller as controller_lib
+from tapekit.controller import Controller
+from tapekit.errors import TapekitError
+from tapekit.runner import LoopResult, RunStatus
+
+from helpers import TESTS
+
+REPO = os.path.dirname(TESTS)
+
+
+class FakeRunner:
+    """A `tapekit.runner.Runner` whose loops add steps and report loss = 1 / step.
+
+    `script(loop_index, num_steps)` may return a LoopResult to report instead, or call
+    anything (e.g. send a signal) while "the loop runs".
+    """
+
+    def __init__(self, step=0, script=None, latest="ckpt-dir/ckpt-0", votes=None):
+        self.status = RunStatus()
+        self.step = step
+        self.script = script
+        self.latest = latest
+        self.votes = votes or (lambda flag, step: flag)
+        self.loops, self.evaluations = [], []
+
+    @property
+    def current_step(self):
+        return self.step
+
+    @property
+    def examples_per_step(self):
+        return 10
+
+    @property
+    def latest_checkpoint(self):
+        return self.latest
+
+    def run_train_loop(self, num_steps):
+        self.loops.append(num_steps)
+        result = self.script(len(self.loops) - 1, num_steps) if self.script else None
+        if result is None:
+            result = LoopResult({"loss": 1.0 / (self.step + num_steps)}, num_steps, 0, None, None)
+        self.step += result.steps_run
+        return result
+
+    def evaluate(self, steps):
+        self.evaluations.append((self.step, steps))
+        return {"loss": 0.5}
+
+    def any_worker(self, flag):
+        return self.votes(flag, self.step)
+
+
+class FakeTrainer:
+    """What callbacks see as `self.trainer`: `stop_training` maps to the runner's status."""
+
+    def __init__(self, runner):
+        self._runner = runner
+
+    @property
+    def stop_training(self):
+        return self._runner.status.stop_training
+
+    @stop_training.setter
+    def stop_training(self, value):
+        self._runner.status.stop_training = value
+
+
+class Recorder(callbacks_lib.Callback):
+    def __init__(self):
+        self.calls = []
+
+    def on_train_begin(self, step):
+        self.calls.append(("begin", step))
+
+    def on_loop_end(self, step, logs):
+        self.calls.append(("loop", step))
+
+    def on_eval_end(self, step, logs):
+        self.calls.append(("eval", step))
+
+    def on_train_end(self, step, logs):
+        self.calls.append(("end", step))
+
+
+def controller(runner, callbacks=(), **kwargs):
+    return Controller(runner, callbacks, trainer=FakeTrainer(runner), **kwargs)
+
+
+def test_loops_are_clamped_to_train_steps_and_resume_from_the_runners_step():
+    runner = FakeRunner(step=250)
+    history = controller(runner).train(train_steps=1000, steps_per_loop=300)
+    assert runner.loops == [300, 300, 150]
+    assert [h["step"] for h in history] == [550, 850, 1000]
+    assert history[-1]["loss"] == pytest.approx(1e-3)
+    assert history[0]["examples_per_sec"] == pytest.approx(history[0]["steps_per_sec"] * 10)
+    assert controller(runner).train(train_steps=1000, steps_per_loop=300) == []  # already there
+
+
+def test_evaluation_after_each_loop_passing_a_multiple_and_at_the_end():
+    runner, recorder = FakeRunner(), Recorder()
+    controller(runner, [recorder], eval_every_steps=250, eval_steps=7).train(1000, 100)
+    assert runner.evaluations == [(300, 7), (500, 7), (800, 7), (1000, 7)]
+    assert [c for c in recorder.calls if c[0] != "loop"] == [
+        ("begin", 0), ("eval", 300), ("eval", 500), ("eval", 800), ("eval", 1000), ("end", 1000)]
+
+
+def test_a_callback_stops_training_after_its_loop_and_evaluation_still_runs():
+    class StopAt(callbacks_lib.Callback):
+        def on_loop_end(self, step, logs):
+            if step == 30:
+                self.trainer.stop_training = True
+
+    runner = FakeRunner()
+    history = controller(runner, [StopAt()], eval_every_steps=100).train(100, 10)
+    assert [h["step"] for h in history] == [10, 20, 30]
+    assert runner.evaluations == [(30, None)]
+    assert runner.status.stop_training and not runner.status.preempted
+
+
+def test_input_that_runs_out_stops_training_with_what_ran(caplog):
+    def short(index, num_steps):
+        return LoopResult({"loss": 1.0}, 4 if index == 1 else num_steps, 0, None, None)
+
+    runner = FakeRunner(script=short)
+    history = controller(runner).train(100, 10)
+    assert runner.loops == [10, 10] and [h["step"] for h in history] == [10, 14]
+    assert "the training data ran out: 4 of this loop's 10 steps ran" in caplog.text
+
+
+def test_a_non_finite_loop_stops_before_any_callback_records_it():
+    def bad_third(index, num_steps):
+        if index == 2:
+            return LoopResult({"loss": float("nan")}, num_steps, 1, 6, "loss")
+        return None
+
+    recorder = Recorder()
+    runner = FakeRunner(script=bad_third, latest="run/checkpoints/ckpt-20")
+    with pytest.raises(TapekitError) as error:
+        controller(runner, [recorder]).train(100, 10)
+    assert str(error.value).startswith("non-finite loss at step 27; training stopped")
+    assert "the last good checkpoint run/checkpoints/ckpt-20 is kept" in str(error.value)
+    assert recorder.calls == [("begin", 0), ("loop", 10), ("loop", 20)]
+
+
+def test_skip_step_warns_and_reports_how_many_steps_were_skipped(caplog):
+    def two_bad(index, num_steps):
+        if index == 0:
+            return LoopResult({"loss": 0.3}, num_steps, 2, 4, "loss")
+        return None
+
+    history = controller(FakeRunner(script=two_bad), nan_policy="skip_step").train(20, 10)
+    assert history[0]["nonfinite_steps"] == 2 and "nonfinite_steps" not in history[1]
+    assert "2 step(s) with non-finite values were skipped (first: loss at step 5)" in caplog.text
+
+
+@pytest.mark.parametrize("signum, flag", [(signal.SIGTERM, "preempted"),
+                                          (signal.SIGINT, "interrupted")])
+def test_a_signal_during_a_loop_stops_after_it_without_evaluating(signum, flag, caplog):
+    previous = signal.getsignal(signum)
+
+    def signal_in_second(index, num_steps):
+        if index == 1:
+            os.kill(os.getpid(), signum)
+
+    recorder = Recorder()
+    runner = FakeRunner(script=signal_in_second, latest="run/checkpoints/ckpt-20")
+    controller(runner, [recorder], eval_every_steps=20).train(100, 10)
+    assert runner.loops == [10, 10] and runner.evaluations == []
+    assert getattr(runner.status, flag) and runner.status.stop_training
+    assert recorder.calls[-1] == ("end", 20)
+    assert f"{flag} at step 20, checkpoint run/checkpoints/ckpt-20 saved" in caplog.text
+    assert signal.getsignal(signum) is previous  # the handler is put back
+
+
+def test_another_workers_signal_stops_every_worker_at_the_same_step():
+    runner = FakeRunner(votes=lambda flag, step: flag or step == 30)
+    history = controller(runner).train(100, 10)
+    assert [h["step"] for h in history] == [10, 20, 30] and runner.status.preempted
+
+
+def test_default_callbacks_are_progress_then_records_then_checkpoints(tmp_path):
+    options = types.SimpleNamespace(progress="log", sample_every_steps=None,
+                                    checkpoint_every_steps=50, checkpoint_every_secs=None)
+    checkpointer = object()
+    found = controller_lib.default_callbacks(FakeRunner(), options, 100, None, checkpointer)
+    assert [type(c).__name__ for c in found] == ["LogProgress", "SaveCheckpoints"]
+    assert found[1].checkpointer is checkpointer and found[1].every_steps == 50
+    options.progress, options.sample_every_steps = "none", 10
+    found = controller_lib.default_callbacks(FakeRunner(), options, 100, str(tmp_path), None)
+    assert [type(c).__name__ for c in found] == ["MetricsFile", "TensorBoard", "SampleImages"]
+
+
+class FakeCheckpointer:
+    def __init__(self):
+        self.saved = []
+
+    def save(self, step):
+        self.saved.append(step)
+
+
+def test_checkpoints_by_steps_by_time_and_at_the_end(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(callbacks_lib.time, "monotonic", lambda: clock[0])
+    checkpointer, votes = FakeCheckpointer(), []
+
+    def vote(overdue):
+        votes.append(overdue)
+        return overdue
+
+    def tick(index, num_steps):
+        clock[0] += 40.0  # each loop takes 40 s
+
+    saver = callbacks_lib.SaveCheckpoints(checkpointer, every_steps=50, every_secs=70, vote=vote)
+    controller(FakeRunner(script=tick), [saver]).train(train_steps=130, steps_per_loop=20)
+    # 40: 80 s since the start; 60 and 100: past a multiple of 50; 130: 80 s after 100.
+    assert checkpointer.saved == [40, 60, 100, 130]
+    # Workers vote only at loop ends where no save is due by steps.
+    assert votes == [False, True, False, False, True]
+
+
+def test_time_checkpoints_are_voted_on_so_workers_save_together():
+    checkpointer = FakeCheckpointer()
+    runner = FakeRunner()
+    # This worker's clock says "not yet"; another worker's says it is time at step 30.
+    saver = callbacks_lib.SaveCheckpoints(checkpointer, every_steps=None, every_secs=1000,
+                                          vote=lambda overdue: overdue or runner.step == 30)
+    controller(runner, [saver]).train(train_steps=50, steps_per_loop=10)
+    assert checkpointer.saved == [30, 50]
+
+
+def test_the_controller_and_callbacks_import_and_run_without_tensorflow():
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["tensorflow"] = None  # any import of TensorFlow now fails
+        sys.modules["keras"] = None
+        sys.path.insert(0, {TESTS!r})
+        from test_controller import FakeRunner, Recorder, controller
+        recorder = Recorder()
+        history = controller(FakeRunner(), [recorder], eval_every_steps=20).train(40, 10)
+        print(len(history), recorder.calls[-1])
+    """)
+    env = {**os.environ, "PYTHONPATH": REPO}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "4 ('end', 40)"

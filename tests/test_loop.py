@@ -1,0 +1,73 @@
+"""`tapekit.loop.CompiledLoop`: many steps in one tf.function, metrics summed in the graph."""
+
+import pytest
+import tensorflow as tf
+
+from tapekit.errors import TapekitError
+from tapekit.loop import CompiledLoop, describe_spec_changes
+
+STRATEGY = tf.distribute.get_strategy()
+
+
+def mean_of_batch(batch):
+    return {"value": tf.reduce_mean(tf.cast(batch, tf.float32))}
+
+
+def iterator(values, batch_size=2):
+    return iter(STRATEGY.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices(tf.constant(values, tf.float32)).batch(batch_size)))
+
+
+def test_a_loop_reports_the_mean_over_its_steps_and_counts_them():
+    counter = tf.Variable(0, dtype=tf.int64)
+    loop = CompiledLoop(STRATEGY, mean_of_batch, ["value"], step_counter=counter)
+    batches = iterator([1, 3, 5, 7, 9, 11, 13, 15])  # step means 2, 6, 10, 14
+    first = loop(batches, 3)
+    assert first.metrics == {"value": pytest.approx(6.0)} and first.steps_run == 3
+    second = loop(batches, 3)  # only one batch is left
+    assert second.steps_run == 1 and second.metrics["value"] == pytest.approx(14.0)
+    assert int(counter.numpy()) == 4 and loop.trace_count == 1
+    assert second.nonfinite_steps == 0 and second.first_nonfinite_offset is None
+
+
+def test_none_steps_runs_the_data_to_its_end_weighting_a_partial_batch():
+    loop = CompiledLoop(STRATEGY, mean_of_batch, ["value"])
+    result = loop(iterator([1, 2, 3, 4, 5], batch_size=2), None)  # batches of 2, 2 and 1
+    assert result.steps_run == 3
+    assert result.metrics["value"] == pytest.approx(3.0)  # the mean of every example
+
+
+def test_the_first_non_finite_step_and_metric_are_reported():
+    def step(batch):
+        x = tf.cast(batch, tf.float32)
+        return {"fine": tf.reduce_mean(x), "log": tf.reduce_mean(tf.math.log(x))}
+
+    result = CompiledLoop(STRATEGY, step, ["fine", "log"])(iterator([1, 2, 3, 4, -1, 1, 0, 1]), 4)
+    assert result.nonfinite_steps == 1 and result.first_nonfinite_offset == 2
+    assert result.first_nonfinite_metric == "log"
+
+
+def test_skip_step_means_leave_non_finite_values_out_and_count_them():
+    def step(batch):
+        return {"log": tf.reduce_mean(tf.math.log(tf.cast(batch, tf.float32)))}
+
+    loop = CompiledLoop(STRATEGY, step, ["log"], finite_means=True)
+    result = loop(iterator([1, 1, -1, 1, 1, 1, 0, 0]), 4)
+    assert result.nonfinite_steps == 2 and result.metrics["log"] == pytest.approx(0.0)
+
+
+def test_a_retrace_names_the_input_that_changed_and_too_many_raise():
+    loop = CompiledLoop(STRATEGY, mean_of_batch, ["value"], max_retraces=0)
+    loop(iterator([1, 2, 3, 4]), 1)
+    wide = iter(STRATEGY.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices(tf.zeros([4, 3])).batch(2)))
+    with pytest.raises(TapekitError, match=r"traced 2 times .*input: float32\[None\] -> "
+                                           r"float32\[None, 3\]"):
+        loop(wide, 1)
+
+
+def test_describe_spec_changes_lists_each_changed_input():
+    old = (tf.TensorSpec([100, 5], tf.float32), {"label": tf.TensorSpec([100], tf.int32)})
+    new = (tf.TensorSpec([50, 5], tf.float32), {"label": tf.TensorSpec([100], tf.int32)})
+    assert describe_spec_changes(old, new) == "input[0]: float32[100, 5] -> float32[50, 5]"
+    assert describe_spec_changes(old, old) == "the input's type changed (same shapes and dtypes)"
