@@ -97,7 +97,7 @@ def test_a_saveable_iterator_is_tracked_and_restored_with_the_checkpoint(tmp_pat
 
 
 def test_an_iterator_running_python_code_is_recreated_and_skipped(tmp_path, caplog):
-    caplog.set_level("INFO")
+    caplog.set_level("INFO", logger="absl")
     def make_iterator(skip_steps):
         dataset = tf.data.Dataset.from_generator(lambda: iter(range(100)), output_signature=
                                                  tf.TensorSpec([], tf.int64))
