@@ -7,17 +7,18 @@ import sys
 import time
 
 TAPEKIT_TRAIN = [sys.executable, "-m", "tapekit.trainers"]
+TAPEKIT_EXPORT = [sys.executable, "-c", "from tapekit.trainers.main import export; export()"]
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
-def run_cli(args, env, cwd=None, timeout=300):
-    """Runs `python -m tapekit.trainers ARGS` and returns the CompletedProcess (text)."""
-    return subprocess.run(TAPEKIT_TRAIN + list(args), env=env, cwd=cwd, capture_output=True,
+def run_cli(args, env, cwd=None, timeout=300, command=TAPEKIT_TRAIN):
+    """Runs `command ARGS` (tapekit-train by default) and returns the CompletedProcess (text)."""
+    return subprocess.run(list(command) + list(args), env=env, cwd=cwd, capture_output=True,
                           text=True, timeout=timeout)
 
 
 def start_cli(args, env, cwd, stderr=subprocess.PIPE):
-    """Starts `python -m tapekit.trainers ARGS` in the background (text pipes)."""
+    """Starts tapekit-train ARGS in the background (text pipes)."""
     return subprocess.Popen(TAPEKIT_TRAIN + list(args), cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=stderr, text=True)
 

@@ -1,7 +1,5 @@
 """SavedModel export (tapekit.export): round trips, refusing to overwrite, tapekit-export."""
 
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -9,11 +7,10 @@ import tensorflow as tf
 
 import tapekit
 from conftest import REPO
-from helpers import run_cli
+from helpers import TAPEKIT_EXPORT, run_cli
 from tapekit.export import export_saved_model
 from tapekit.trainers import GANTrainer, RegressionTrainer
 
-TAPEKIT_EXPORT = [sys.executable, "-c", "from tapekit.trainers.main import export; export()"]
 
 
 def _serve(export_dir, name, inputs):
@@ -99,8 +96,7 @@ def test_tapekit_export_command_restores_the_latest_checkpoint(tmp_path, cli_env
     assert trained.returncode == 0, trained.stderr[-2000:]
 
     def export(*flags):
-        return subprocess.run(TAPEKIT_EXPORT + list(flags), env=cli_env, cwd=REPO,
-                              capture_output=True, text=True, timeout=300)
+        return run_cli(flags, cli_env, cwd=REPO, command=TAPEKIT_EXPORT)
 
     result = export("--trainer=regression", "--model=linear", f"--model_dir={model_dir}",
                     f"--export_dir={export_dir}")

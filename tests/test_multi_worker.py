@@ -3,14 +3,10 @@
 import json
 import os
 import socket
-import subprocess
-import sys
 import signal
 import time
 
-import pytest
-
-TESTS = os.path.dirname(os.path.abspath(__file__))
+from helpers import TESTS, start_cli
 
 
 def _free_ports(count):
@@ -40,10 +36,9 @@ def _launch(tmp_path, env, flags):
                                               "task": {"type": "worker", "index": index}})
         worker_env["TMPDIR"] = str(tmp_path / f"tmp{index}")
         os.makedirs(worker_env["TMPDIR"], exist_ok=True)
-        processes.append(subprocess.Popen(
-            [sys.executable, "-m", "tapekit.trainers", "--trainer=resumable:Regression",
-             "--model=linear", "--strategy=multi_worker", "--global_batch_size=100"] + flags,
-            cwd=TESTS, env=worker_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        processes.append(start_cli(
+            ["--trainer=resumable:Regression", "--model=linear", "--strategy=multi_worker",
+             "--global_batch_size=100"] + flags, worker_env, cwd=TESTS))
     return processes
 
 

@@ -1,7 +1,6 @@
 """The core Trainer: compiled loop, metrics, losses, gradients, the seed workloads."""
 
 import json
-import os
 
 import keras
 import numpy as np
