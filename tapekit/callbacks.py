@@ -128,6 +128,74 @@ class SaveCheckpoints(EveryNSteps):
         self._saved_at = time.monotonic()
 
 
+class KeepBest(Callback):
+    """Keeps `DIRECTORY` (MODEL_DIR/best/) at the best evaluation value of `metric`.
+
+    After each evaluation that improves on the best so far (lower for `mode="min"`, higher
+    for "max"), saves a checkpoint there with `checkpointer` (its own directory, one
+    checkpoint: `max_checkpoints_to_keep` never touches it), has `export(path)` write the
+    served model to best/saved_model (the chief, when the trainer exports), and records
+    the value and step in best/best.json. Every evaluation's logs get `best_METRIC` and
+    `best_step`, so the metrics file and TensorBoard (which run after it) record them. A
+    resumed run, or an evaluator process, continues from best.json.
+    """
+
+    def __init__(self, directory: str, metric: str, mode: str, checkpointer,
+                 export: Optional[Callable[[str], None]] = None, is_chief: bool = True):
+        self.directory, self.metric, self.checkpointer = directory, metric, checkpointer
+        self.sign = -1.0 if resolve_mode(metric, mode) == "max" else 1.0
+        self.export, self.is_chief = export, is_chief
+        self.best = self.best_step = None
+        path = os.path.join(directory, "best.json")
+        if os.path.exists(path):
+            with open(path) as stream:
+                saved = json.load(stream)
+            if saved.get("metric") == metric:
+                self.best, self.best_step = saved["value"], saved["step"]
+
+    def on_eval_end(self, step, logs):
+        value = logs.get(self.metric)
+        if value is None:
+            from tapekit.errors import TapekitError
+            raise TapekitError(f"best_metric {self.metric!r} is not among the evaluation's "
+                               f"metrics ({', '.join(sorted(logs))}).")
+        if value == value and (self.best is None or self.sign * value < self.sign * self.best):
+            self._keep(step, float(value))
+        if self.best is not None:
+            logs[f"best_{self.metric}"] = self.best
+            logs["best_step"] = float(self.best_step)
+
+    def _keep(self, step: int, value: float) -> None:
+        self.checkpointer.save(step)
+        self.best, self.best_step = value, int(step)
+        if not self.is_chief:
+            return
+        if self.export is not None:
+            import shutil
+            final = os.path.join(self.directory, "saved_model")
+            partial = final + ".partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            self.export(partial)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)
+        record = {"metric": self.metric, "value": value, "step": int(step),
+                  "checkpoint": self.checkpointer.latest}
+        with open(os.path.join(self.directory, "best.json.tmp"), "w") as stream:
+            json.dump(record, stream)
+        os.replace(os.path.join(self.directory, "best.json.tmp"),
+                   os.path.join(self.directory, "best.json"))
+        logging.info("new best %s=%.6g at step %d, kept in %s", self.metric, value, step,
+                     self.directory)
+
+
+def resolve_mode(metric: str, mode: str) -> str:
+    """"min" or "max"; "auto" is max for accuracy/AUC-like names, else min."""
+    if mode != "auto":
+        return mode
+    name = metric.lower()
+    return "max" if any(word in name for word in ("acc", "auc", "precision", "recall")) else "min"
+
+
 class EarlyStopping(Callback):
     """Stops training when `metric` has not improved by `min_delta` for `patience` checks.
 
@@ -143,7 +211,7 @@ class EarlyStopping(Callback):
         self.metric = metric
         self.patience = patience
         self.min_delta = abs(min_delta)
-        self.sign = -1.0 if (mode == "max" or (mode == "auto" and "acc" in metric)) else 1.0
+        self.sign = -1.0 if resolve_mode(metric, mode) == "max" else 1.0
         self.best = None
         self.wait = 0
         self.stopped_at = None
@@ -222,12 +290,11 @@ class TensorBoard(EveryNSteps):
     """
 
     def __init__(self, logdir: str, sample_every_steps: Optional[int] = None, num_images: int = 16):
-        import tensorflow as tf
         super().__init__(sample_every_steps)
         self.logdir = logdir
         self.num_images = num_images
-        self.train_writer = tf.summary.create_file_writer(os.path.join(logdir, "train"))
-        self._eval_writer = None  # created at the first evaluation
+        self._train_writer = None  # each created at its first use: an evaluator
+        self._eval_writer = None  # process writes only eval/
 
     def _learning_rates(self) -> Dict[str, float]:
         import tensorflow as tf
@@ -237,6 +304,13 @@ class TensorBoard(EveryNSteps):
         return {("learning_rate" if len(optimizers) == 1 else f"learning_rate/{name}"):
                 float(tf.convert_to_tensor(optimizer.learning_rate))
                 for name, optimizer in optimizers.items()}
+
+    @property
+    def train_writer(self):
+        import tensorflow as tf
+        if self._train_writer is None:
+            self._train_writer = tf.summary.create_file_writer(os.path.join(self.logdir, "train"))
+        return self._train_writer
 
     def on_loop_end(self, step, logs):
         from tapekit import summaries
@@ -258,7 +332,8 @@ class TensorBoard(EveryNSteps):
 
     def on_train_end(self, step, logs):
         super().on_train_end(step, logs)
-        self.train_writer.flush()
+        if self._train_writer is not None:
+            self._train_writer.flush()
 
     def act(self, step):
         if not self.every_steps:

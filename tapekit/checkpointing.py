@@ -90,9 +90,9 @@ class Checkpointer:
     """
 
     def __init__(self, objects: Dict[str, object], model_dir: Optional[str], is_chief: bool,
-                 max_to_keep: int = 3, task_id: int = 0):
+                 max_to_keep: int = 3, task_id: int = 0, subdirectory: str = "checkpoints"):
         self.checkpoint = tf.train.Checkpoint(**objects)
-        self.directory = os.path.join(model_dir, "checkpoints") if model_dir else None
+        self.directory = os.path.join(model_dir, subdirectory) if model_dir else None
         self.is_chief = is_chief
         self.max_to_keep = max_to_keep
         self._temporary = None

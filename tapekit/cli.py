@@ -19,11 +19,13 @@ from tapekit.callbacks import EarlyStopping
 from tapekit import controller
 from tapekit import distribute
 from tapekit import options as options_lib
+from tapekit import record
 from tapekit.errors import TapekitError, user_message
 from tapekit.export import check_export_dir
 from tapekit.trainer import Trainer
 
 FLAGS = flags.FLAGS
+MODES = ("train", "evaluate", "train_and_evaluate", "continuous_evaluate")
 
 def define_common_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     """Declares the flags shared by all trainers (idempotent): one per option of
@@ -35,6 +37,15 @@ def define_common_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     define("string", "trainer", "regression",
            "A built-in trainer name or 'package.module:ClassName' (a tapekit.Trainer subclass; "
            "the current directory is importable).")
+    flags.DEFINE_enum("mode", "train", list(MODES),
+                      "train (evaluating only with --eval_every_steps); train_and_evaluate "
+                      "(evaluating every --eval_every_steps, by default at each checkpoint or "
+                      "loop); evaluate (the latest checkpoint, or --restore_from, once); "
+                      "continuous_evaluate (the evaluator beside a training job: each new "
+                      "checkpoint once, until the one at --train_steps).",
+                      flag_values=flag_values)
+    define("float", "eval_timeout_secs", 3600.0,
+           "continuous_evaluate: exit after this long without a new checkpoint.", lower_bound=0.0)
     options_lib.define_flags(flag_values)
     define("string", "export_dir", None,
            "After training, write the trained model (the generator for GANs) here as a "
@@ -109,12 +120,25 @@ def main(builtins: Dict[str, str], argv: Optional[Sequence[str]] = None,
     """Parses flags, builds the chosen trainer, trains it and prints what it learned."""
     argv = list(sys.argv if argv is None else argv)
     trainer_class, own_flags = parse_trainer_class(argv, builtins, program)
-    app.run(lambda args: _train(program, trainer_class, own_flags, args), argv=argv)
+    app.run(lambda args: _train(program, trainer_class, own_flags, args, argv), argv=argv)
 
 
-def _train(program: str, trainer_class: Type[Trainer], own_flags: List[str], argv) -> None:
+def flags_text(own_flags: Sequence[str]) -> str:
+    """Every flag this run set (or defaulted), one per line, in absl flagfile format."""
+    names = (["trainer", "mode"] + list(options_lib.names(options_lib.TRAINER_OPTIONS))
+             + list(options_lib.names(options_lib.FIT_OPTIONS))
+             + ["export_dir", "eval_timeout_secs", "early_stopping_metric",
+                "early_stopping_patience", "early_stopping_min_delta"] + list(own_flags))
+    return "".join(FLAGS[name].serialize() + "\n" for name in names
+                   if FLAGS[name].value is not None)
+
+
+def _train(program: str, trainer_class: Type[Trainer], own_flags: List[str], argv,
+           command: Sequence[str] = ()) -> None:
     if len(argv) > 1:
         exit_with_error(program, TapekitError(f"unexpected arguments: {' '.join(argv[1:])}"))
+    if FLAGS.mode in ("evaluate", "continuous_evaluate"):
+        return _evaluate(program, trainer_class, own_flags)
     callbacks = []
     if FLAGS.early_stopping_metric:
         callbacks.append(EarlyStopping(FLAGS.early_stopping_metric,
@@ -125,9 +149,14 @@ def _train(program: str, trainer_class: Type[Trainer], own_flags: List[str], arg
             check_export_dir(FLAGS.export_dir)
         trainer = trainer_class(**trainer_kwargs(own_flags))
         controller.kill_on_second_interrupt()
+        record.set_command_line(command, flags_text(own_flags))
+        fit_arguments = {name: FLAGS[name].value
+                         for name in options_lib.names(options_lib.FIT_OPTIONS)}
+        if FLAGS.mode == "train_and_evaluate" and not fit_arguments["eval_every_steps"]:
+            fit_arguments["eval_every_steps"] = (FLAGS.checkpoint_every_steps
+                                                 or FLAGS.steps_per_loop)
         try:
-            trainer.fit(callbacks=callbacks, **{name: FLAGS[name].value
-                                                for name in options_lib.names(options_lib.FIT_OPTIONS)})
+            trainer.fit(callbacks=callbacks, **fit_arguments)
         except KeyboardInterrupt:  # Ctrl-C: the loop finished and was saved (and logged)
             sys.exit(130)
         if trainer.preempted:  # exit 0 so that the scheduler's requeue resumes the run
@@ -140,6 +169,20 @@ def _train(program: str, trainer_class: Type[Trainer], own_flags: List[str], arg
     logging.info("trained %s to step %d", trainer_class.__name__, trainer.current_step)
     if summary:
         print(summary, flush=True)
+
+
+def _evaluate(program: str, trainer_class: Type[Trainer], own_flags: List[str]) -> None:
+    """--mode=evaluate (once) or continuous_evaluate (the evaluator beside training)."""
+    try:
+        trainer = trainer_class(**trainer_kwargs(own_flags))
+        if FLAGS.mode == "evaluate":
+            count = trainer.evaluate_checkpoints(FLAGS.eval_steps, latest_only=True)
+        else:
+            count = trainer.evaluate_checkpoints(FLAGS.eval_steps, until_step=FLAGS.train_steps,
+                                                 timeout_secs=FLAGS.eval_timeout_secs)
+    except TapekitError as error:
+        exit_with_error(program, error)
+    logging.info("evaluated %d checkpoint(s) of %s", count, trainer.model_dir)
 
 
 def export_main(builtins: Dict[str, str], argv: Optional[Sequence[str]] = None,

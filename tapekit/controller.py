@@ -25,12 +25,13 @@ from tapekit.runner import LoopResult, Runner
 
 
 def default_callbacks(runner: Runner, options, train_steps: int, write_dir: Optional[str],
-                      checkpointer=None) -> List[Callback]:
+                      checkpointer=None, keep_best: Optional[Callback] = None) -> List[Callback]:
     """tapekit's own callbacks for a `fit`, in the order they run (before the user's).
 
-    Progress first, then (with `write_dir`: the chief's model_dir) the metrics file,
-    TensorBoard and sample images, and last the checkpoints (on every worker that has a
-    `checkpointer`), so that a loop is recorded before it is saved. The non-finite check
+    Progress first, then `keep_best` (MODEL_DIR/best/, on every worker: it adds the best
+    value to the evaluation's logs), then (with `write_dir`: the chief's model_dir) the
+    metrics file, TensorBoard and sample images, and last the checkpoints (on every worker
+    that has a `checkpointer`), so that a loop is recorded before it is saved. The non-finite check
     is not a callback: the controller makes it before any of these runs.
     """
     result: List[Callback] = []
@@ -41,6 +42,8 @@ def default_callbacks(runner: Runner, options, train_steps: int, write_dir: Opti
         result.append(callbacks_lib.ProgressBar(train_steps))
     elif progress == "log":
         result.append(callbacks_lib.LogProgress(train_steps))
+    if keep_best is not None:
+        result.append(keep_best)
     if write_dir:
         model_dir = write_dir
         result.append(callbacks_lib.MetricsFile(os.path.join(model_dir, "metrics.jsonl")))

@@ -152,3 +152,11 @@ def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
 def task_id(strategy: tf.distribute.Strategy) -> int:
     resolver = getattr(strategy, "cluster_resolver", None)
     return int(resolver.task_id or 0) if resolver is not None else 0
+
+
+def num_workers(strategy: tf.distribute.Strategy) -> int:
+    """How many worker (and chief) tasks train: 1 unless multi-worker."""
+    if not is_multi_worker(strategy):
+        return 1
+    cluster = strategy.cluster_resolver.cluster_spec().as_dict()
+    return sum(len(cluster.get(kind, [])) for kind in ("chief", "worker"))

@@ -16,6 +16,7 @@ import tensorflow as tf
 from absl import logging
 
 from tapekit import build as build_lib
+from tapekit import callbacks as callbacks_lib
 from tapekit import checkpointing
 from tapekit import controller as controller_lib
 from tapekit import data as data_lib
@@ -23,6 +24,7 @@ from tapekit import distribute
 from tapekit import inputs
 from tapekit import options as options_lib
 from tapekit import precision as precision_lib
+from tapekit import record as record_lib
 from tapekit import state as state_lib
 from tapekit import updates
 from tapekit.checkpointing import Checkpointer
@@ -57,9 +59,11 @@ TAPEKIT_ATTRIBUTES.update({option.name: f"the run's {option.name} option"
 class Engine:
     """Runs `trainer`'s steps under the strategy its `options` name. Created by `Trainer`."""
 
-    def __init__(self, trainer, options):
+    def __init__(self, trainer, options, arguments=((), {})):
         self.trainer = trainer
         self.options = options
+        self.arguments = record_lib.trainer_arguments(
+            type(trainer), *arguments, options_lib.names(options_lib.TRAINER_OPTIONS))
         # The strategy first: splitting the CPU must happen before TensorFlow starts its devices.
         self.strategy = distribute.resolve_strategy(options.strategy, device=options.device,
                                                     cpu_replicas=options.cpu_replicas)
@@ -91,6 +95,7 @@ class Engine:
         self._train_trace: Optional[build_lib.StepTrace] = None
         self._in_memory = inputs.InMemoryCache()
         self._updaters: Dict[tuple, updates.GradientUpdater] = {}
+        self._built_learning_rates: List[tuple] = []  # (optimizer, its rate after build())
 
     # ------------------------------------------------------------------ resolved options
 
@@ -154,11 +159,13 @@ class Engine:
         """`Trainer.fit` (arguments validated there)."""
         if eval_every_steps and eval_steps is None:  # refuse endless evaluation before training
             self.distribute(None, self.trainer.eval_dataset, evaluation=True, must_end=True)
-        self.prepare_training(dataset)
+        self.prepare_training(dataset, {"train_steps": train_steps, "steps_per_loop": steps_per_loop,
+                                        "eval_every_steps": eval_every_steps,
+                                        "eval_steps": eval_steps})
         options = self.options
         write_dir = self.model_dir if distribute.is_chief(self.strategy) else None
         defaults = controller_lib.default_callbacks(self, options, train_steps, write_dir,
-                                                    self.checkpointer)
+                                                    self.checkpointer, self.keep_best())
         controller = controller_lib.Controller(
             self, defaults + list(callbacks),
             trainer=self.trainer, eval_every_steps=eval_every_steps, eval_steps=eval_steps,
@@ -168,9 +175,10 @@ class Engine:
         self.history.extend(history)
         return history
 
-    def prepare_training(self, dataset=None) -> None:
+    def prepare_training(self, dataset=None, fit_settings: Optional[Dict[str, Any]] = None) -> None:
         """Builds the trainer (once), compiles the loop for this kind of input, and on the
-        first call restores `restore_from` or the latest checkpoint, positioning the input."""
+        first call checks the run record (`tapekit.record`) and restores `restore_from` or
+        the latest checkpoint, positioning the input."""
         in_memory = self.in_memory_examples(dataset)
         self.ensure_built(dataset, in_memory)
         if self.train_loop is None or self.train_loop.in_memory is not in_memory:
@@ -182,7 +190,10 @@ class Engine:
                 finite_means=options.nan_policy == "skip_step", keras_metrics=trace.keras_metrics)
         if not self._restored:
             self._restored = True
+            learning_rate_change = self._record_run(fit_settings or {})
             self._train_iterator = self._restore_and_position(dataset, in_memory)
+            if learning_rate_change:
+                self._override_learning_rates(*learning_rate_change)
         elif in_memory is None and (dataset is not None or self._train_iterator is None):
             self._train_iterator = self._make_train_iterator(dataset, 0)
 
@@ -190,13 +201,38 @@ class Engine:
         """`Trainer.evaluate` (arguments validated there)."""
         distributed = self.distribute(dataset, self.trainer.eval_dataset, evaluation=True,
                                       must_end=steps is None)
+        loop = self._use_eval_loop(distributed.element_spec)
+        return _call_loop(loop, iter(distributed), steps).metrics
+
+    def _use_eval_loop(self, element_spec) -> CompiledLoop:
         self.ensure_built()
         if self._eval_loop is None:
-            trace = self.trace(self.trainer.eval_step, distributed.element_spec)
+            trace = self.trace(self.trainer.eval_step, element_spec)
             self._eval_loop = CompiledLoop(self.strategy, self.trainer.eval_step,
                                            trace.metric_names, jit_compile=self.options.jit_compile,
                                            name="eval_loop", keras_metrics=trace.keras_metrics)
-        return _call_loop(self._eval_loop, iter(distributed), steps).metrics
+        return self._eval_loop
+
+    def keep_best(self) -> Optional[callbacks_lib.KeepBest]:
+        """The keeper of MODEL_DIR/best/ when `best_metric` is set; refuses, before any
+        training, a metric the evaluation does not report."""
+        options = self.options
+        if not options.best_metric or self.model_dir is None:
+            return None
+        spec = self.distribute(None, self.trainer.eval_dataset, evaluation=True).element_spec
+        names = self._use_eval_loop(spec).metric_names
+        if options.best_metric not in names:
+            raise TapekitError(
+                f"best_metric={options.best_metric!r} is not a metric of the evaluation, which "
+                f"reports: {', '.join(names) or 'nothing'}. Name one of those (eval_step's keys "
+                "or keras.metrics names).")
+        is_chief = distribute.is_chief(self.strategy)
+        checkpointer = Checkpointer(self.checkpoint_objects(), self.model_dir, is_chief,
+                                    max_to_keep=1, task_id=distribute.task_id(self.strategy),
+                                    subdirectory="best")
+        export = self.trainer.export if self.trainer.export_model() is not None else None
+        return callbacks_lib.KeepBest(os.path.join(self.model_dir, "best"), options.best_metric,
+                                      options.best_mode, checkpointer, export, is_chief)
 
     def restore(self, checkpoint: Optional[str] = None) -> int:
         """`Trainer.restore`: builds, restores, returns the step; trains and writes nothing."""
@@ -232,7 +268,7 @@ class Engine:
         """Restores `restore_from` or the latest checkpoint; returns the training iterator
         positioned where it left off (None for in-memory input: a function of the step)."""
         checkpointer = self.checkpointer
-        path = self.options.restore_from or (checkpointer.latest if checkpointer else None)
+        path = self._restore_path()
         if checkpointer is None:
             if path:  # no model_dir: restore the state, nothing is saved later
                 Checkpointer(self.checkpoint_objects(), None, True).restore(path)
@@ -246,6 +282,42 @@ class Engine:
                 checkpointer.set_aside_checkpoints_after(self.current_step)
             logging.info("resumed from checkpoint %s at step %d", path, self.current_step)
         return iterator
+
+    def _restore_path(self) -> Optional[str]:
+        checkpointer = self.checkpointer
+        return self.options.restore_from or (checkpointer.latest if checkpointer else None)
+
+    def _record_run(self, fit_settings: Dict[str, Any]):
+        """Writes MODEL_DIR/run.json (the chief), or, when resuming a recorded run, first
+        refuses settings that would silently change it. Returns (old, new) learning rates
+        when one was given explicitly and differs from the record's, else None."""
+        if self.model_dir is None:
+            return None
+        settings = {name: getattr(self.options, name)
+                    for name in options_lib.names(options_lib.TRAINER_OPTIONS)}
+        settings.update(global_batch_size=self.global_batch_size,
+                        learning_rate=self.learning_rate, **fit_settings)
+        new = record_lib.make_record(type(self.trainer), self.arguments, settings, self.strategy)
+        old = record_lib.read(self.model_dir)
+        path = self._restore_path()
+        change = None
+        if old is not None and path is not None:
+            step = checkpointing.saved_step(path)
+            changes = record_lib.check_resume(old, new, self.options.allow_changes or (),
+                                              self.model_dir, step)
+            change = record_lib.explicit_learning_rate_change(old, self.options.learning_rate)
+            new = record_lib.resumed(old, new, step, changes)
+        if distribute.is_chief(self.strategy):
+            record_lib.write(self.model_dir, new)
+        return change
+
+    def _override_learning_rates(self, old, new) -> None:
+        """A learning rate given explicitly on resume wins over the checkpoint's: each
+        optimizer gets back the rate `build()` gave it."""
+        for optimizer, rate in self._built_learning_rates:
+            optimizer.learning_rate = rate
+        logging.info("learning rate %s given for this resumed run replaces the checkpoint's %s",
+                     new, old)
 
     # ------------------------------------------------------------------ building
 
@@ -274,6 +346,11 @@ class Engine:
         with self.strategy.scope():
             for optimizer, variables in self._train_trace.updates:
                 self._add_updater(optimizer, variables)
+        self._built_learning_rates = [
+            (optimizer, float(tf.convert_to_tensor(optimizer.learning_rate)))
+            for optimizer in state_lib.optimizers(vars(self.trainer)).values()
+            if not isinstance(optimizer._learning_rate,
+                              keras.optimizers.schedules.LearningRateSchedule)]
         objects = self.checkpoint_objects()
         state_lib.check_coverage(self.owned_state(), objects)
         if self.model_dir:

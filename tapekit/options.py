@@ -19,6 +19,7 @@ STRATEGY_NAMES = ("default", "auto", "one_device", "mirrored", "multi_worker")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 NAN_POLICIES = ("stop", "skip_step")
 PROGRESS_MODES = ("auto", "bar", "log", "none")
+BEST_MODES = ("auto", "min", "max")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +115,15 @@ TRAINER_OPTIONS = (
     Option("sample_every_steps", "integer", None,
            "With a model_dir: save sample image grids (MODEL_DIR/samples/step_N.png) and "
            "TensorBoard image/histogram summaries this often, and at the end.", minimum=1),
+    Option("allow_changes", "list", None,
+           "Settings a resumed run may change on purpose (comma-separated), e.g. "
+           "global_batch_size,seed; other changes that break exact resume are refused."),
+    Option("best_metric", "string", None,
+           "Keep MODEL_DIR/best/ (a checkpoint, and the exported model) at the best value of "
+           "this evaluation metric."),
+    Option("best_mode", "enum", "auto",
+           "Whether a lower (min) or higher (max) best_metric is better; auto: max for names "
+           "with acc or auc, else min.", choices=BEST_MODES),
 )
 
 FIT_OPTIONS = (
@@ -167,6 +177,12 @@ def resolve(arguments: Dict[str, Any]) -> "Options":
         if not values.get("model_dir"):
             raise TapekitError("profile_steps needs a model_dir to write the trace to.")
         values["profile_steps"] = steps
+    if values.get("best_metric") and not values.get("model_dir"):
+        raise TapekitError("best_metric needs a model_dir to keep MODEL_DIR/best/ in.")
+    allowed = values.get("allow_changes")
+    if allowed is not None:
+        allowed = allowed.split(",") if isinstance(allowed, str) else allowed
+        values["allow_changes"] = tuple(name.strip() for name in allowed if name.strip())
     if "checkpoint_every_secs" in values:
         values["checkpoint_every_secs"] = values["checkpoint_every_secs"] or None
     return Options(**values)

@@ -47,8 +47,15 @@ class Trainer:
     default_learning_rate: float = 0.01
     default_global_batch_size: int = 32
 
+    def __new__(cls, *args, **kwargs):
+        trainer = super().__new__(cls)
+        # The subclass's own constructor arguments, for the run record (`tapekit.record`).
+        object.__setattr__(trainer, "_arguments", (args, kwargs))
+        return trainer
+
     def __init__(self, **options):
-        object.__setattr__(self, "_engine", Engine(self, options_lib.resolve(options)))
+        arguments = vars(self).pop("_arguments", ((), {}))
+        object.__setattr__(self, "_engine", Engine(self, options_lib.resolve(options), arguments))
 
     def __setattr__(self, name: str, value) -> None:
         if name in TAPEKIT_ATTRIBUTES:
@@ -235,6 +242,16 @@ class Trainer:
         if steps is not None and steps < 1:
             raise TapekitError(f"evaluation steps must be at least 1, got {steps}.")
         return self._engine.evaluate(steps, dataset)
+
+    def evaluate_checkpoints(self, steps: Optional[int] = None, until_step: Optional[int] = None,
+                             timeout_secs: Optional[float] = None, latest_only: bool = False) -> int:
+        """Evaluates each new checkpoint a training job writes to MODEL_DIR/checkpoints, once
+        (the evaluator beside a training job; `tapekit.evaluator`). Eager; writes
+        MODEL_DIR/eval_metrics.jsonl, summaries/eval and best/, never checkpoints/. Returns
+        after the checkpoint at `until_step`, or after `timeout_secs` without a new one (or,
+        `latest_only`, after the latest or `restore_from`), with how many it evaluated."""
+        from tapekit.evaluator import evaluate_checkpoints
+        return evaluate_checkpoints(self._engine, steps, until_step, timeout_secs, latest_only)
 
     def restore(self, checkpoint: Optional[str] = None) -> int:
         """Builds the trainer as the first `fit` would and restores a checkpoint, training

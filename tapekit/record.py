@@ -1,0 +1,194 @@
+"""The record of a run (`MODEL_DIR/run.json`, and `flags.txt` from the command line), and
+the check that a resumed run is still the same run.
+
+`run.json` holds the versions, the trainer class and its own arguments, the strategy,
+replicas, devices, workers and precision, the start time, the command line and every
+setting (options with their resolved defaults, and `fit`'s arguments). When a run resumes
+from a checkpoint, its settings are compared with the record before anything is restored:
+
+* a change that breaks exact resume or the model (the trainer class or its own arguments,
+  such as `--model` or `--data`; `global_batch_size`, `seed`, `precision`) is refused with
+  one error listing each difference, unless named in `allow_changes`;
+* any other change (`train_steps`, logging, evaluation, checkpoint cadence, ...) is logged.
+
+Only the chief writes. Eager, once per `fit` that starts or resumes a run.
+"""
+
+import datetime
+import json
+import os
+import platform
+import sys
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from absl import logging
+
+from tapekit.errors import TapekitError
+
+RECORD_FILE = "run.json"
+FLAGS_FILE = "flags.txt"
+# Settings whose change breaks exact resume or the model (besides the trainer's own arguments).
+REFUSED = ("trainer", "global_batch_size", "seed", "precision")
+# Where the run is written or restored from: never a change of the run itself.
+IGNORED = ("model_dir", "restore_from", "allow_changes")
+
+_command_line: Dict[str, Any] = {}
+
+
+def set_command_line(argv: Sequence[str], flags_text: Optional[str]) -> None:
+    """Called by the command line: its argv, and every flag it used in flagfile format
+    (written to MODEL_DIR/flags.txt with the record)."""
+    _command_line.update(argv=list(argv), flags=flags_text)
+
+
+def make_record(trainer_class: type, arguments: Dict[str, Any], settings: Dict[str, Any],
+                strategy) -> Dict[str, Any]:
+    """The record of a run starting now (`settings`: options and `fit` arguments)."""
+    import keras
+    import tensorflow as tf
+    import tapekit
+    from tapekit import distribute
+    try:
+        devices = [str(d) for d in strategy.extended.worker_devices]
+    except RuntimeError:  # the default strategy: TensorFlow's default device
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = [(gpus or tf.config.list_logical_devices("CPU"))[0].name]
+    return {
+        "versions": {"tapekit": tapekit.__version__, "tensorflow": tf.__version__,
+                     "keras": keras.__version__, "python": platform.python_version()},
+        "trainer": f"{trainer_class.__module__}:{trainer_class.__qualname__}",
+        "arguments": _jsonable(arguments),
+        "strategy": type(strategy).__name__,
+        "replicas": strategy.num_replicas_in_sync,
+        "devices": devices,
+        "workers": distribute.num_workers(strategy),
+        "precision": settings.get("precision"),
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": _command_line.get("argv", list(sys.argv)),
+        "settings": _jsonable(settings),
+        "resumes": [],
+    }
+
+
+def read(model_dir: str) -> Optional[Dict[str, Any]]:
+    path = os.path.join(model_dir, RECORD_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as stream:
+            return json.load(stream)
+    except (OSError, ValueError) as error:
+        raise TapekitError(f"the run record {path} is unreadable ({error}); move it aside to "
+                           "resume without the check, or use a new --model_dir.") from None
+
+
+def write(model_dir: str, record: Dict[str, Any]) -> None:
+    """Writes run.json (atomically) and, from the command line, flags.txt."""
+    path = os.path.join(model_dir, RECORD_FILE)
+    with open(path + ".tmp", "w") as stream:
+        json.dump(record, stream, indent=1)
+        stream.write("\n")
+    os.replace(path + ".tmp", path)
+    if _command_line.get("flags") is not None:
+        with open(os.path.join(model_dir, FLAGS_FILE + ".tmp"), "w") as stream:
+            stream.write(_command_line["flags"])
+        os.replace(os.path.join(model_dir, FLAGS_FILE + ".tmp"),
+                   os.path.join(model_dir, FLAGS_FILE))
+
+
+def differences(old: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, Tuple[Any, Any]]:
+    """name -> (old, new) for each setting (or trainer argument) that differs."""
+    def flat(record):
+        values = {"trainer": record.get("trainer")}
+        values.update(record.get("settings", {}))
+        values.update(record.get("arguments", {}))
+        return values
+    before, after = flat(old), flat(new)
+    return {name: (before.get(name), after.get(name))
+            for name in sorted(set(before) | set(after))
+            if name not in IGNORED and before.get(name) != after.get(name)}
+
+
+def check_resume(old: Dict[str, Any], new: Dict[str, Any], allowed: Sequence[str],
+                 model_dir: str, step: int) -> Dict[str, Tuple[Any, Any]]:
+    """Raises if `new` changes a refused setting of `old` not in `allowed`; logs the rest.
+
+    Returns the differences (all of them, allowed or harmless).
+    """
+    changes = differences(old, new)
+    refused_names = set(REFUSED) | set(old.get("arguments", {})) | set(new.get("arguments", {}))
+    unknown = sorted(set(allowed) - refused_names - set(changes))
+    if unknown:
+        raise TapekitError(
+            f"allow_changes names {', '.join(unknown)}, which this run does not change; the "
+            f"settings that need it are: {', '.join(sorted(refused_names))}.")
+    refused = {name: change for name, change in changes.items()
+               if name in refused_names and name not in allowed}
+    if refused:
+        listed = "; ".join(f"{name} {_show(a)} → {_show(b)}" for name, (a, b) in refused.items())
+        raise TapekitError(
+            f"{model_dir} holds a run at step {step} that was started with other settings, and "
+            f"resuming would silently change it: {listed}. Resume with the old values, use a new "
+            f"--model_dir, or allow the change on purpose: --allow_changes={','.join(refused)}. "
+            "Nothing was restored or changed.")
+    if changes:
+        logging.info("resuming at step %d with changed settings: %s", step,
+                     "; ".join(f"{name} {_show(a)} → {_show(b)}" for name, (a, b) in changes.items()))
+    return changes
+
+
+def resumed(old: Dict[str, Any], new: Dict[str, Any], step: int,
+            changes: Dict[str, Tuple[Any, Any]]) -> Dict[str, Any]:
+    """The record after a resume: the new settings, and the resume appended to `resumes`."""
+    record = dict(new)
+    record["started"] = old.get("started", new["started"])
+    record["resumes"] = list(old.get("resumes", [])) + [{
+        "time": new["started"], "step": step, "command": new["command"],
+        "changes": {name: [a, b] for name, (a, b) in changes.items()}}]
+    return record
+
+
+def trainer_arguments(trainer_class: type, args: Sequence, kwargs: Dict[str, Any],
+                      option_names: Sequence[str]) -> Dict[str, Any]:
+    """The trainer class's own constructor arguments (defaults applied), without tapekit's
+    options: what defines this trainer's model and data (e.g. `model`, `data`)."""
+    import inspect
+    signature = inspect.signature(trainer_class.__init__)
+    try:
+        bound = signature.bind(None, *args, **kwargs)
+    except TypeError:  # the constructor will say what is wrong
+        return {}
+    bound.apply_defaults()
+    result: Dict[str, Any] = {}
+    for name, value in list(bound.arguments.items())[1:]:
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            result.update({k: v for k, v in value.items() if k not in option_names})
+        elif kind is not inspect.Parameter.VAR_POSITIONAL and name not in option_names:
+            result[name] = value
+    return result
+
+
+def _show(value) -> str:
+    return "unset" if value is None else json.dumps(value)
+
+
+def _jsonable(values: Dict[str, Any]) -> Dict[str, Any]:
+    result = {}
+    for name, value in values.items():
+        if isinstance(value, tuple):
+            value = list(value)
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):  # e.g. a tf.distribute.Strategy object
+            value = f"<{type(value).__name__}>"
+        result[name] = value
+    return result
+
+
+def explicit_learning_rate_change(old: Dict[str, Any], new_learning_rate) -> Optional[List[float]]:
+    """(old, new) when a learning rate was given explicitly and differs from the record's."""
+    if new_learning_rate is None:
+        return None
+    previous = old.get("settings", {}).get("learning_rate")
+    return None if previous == new_learning_rate else [previous, new_learning_rate]
