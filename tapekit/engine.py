@@ -303,8 +303,9 @@ class Engine:
         change = None
         if old is not None and path is not None:
             step = checkpointing.saved_step(path)
-            changes = record_lib.check_resume(old, new, self.options.allow_changes or (),
-                                              self.model_dir, step)
+            changes = record_lib.check_resume(
+                old, new, self.options.allow_changes or (), self.model_dir, step,
+                safe=getattr(self.trainer, "arguments_safe_to_change", ()))
             change = record_lib.explicit_learning_rate_change(old, self.options.learning_rate)
             new = record_lib.resumed(old, new, step, changes)
         if distribute.is_chief(self.strategy):

@@ -110,18 +110,20 @@ def differences(old: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, Tuple[Any
 
 
 def check_resume(old: Dict[str, Any], new: Dict[str, Any], allowed: Sequence[str],
-                 model_dir: str, step: int) -> Dict[str, Tuple[Any, Any]]:
+                 model_dir: str, step: int, safe: Sequence[str] = ()) -> Dict[str, Tuple[Any, Any]]:
     """Raises if `new` changes a refused setting of `old` not in `allowed`; logs the rest.
 
-    Returns the differences (all of them, allowed or harmless).
+    Refused: `REFUSED` and the trainer's own arguments except those in `safe` (its class's
+    `arguments_safe_to_change`). Returns the differences (allowed or harmless too).
     """
     changes = differences(old, new)
-    refused_names = set(REFUSED) | set(old.get("arguments", {})) | set(new.get("arguments", {}))
+    refused_names = (set(REFUSED) | set(old.get("arguments", {}))
+                     | set(new.get("arguments", {}))) - set(safe)
     unknown = sorted(set(allowed) - refused_names - set(changes))
     if unknown:
         raise TapekitError(
-            f"allow_changes names {', '.join(unknown)}, which this run does not change; the "
-            f"settings that need it are: {', '.join(sorted(refused_names))}.")
+            f"allow_changes names {', '.join(unknown)}, which is not a setting of this run; the "
+            f"settings a resume may change only with it are: {', '.join(sorted(refused_names))}.")
     refused = {name: change for name, change in changes.items()
                if name in refused_names and name not in allowed}
     if refused:

@@ -46,6 +46,9 @@ class Trainer:
 
     default_learning_rate: float = 0.01
     default_global_batch_size: int = 32
+    # The subclass's own constructor arguments are recorded in MODEL_DIR/run.json, and a
+    # resumed run may not change them (they define the model and data) unless named here.
+    arguments_safe_to_change: Tuple[str, ...] = ()
 
     def __new__(cls, *args, **kwargs):
         trainer = super().__new__(cls)

@@ -20,6 +20,8 @@ class _Sleep(tapekit.Callback):
 class _Reporting:
     """Mixin: --sleep_per_loop slows the run down so a test can kill it mid-way."""
 
+    arguments_safe_to_change = ("sleep_per_loop",)  # a resumed run may sleep differently
+
     @classmethod
     def define_flags(cls):
         super().define_flags()

@@ -1,0 +1,104 @@
+"""`tapekit.evaluator` and best/: an evaluator process beside training, best checkpoints, modes."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tapekit
+from helpers import TESTS, run_cli, start_cli
+from tapekit.trainers import RegressionTrainer
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_an_evaluator_process_evaluates_a_training_process_checkpoints(tmp_path, cli_env):
+    model_dir = tmp_path / "run"
+    common = ["--trainer=resumable:Regression", "--model=mlp", "--train_steps=600",
+              "--steps_per_loop=100", f"--model_dir={model_dir}", "--progress=log"]
+    evaluator = start_cli(common + ["--mode=continuous_evaluate", "--eval_timeout_secs=120",
+                                    "--best_metric=loss"], cli_env, cwd=TESTS)
+    trainer = start_cli(common + ["--checkpoint_every_steps=100", "--max_checkpoints_to_keep=1",
+                                  "--sleep_per_loop=0.8"], cli_env, cwd=TESTS)
+    _, train_err = trainer.communicate(timeout=300)
+    _, eval_err = evaluator.communicate(timeout=300)
+    assert trainer.returncode == 0, train_err[-2000:]
+    assert evaluator.returncode == 0, eval_err[-2000:]
+
+    evaluated = _rows(model_dir / "eval_metrics.jsonl")
+    steps = [row["step"] for row in evaluated]
+    assert len(steps) >= 2 and steps == sorted(set(steps)) and steps[-1] == 600
+    assert all(step % 100 == 0 and row["split"] == "eval" and np.isfinite(row["loss"])
+               for step, row in zip(steps, evaluated))
+    # The training process evaluated nothing; the evaluator kept best/ and left checkpoints/ alone.
+    assert {row["split"] for row in _rows(model_dir / "metrics.jsonl")} == {"train"}
+    best = json.loads((model_dir / "best" / "best.json").read_text())
+    assert best["value"] == min(row["loss"] for row in evaluated)
+    assert evaluated[-1]["best_loss"] == best["value"]
+    assert tf.train.latest_checkpoint(model_dir / "best").endswith(f"ckpt-{best['step']}")
+    assert sorted(os.listdir(model_dir / "checkpoints")) == [
+        "checkpoint", "ckpt-600.data-00000-of-00001", "ckpt-600.index"]
+
+
+def test_a_checkpoint_deleted_under_the_evaluator_is_skipped(tmp_path, monkeypatch):
+    RegressionTrainer(model_dir=str(tmp_path), checkpoint_every_steps=10, progress="none").fit(
+        train_steps=30, steps_per_loop=10)
+    checkpoints = tmp_path / "checkpoints"
+    for name in os.listdir(checkpoints):
+        if name.startswith("ckpt-20."):
+            os.remove(checkpoints / name)  # as max_checkpoints_to_keep would
+    paths = [str(checkpoints / "ckpt-20"), str(checkpoints / "ckpt-30")]
+    monkeypatch.setattr(tf.train, "checkpoints_iterator", lambda *args, **kwargs: iter(paths))
+    evaluator = RegressionTrainer(model_dir=str(tmp_path), progress="none")
+    assert evaluator.evaluate_checkpoints(until_step=30) == 1
+    assert [row["step"] for row in _rows(tmp_path / "eval_metrics.jsonl")] == [30]
+
+
+def test_the_evaluator_exits_after_its_timeout_without_a_new_checkpoint(tmp_path):
+    RegressionTrainer(model_dir=str(tmp_path), progress="none").fit(train_steps=10, steps_per_loop=10)
+    evaluator = RegressionTrainer(model_dir=str(tmp_path), progress="none")
+    assert evaluator.evaluate_checkpoints(until_step=1000, timeout_secs=1) == 1
+
+
+def test_best_checkpoint_and_model_follow_the_best_evaluation(tmp_path):
+    trainer = RegressionTrainer(model="mlp", model_dir=str(tmp_path), best_metric="loss",
+                                max_checkpoints_to_keep=1, checkpoint_every_steps=20,
+                                progress="none")
+    trainer.fit(train_steps=100, steps_per_loop=20, eval_every_steps=20)
+    evals = [row for row in _rows(tmp_path / "metrics.jsonl") if row["split"] == "eval"]
+    best_row = min(evals, key=lambda row: row["loss"])
+    best = json.loads((tmp_path / "best" / "best.json").read_text())
+    assert (best["step"], best["value"]) == (best_row["step"], best_row["loss"])
+    assert evals[-1]["best_loss"] == best["value"] and evals[-1]["best_step"] == best["step"]
+    assert tf.train.latest_checkpoint(tmp_path / "best").endswith(f"ckpt-{best['step']}")
+    assert os.path.exists(tmp_path / "best" / "saved_model" / "saved_model.pb")
+    # best/ survives max_checkpoints_to_keep=1, and restores to the best evaluation.
+    restored = RegressionTrainer(model="mlp", progress="none")
+    restored.restore(tf.train.latest_checkpoint(tmp_path / "best"))
+    assert restored.evaluate()["loss"] == pytest.approx(best["value"], rel=1e-5)
+
+
+def test_a_best_metric_the_evaluation_does_not_report_is_refused_before_training(tmp_path):
+    trainer = RegressionTrainer(model_dir=str(tmp_path), best_metric="accuracy", progress="none")
+    with pytest.raises(tapekit.TapekitError, match="best_metric='accuracy' is not a metric of the "
+                                                   "evaluation, which reports: loss"):
+        trainer.fit(train_steps=20, steps_per_loop=10, eval_every_steps=10)
+    assert trainer.current_step == 0 and not (tmp_path / "checkpoints").exists()
+
+
+def test_evaluate_mode_evaluates_the_latest_checkpoint_once(tmp_path, cli_env):
+    model_dir = tmp_path / "run"
+    flags = ["--trainer=regression", "--train_steps=50", "--steps_per_loop=25",
+             f"--model_dir={model_dir}"]
+    assert run_cli(flags, cli_env).returncode == 0
+    result = run_cli(flags + ["--mode=evaluate"], cli_env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (row,) = _rows(model_dir / "eval_metrics.jsonl")
+    assert row["step"] == 50 and row["loss"] < 0.05
+    nothing = run_cli(["--trainer=regression", "--mode=evaluate", f"--model_dir={tmp_path / 'new'}"],
+                      cli_env)
+    assert nothing.returncode == 2 and "nothing to evaluate" in nothing.stderr
