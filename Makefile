@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/tapekit-train --trainer=regression --model=linear --model_dir=$(DEMO_DIR)/linear --progress=log
 	$(VENV)/bin/tapekit-train --trainer=regression --model=mlp --model_dir=$(DEMO_DIR)/mlp --progress=log
 	$(VENV)/bin/tapekit-train --trainer=gan --model=dense --real_mean=4 --real_stddev=1.25 \
-	    --train_steps=2000 --sample_every_steps=500 --model_dir=$(DEMO_DIR)/gan \
+	    --train_steps=2000 --sample_every_steps=500 --eval_every_steps=500 --model_dir=$(DEMO_DIR)/gan \
 	    --export_dir=$(DEMO_DIR)/gan_generator --progress=log
 	$(VENV)/bin/tapekit-train --trainer=gan --model=dcgan --train_steps=600 --steps_per_loop=50 \
 	    --sample_every_steps=200 --model_dir=$(DEMO_DIR)/dcgan \

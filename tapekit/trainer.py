@@ -358,7 +358,11 @@ class Trainer:
         return loop.trace_count if loop else 0
 
 
+# What `help(Trainer)` and `inspect.signature` show: the options, from their table.
+_OPTION_PARAMETERS = [inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY,
+                                        default=option.default)
+                      for option in options_lib.TRAINER_OPTIONS]
 Trainer.__init__.__signature__ = inspect.Signature(
-    [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    + [inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=option.default)
-       for option in options_lib.TRAINER_OPTIONS])
+    [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)] + _OPTION_PARAMETERS)
+Trainer.__new__.__signature__ = inspect.Signature(
+    [inspect.Parameter("cls", inspect.Parameter.POSITIONAL_OR_KEYWORD)] + _OPTION_PARAMETERS)

@@ -17,7 +17,8 @@ def _snapshot(directory):
 def test_a_checkpoint_of_another_model_is_refused_with_the_mismatches(tmp_path):
     RegressionTrainer(model="linear", model_dir=str(tmp_path)).fit(train_steps=20, steps_per_loop=10)
     before = _snapshot(tmp_path / "checkpoints")
-    other = RegressionTrainer(model="mlp", model_dir=str(tmp_path))
+    # Allowed past the run record's check, the checkpoint's own check refuses it.
+    other = RegressionTrainer(model="mlp", model_dir=str(tmp_path), allow_changes="model")
     with pytest.raises(tapekit.TapekitError) as raised:
         other.fit(train_steps=40)
     message = str(raised.value)
@@ -31,7 +32,8 @@ def test_a_checkpoint_with_other_shapes_is_refused(tmp_path):
     RegressionTrainer(model="mlp", hidden_units=10, model_dir=str(tmp_path)).fit(
         train_steps=10, steps_per_loop=10)
     with pytest.raises(tapekit.TapekitError, match=r"has shape \[5, 10\] in the checkpoint, \[5, 7\] here"):
-        RegressionTrainer(model="mlp", hidden_units=7, model_dir=str(tmp_path)).fit(train_steps=20)
+        RegressionTrainer(model="mlp", hidden_units=7, model_dir=str(tmp_path),
+                          allow_changes="hidden_units").fit(train_steps=20)
 
 
 def test_a_truncated_checkpoint_is_named_left_alone_and_an_older_one_restores(tmp_path):

@@ -73,7 +73,8 @@ def test_two_workers_train_in_sync_and_only_the_chief_writes(tmp_path, cli_env):
     assert "checkpoint" in checkpoints and any(n.startswith("ckpt-120") for n in checkpoints)
     records = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [40, 80, 120]  # written once, by the chief
-    assert sorted(os.listdir(model_dir)) == ["checkpoints", "metrics.jsonl", "summaries"]
+    assert sorted(os.listdir(model_dir)) == ["checkpoints", "flags.txt", "metrics.jsonl",
+                                             "run.json", "summaries"]
     assert len(os.listdir(model_dir / "summaries" / "train")) == 1  # one writer: the chief's
     # the other worker's temporary checkpoint directories are gone
     assert os.listdir(tmp_path / "tmp1") == []
