@@ -6,6 +6,7 @@ strategy, and several machines go through `MultiWorkerMirroredStrategy` + `TF_CO
 
 import json
 import os
+import re
 from typing import Optional, Union
 
 import tensorflow as tf
@@ -160,3 +161,13 @@ def num_workers(strategy: tf.distribute.Strategy) -> int:
         return 1
     cluster = strategy.cluster_resolver.cluster_spec().as_dict()
     return sum(len(cluster.get(kind, [])) for kind in ("chief", "worker"))
+
+
+def stopped_workers(error: BaseException) -> Optional[str]:
+    """'worker 1' (or 'chief 0, worker 2') when `error` is TensorFlow's report that other
+    tasks of a multi-worker job stopped sending heartbeats (a collective aborted), else None."""
+    text = str(error)
+    if "unhealthy" not in text and "Collective ops is aborted" not in text:
+        return None
+    tasks = sorted(set(re.findall(r"/job:(\w+)/replica:\d+/task:(\d+)", text.split("unhealthy", 1)[-1])))
+    return ", ".join(f"{job} {task}" for job, task in tasks) or "another worker"

@@ -171,7 +171,18 @@ class Engine:
             trainer=self.trainer, eval_every_steps=eval_every_steps, eval_steps=eval_steps,
             nan_policy=options.nan_policy, profile_steps=options.profile_steps,
             profile_dir=os.path.join(self.model_dir, "profile") if self.model_dir else None)
-        history = controller.train(int(train_steps), int(steps_per_loop))
+        try:
+            history = controller.train(int(train_steps), int(steps_per_loop))
+        except (tf.errors.UnavailableError, tf.errors.AbortedError,
+                tf.errors.CancelledError, tf.errors.InternalError) as error:
+            stopped = distribute.stopped_workers(error)
+            if stopped is None:
+                raise
+            latest = self.latest_checkpoint
+            raise TapekitError(
+                f"{stopped} stopped (no more heartbeats) while this worker was at step "
+                f"{self.current_step}; the last checkpoint is {latest or 'none (none was saved)'}. "
+                "Restart all workers to resume from it.") from None
         self.history.extend(history)
         return history
 

@@ -94,3 +94,28 @@ def test_sigterm_to_one_worker_stops_both_at_the_same_step_with_a_checkpoint(tmp
     steps = [int(stderr.split("preempted at step ")[1].split(",")[0]) for _, stderr in outputs]
     assert steps[0] == steps[1] and 0 < steps[0] < 5000
     assert (model_dir / "checkpoints" / f"ckpt-{steps[0]}.index").exists()
+
+
+def test_a_worker_killed_stops_the_other_with_one_line_and_a_restart_resumes(tmp_path, cli_env):
+    model_dir = tmp_path / "run"
+    flags = ["--train_steps=120", "--steps_per_loop=10", "--checkpoint_every_steps=20",
+             f"--model_dir={model_dir}"]
+    processes = _launch(tmp_path, cli_env, flags + ["--sleep_per_loop=0.2"])
+    deadline = time.monotonic() + 120
+    while not (model_dir / "checkpoints" / "checkpoint").exists():
+        assert all(p.poll() is None for p in processes) and time.monotonic() < deadline
+        time.sleep(0.05)
+    processes[1].kill()  # SIGKILL: no handler, no checkpoint, no goodbye
+    killed_at = time.monotonic()
+    _, stderr = processes[0].communicate(timeout=120)
+    processes[1].wait()
+    assert processes[0].returncode != 0 and time.monotonic() - killed_at < 60
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("tapekit-train: error: worker 1 stopped (no more heartbeats) while "
+                           "this worker was at step "), last
+    assert "the last checkpoint is " in last and "Restart all workers to resume from it." in last
+    saved = int(last.split("/ckpt-")[1].split(".")[0])
+    outputs = _finish(_launch(tmp_path, cli_env, flags))  # both restarted: resume, then finish
+    assert all(f"resumed from checkpoint {model_dir / 'checkpoints' / f'ckpt-{saved}'}" in err
+               for _, err in outputs)
+    assert _weights(outputs[0][0])["step"] == 120

@@ -1,0 +1,91 @@
+"""`tapekit.tfrecords` and `--data=GLOB`: examples from TFRecord files, sharded per worker."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tapekit
+from helpers import run_cli
+from tapekit import tfrecords
+from tapekit.trainers import GANTrainer, RegressionTrainer
+from tapekit.trainers.datasets import seed_linear
+
+TAPEKIT_DATA = [sys.executable, "-c", "from tapekit.tfrecords import main; main()"]
+
+
+def _line_npz(tmp_path, count=1000):
+    arrays = seed_linear(0, count)
+    path = tmp_path / "line.npz"
+    np.savez(path, **arrays)
+    return path, arrays
+
+
+def test_the_converter_writes_shards_that_read_back_as_the_arrays(tmp_path):
+    path, arrays = _line_npz(tmp_path, 10)
+    result = subprocess.run(TAPEKIT_DATA + ["npz-to-tfrecord", f"--input={path}",
+                                            f"--output_pattern={tmp_path / 'shards' / 'part'}",
+                                            "--num_shards=3"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    files = tfrecords.find(str(tmp_path / "shards" / "part-*.tfrecord"))
+    assert [f.rsplit("/", 1)[1] for f in files] == [
+        "part-00000-of-00003.tfrecord", "part-00001-of-00003.tfrecord", "part-00002-of-00003.tfrecord"]
+    shapes = tfrecords.feature_shapes(files, ("x", "y"))
+    assert shapes == {"x": (1,), "y": (1,)}
+    read = list(tfrecords.dataset(files, shapes, None).as_numpy_iterator())
+    order = [0, 3, 6, 9, 1, 4, 7, 2, 5, 8]  # example i is in shard i mod 3
+    np.testing.assert_array_equal(np.stack([e["x"] for e in read]), arrays["x"][order])
+    np.testing.assert_array_equal(np.stack([e["y"] for e in read]), arrays["y"][order])
+
+
+def test_each_worker_reads_only_its_files(tmp_path):
+    files = tfrecords.write_shards({"x": np.arange(8, dtype=np.float32)[:, None]},
+                                   str(tmp_path / "part"), 4)
+    shares = []
+    for worker in range(2):
+        context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=worker,
+                                             num_replicas_in_sync=2)
+        shares.append(sorted(float(e["x"][0]) for e in tfrecords.dataset(
+            files, {"x": (1,)}, context).as_numpy_iterator()))
+    assert shares == [[0.0, 2.0, 4.0, 6.0], [1.0, 3.0, 5.0, 7.0]]
+
+
+def test_bad_files_missing_features_and_mismatched_shapes_are_one_clear_error(tmp_path):
+    (tmp_path / "notes.tfrecord").write_text("not a record file")
+    with pytest.raises(tapekit.TapekitError, match="notes.tfrecord is not a TFRecord file of "
+                                                   "tf.train.Example"):
+        RegressionTrainer(data=str(tmp_path / "notes.tfrecord"))
+    only_x = tfrecords.write_shards({"x": np.zeros([4, 2], np.float32)}, str(tmp_path / "x"), 1)
+    with pytest.raises(tapekit.TapekitError, match=r"has no feature 'y' \(it has: x, x_shape\)"):
+        RegressionTrainer(data=only_x[0])
+    tfrecords.write_shards({"x": np.zeros([4, 3], np.float32), "y": np.zeros([4, 1], np.float32)},
+                           str(tmp_path / "mixed-a"), 1)
+    tfrecords.write_shards({"x": np.zeros([4, 2], np.float32), "y": np.zeros([4, 1], np.float32)},
+                           str(tmp_path / "mixed-b"), 1)
+    with pytest.raises(tapekit.TapekitError, match="all files must hold examples of one shape"):
+        RegressionTrainer(data=str(tmp_path / "mixed-*"))
+    with pytest.raises(tapekit.TapekitError, match="matches no file"):
+        RegressionTrainer(data=str(tmp_path / "nothing-*.tfrecord"))
+
+
+def test_regression_trains_from_tfrecord_shards_on_two_replicas(tmp_path):
+    _, arrays = _line_npz(tmp_path)
+    pattern = str(tmp_path / "part")
+    tfrecords.write_shards(arrays, pattern, 4)
+    trainer = RegressionTrainer(data=pattern + "-*", strategy="mirrored", cpu_replicas=2,
+                                progress="none")
+    trainer.fit(train_steps=300, steps_per_loop=100)
+    assert trainer.model.w.numpy().item() == pytest.approx(3.0, abs=0.1)
+    assert trainer.evaluate()["loss"] < 0.05
+
+
+def test_the_gan_reads_tfrecords_from_the_command_line(tmp_path, cli_env):
+    samples = 4.0 + 1.25 * np.random.default_rng(0).standard_normal((512, 1)).astype(np.float32)
+    tfrecords.write_shards({"x": samples}, str(tmp_path / "real"), 2)
+    result = run_cli(["--trainer=gan", f"--data={tmp_path / 'real-*'}", "--train_steps=50",
+                      "--steps_per_loop=25", "--eval_every_steps=50"], cli_env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Wasserstein-1 to the real samples" in result.stdout
+    assert GANTrainer(data=str(tmp_path / "real-*")).evaluate()["w1"] > 0
