@@ -23,6 +23,7 @@ def per_replica_batches(
     seed: int = 0,
     repeat: bool = True,
     drop_remainder: Optional[bool] = None,
+    already_sharded: bool = False,
 ) -> tf.data.Dataset:
     """Batches a dataset of single examples into this input pipeline's per-replica batches.
 
@@ -42,6 +43,9 @@ def per_replica_batches(
         True when repeating or when `examples` never end (static batch shapes), else False
         (one pass: evaluation sees every example; the last global batch is then split as
         far as it goes, and replicas past its end get empty batches from tf.distribute).
+      already_sharded: `examples` are this input pipeline's own share (e.g. read from its
+        files, `shard_files`): they are cut straight into per-replica batches instead of
+        global batches this pipeline keeps a slice of.
 
     Returns:
       A dataset whose elements are per-replica batches of
@@ -65,6 +69,8 @@ def per_replica_batches(
         dataset = dataset.repeat()
     if drop_remainder is None:  # keep static shapes unless one pass must see every example
         drop_remainder = repeat or examples.cardinality() == tf.data.INFINITE_CARDINALITY
+    if already_sharded:
+        return dataset.batch(per_replica, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
     dataset = dataset.batch(global_batch_size, drop_remainder=drop_remainder)
     if num_replicas > 1:
         # Each worker keeps its contiguous share of the global batch, then cuts it into

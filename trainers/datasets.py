@@ -8,6 +8,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
+from tapekit import tfrecords
 from tapekit.errors import TapekitError
 
 
@@ -164,3 +165,29 @@ def as_gan_images(x: np.ndarray, size: int = 28) -> np.ndarray:
         raise TapekitError(f"images have values in [{low:g}, {high:g}]; give pixels in "
                            "0–255, [0, 1] or [-1, 1].")
     return x
+
+
+def is_file_pattern(data: Optional[str]) -> bool:
+    """True when --data names TFRecord files (a glob), not an .npz."""
+    return bool(data) and not data.endswith(".npz")
+
+
+class FileData:
+    """--data as a glob of TFRecord files of tf.train.Example (`tapekit.tfrecords`): read by
+    each worker from its own files, never loaded whole into memory."""
+
+    def __init__(self, pattern: str, names: Sequence[str]):
+        self.files = tfrecords.find(pattern)
+        self.names = tuple(names)
+        self.shapes = tfrecords.feature_shapes(self.files, self.names)
+
+    def examples(self, input_context):
+        """This worker's examples: a tuple of tensors in the order of `names`."""
+        names = self.names
+        return tfrecords.dataset(self.files, self.shapes, input_context).map(
+            lambda example: tuple(example[name] for name in names))
+
+    def head(self, count: int) -> Dict[str, np.ndarray]:
+        """The first `count` examples of all files, as arrays (for evaluation and summaries)."""
+        rows = list(tfrecords.dataset(self.files, self.shapes, None).take(count).as_numpy_iterator())
+        return {name: np.stack([row[name] for row in rows]) for name in self.names}

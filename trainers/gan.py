@@ -63,6 +63,15 @@ class GANTrainer(tapekit.Trainer):
         self.hidden_units = hidden_units
         self.real_mean, self.real_stddev = real_mean, real_stddev
         num_examples = num_examples or default_num_examples
+        self.files = None
+        if datasets.is_file_pattern(data):  # read per worker, never loaded whole
+            self.files = datasets.FileData(data, ("x",))
+            shape = self.files.shapes["x"]
+            if model == "dcgan" and (len(shape) != 3 or shape[:2] != (28, 28)):
+                raise tapekit.TapekitError(f"--data={data!r}: feature x has shape {shape}; the "
+                                           "dcgan needs images [28, 28, C] with values in [-1, 1].")
+            self.arrays = {"x": self.files.head(EVAL_EXAMPLES)["x"]}  # for evaluation, summaries
+            return
         if model == "dense":
             self.arrays = (datasets.load_npz(data, ("x",)) if data else
                            datasets.gaussian_samples(self.seed, num_examples, real_mean,
@@ -113,6 +122,17 @@ class GANTrainer(tapekit.Trainer):
         self.discriminator_optimizer = keras.optimizers.Adam(self.learning_rate, beta_1=beta_1)
 
     def train_dataset(self, input_context):
+        if self.files:  # this worker's files; its noise stream is its own too
+            real = self.files.examples(input_context).map(lambda x: x)  # (x,) -> x
+            real = real.shuffle(10_000, seed=self.seed).repeat()
+            worker = input_context.input_pipeline_id if input_context else 0
+            seed, noise_dim, block = self.seed + 1_000_003 * worker, self.noise_dim, 1024
+            noise = tf.data.Dataset.counter().map(
+                lambda k: tf.random.stateless_normal([block, noise_dim], seed=tf.stack([seed, k]))
+            ).unbatch()
+            return tapekit.per_replica_batches(tf.data.Dataset.zip((real, noise)), input_context,
+                                               self.global_batch_size, repeat=False,
+                                               already_sharded=True)
         real = tf.data.Dataset.from_tensor_slices(self.arrays["x"])
         real = real.shuffle(len(self.arrays["x"]), seed=self.seed).repeat()
         # Noise block k (of 1024 rows) is drawn from the stateless seed (seed, k): the same

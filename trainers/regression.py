@@ -17,7 +17,8 @@ class RegressionTrainer(tapekit.Trainer):
 
     `model="linear"` is the seed's example 1 (SGD, default learning rate 0.1, 1000 points of
     y = 3x + 2 + noise); `model="mlp"` is example 2 (5 → hidden sigmoid → 1, Adam 0.01,
-    100 uniform random points). `data` names an .npz with arrays `x` and `y` instead.
+    100 uniform random points). `data` names an .npz with arrays `x` and `y` instead (held
+    in memory), or a glob of TFRecord files with features `x` and `y` (read per worker).
     """
 
     default_global_batch_size = 100
@@ -31,6 +32,10 @@ class RegressionTrainer(tapekit.Trainer):
         self.data_path = data
         self.hidden_units = hidden_units
         self.default_learning_rate = 0.1 if model == "linear" else 0.01
+        self.files = self.arrays = None
+        if datasets.is_file_pattern(data):
+            self.files = datasets.FileData(data, ("x", "y"))
+            return
         if data:
             self.arrays = datasets.load_npz(data, ("x", "y"))
         elif model == "linear":
@@ -43,12 +48,14 @@ class RegressionTrainer(tapekit.Trainer):
     def define_flags(cls):
         flags.DEFINE_enum("model", "linear", ["linear", "mlp"],
                           "linear: y = xw + b (SGD); mlp: one sigmoid hidden layer (Adam).")
-        flags.DEFINE_string("data", None, ".npz file with arrays x [n, d] and y [n, k]; "
-                            "unset: the seed article's synthetic data.")
+        flags.DEFINE_string("data", None, ".npz file with arrays x [n, d] and y [n, k], or a "
+                            "glob of TFRecord files of tf.train.Example with features x and y "
+                            "(tapekit-data npz-to-tfrecord); unset: the seed article's "
+                            "synthetic data.")
         flags.DEFINE_integer("hidden_units", 10, "Hidden units of --model=mlp.", lower_bound=1)
 
     def build(self):
-        output_units = self.arrays["y"].shape[-1]
+        output_units = self._shape("y")[-1]
         if self.model_name == "linear":
             self.model = LinearRegression(output_units=output_units, name="linear")
             self.optimizer = keras.optimizers.SGD(self.learning_rate)
@@ -59,9 +66,16 @@ class RegressionTrainer(tapekit.Trainer):
 
     def train_arrays(self):
         # In memory: tapekit keeps them on the devices and batches them inside the loop.
-        return (self.arrays["x"], self.arrays["y"])
+        return None if self.files else (self.arrays["x"], self.arrays["y"])
+
+    def _shape(self, name):
+        return self.files.shapes[name] if self.files else self.arrays[name].shape[1:]
 
     def train_dataset(self, input_context):
+        if self.files:  # each worker reads its own files
+            return tapekit.per_replica_batches(
+                self.files.examples(input_context), input_context, self.global_batch_size,
+                shuffle_buffer_size=10_000, seed=self.seed, already_sharded=True)
         examples = tf.data.Dataset.from_tensor_slices((self.arrays["x"], self.arrays["y"]))
         return tapekit.per_replica_batches(
             examples, input_context, self.global_batch_size,
@@ -77,6 +91,10 @@ class RegressionTrainer(tapekit.Trainer):
 
     def eval_dataset(self, input_context):
         # One pass over the examples in order (the seed workloads have no held-out set).
+        if self.files:
+            return tapekit.per_replica_batches(self.files.examples(input_context), input_context,
+                                               self.global_batch_size, repeat=False,
+                                               already_sharded=True)
         examples = tf.data.Dataset.from_tensor_slices((self.arrays["x"], self.arrays["y"]))
         return tapekit.per_replica_batches(examples, input_context, self.global_batch_size,
                                            repeat=False)
@@ -98,5 +116,5 @@ class RegressionTrainer(tapekit.Trainer):
 
     def export_model(self):
         """The fitted model, served on x [batch, input_dim] float32. Eager."""
-        input_dim = self.arrays["x"].shape[-1]
+        input_dim = self._shape("x")[-1]
         return self.model, [tf.TensorSpec([None, input_dim], tf.float32, name="x")]
