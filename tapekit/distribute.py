@@ -54,6 +54,8 @@ def resolve_strategy(
     strategy: Union[str, tf.distribute.Strategy, None] = "default",
     device: Optional[str] = None,
     cpu_replicas: int = 1,
+    cluster_resolver: str = "tf_config",
+    slurm_port_base: int = 8888,
 ) -> tf.distribute.Strategy:
     """Returns the `tf.distribute.Strategy` named by `strategy` (or `strategy` itself).
 
@@ -63,7 +65,8 @@ def resolve_strategy(
                     GPU, and otherwise default (or Mirrored over `cpu_replicas` CPUs).
       one_device    OneDeviceStrategy on `device` (e.g. "/gpu:0"; default "/cpu:0").
       mirrored      MirroredStrategy over all local GPUs, or over `cpu_replicas` CPUs.
-      multi_worker  MultiWorkerMirroredStrategy, cluster read from TF_CONFIG.
+      multi_worker  MultiWorkerMirroredStrategy, cluster read from TF_CONFIG, or with
+                    `cluster_resolver="slurm"` from the Slurm step (`slurm_resolver`).
     """
     if isinstance(strategy, tf.distribute.Strategy):
         return strategy
@@ -74,9 +77,11 @@ def resolve_strategy(
     if cpu_replicas < 1:
         raise TapekitError(f"cpu_replicas must be at least 1, got {cpu_replicas}.")
     if name == "multi_worker":
-        _check_tf_config()
+        resolver = slurm_resolver(slurm_port_base) if cluster_resolver == "slurm" else None
+        if resolver is None:
+            _check_tf_config()
         split_cpu(cpu_replicas)
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
     split_cpu(cpu_replicas)
     gpus = tf.config.list_logical_devices("GPU")
     cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
@@ -94,6 +99,32 @@ def resolve_strategy(
     if gpus:
         return _mirrored()
     return _mirrored(cpus[:cpu_replicas])
+
+
+def slurm_resolver(port_base: int):
+    """TensorFlow's `SlurmClusterResolver` for the Slurm step this process runs in: one
+    worker per task (SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_STEP_NODELIST,
+    SLURM_STEP_TASKS_PER_NODE), task k of a node on port `port_base + k`. GPUs are left as
+    Slurm made them visible (e.g. `--gpus-per-task`): each task uses the GPUs it sees."""
+    resolvers = tf.distribute.cluster_resolver
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = None if visible else len(tf.config.list_physical_devices("GPU"))
+    try:
+        if gpus != 0:
+            return resolvers.SlurmClusterResolver(port_base=port_base, gpus_per_node=gpus,
+                                                  auto_set_gpu=False)
+        # No GPU: the resolver divides by GPUs per task (range step 0), so let it allocate
+        # placeholders it never applies (auto_set_gpu=False) and keep only the cluster.
+        slurm = resolvers.SlurmClusterResolver(port_base=port_base, gpus_per_node=1 << 16,
+                                               gpus_per_task=1, auto_set_gpu=False)
+        cluster = slurm.cluster_spec()
+        return resolvers.SimpleClusterResolver(cluster, task_type=slurm.task_type,
+                                               task_id=slurm.task_id, num_accelerators={},
+                                               rpc_layer="grpc")
+    except (RuntimeError, KeyError, ValueError) as error:
+        raise TapekitError(
+            f"--cluster_resolver=slurm cannot read the Slurm step ({error}); run each task "
+            "with srun inside a Slurm allocation, or use TF_CONFIG (see BUILD.md).") from None
 
 
 def _existing_device(device: str) -> str:

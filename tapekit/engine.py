@@ -65,8 +65,9 @@ class Engine:
         self.arguments = record_lib.trainer_arguments(
             type(trainer), *arguments, options_lib.names(options_lib.TRAINER_OPTIONS))
         # The strategy first: splitting the CPU must happen before TensorFlow starts its devices.
-        self.strategy = distribute.resolve_strategy(options.strategy, device=options.device,
-                                                    cpu_replicas=options.cpu_replicas)
+        self.strategy = distribute.resolve_strategy(
+            options.strategy, device=options.device, cpu_replicas=options.cpu_replicas,
+            cluster_resolver=options.cluster_resolver, slurm_port_base=options.slurm_port_base)
         precision_lib.check_precision(options.precision, self.strategy)
         if options.global_batch_size is not None:
             self._check_global_batch_size(options.global_batch_size)

@@ -20,6 +20,7 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 NAN_POLICIES = ("stop", "skip_step")
 PROGRESS_MODES = ("auto", "bar", "log", "none")
 BEST_MODES = ("auto", "min", "max")
+CLUSTER_RESOLVERS = ("tf_config", "slurm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +77,13 @@ TRAINER_OPTIONS = (
     Option("seed", "integer", 0, "Seeds Python, NumPy and TensorFlow (and synthetic data)."),
     Option("jit_compile", "bool", False, "Compile the per-replica step with XLA."),
     Option("device", "string", None, "Device for --strategy=one_device, e.g. /gpu:0."),
+    Option("cluster_resolver", "enum", "tf_config",
+           "Where --strategy=multi_worker learns the cluster: the TF_CONFIG environment "
+           "variable, or the Slurm step it runs in (srun; TensorFlow's SlurmClusterResolver).",
+           choices=CLUSTER_RESOLVERS),
+    Option("slurm_port_base", "integer", 8888,
+           "With --cluster_resolver=slurm: task k on a node listens on this port + k.",
+           minimum=1),
     Option("cpu_replicas", "integer", 1,
            "Split the host CPU into this many logical devices (mirrored/auto on CPU).", minimum=1),
     Option("precision", "enum", "float32",

@@ -6,7 +6,7 @@ import socket
 import signal
 import time
 
-from helpers import TESTS, start_cli
+from helpers import TESTS, run_cli, start_cli
 
 
 def _free_ports(count):
@@ -119,3 +119,47 @@ def test_a_worker_killed_stops_the_other_with_one_line_and_a_restart_resumes(tmp
     assert all(f"resumed from checkpoint {model_dir / 'checkpoints' / f'ckpt-{saved}'}" in err
                for _, err in outputs)
     assert _weights(outputs[0][0])["step"] == 120
+
+
+def _two_free_consecutive_ports():
+    while True:
+        (base,) = _free_ports(1)
+        probe = socket.socket()
+        try:
+            probe.bind(("127.0.0.1", base + 1))
+            return base
+        except OSError:
+            continue
+        finally:
+            probe.close()
+
+
+def test_two_slurm_tasks_build_the_cluster_without_tf_config(tmp_path, cli_env):
+    """What `srun tapekit-train --strategy=multi_worker --cluster_resolver=slurm` sees: the
+    variables Slurm sets for a step of two tasks on one node (TensorFlow's resolver expands
+    the node list itself, so no `scontrol` is needed)."""
+    model_dir, base = tmp_path / "run", _two_free_consecutive_ports()
+    processes = []
+    for rank in range(2):
+        env = {**cli_env, "SLURM_PROCID": str(rank), "SLURM_STEP_NUM_TASKS": "2",
+               "SLURM_STEP_NODELIST": "localhost", "SLURM_STEP_TASKS_PER_NODE": "2",
+               "TMPDIR": str(tmp_path / f"tmp{rank}")}
+        env.pop("TF_CONFIG", None)
+        os.makedirs(env["TMPDIR"], exist_ok=True)
+        processes.append(start_cli(
+            ["--trainer=resumable:Regression", "--model=linear", "--strategy=multi_worker",
+             "--cluster_resolver=slurm", f"--slurm_port_base={base}", "--global_batch_size=100",
+             "--train_steps=40", "--steps_per_loop=20", f"--model_dir={model_dir}"], env,
+            cwd=TESTS))
+    outputs = _finish(processes)
+    chief, other = (_weights(stdout) for stdout, _ in outputs)
+    assert chief["step"] == other["step"] == 40 and chief["weights"] == other["weights"]
+    record = json.loads((model_dir / "run.json").read_text())
+    assert (record["strategy"], record["workers"]) == ("CollectiveAllReduceStrategy", 2)
+
+
+def test_slurm_outside_a_slurm_step_is_one_clear_error(cli_env):
+    env = {k: v for k, v in cli_env.items() if not k.startswith("SLURM_")}
+    result = run_cli(["--strategy=multi_worker", "--cluster_resolver=slurm"], env)
+    assert result.returncode == 2
+    assert "--cluster_resolver=slurm cannot read the Slurm step" in result.stderr.splitlines()[-1]
