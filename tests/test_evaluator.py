@@ -102,3 +102,18 @@ def test_evaluate_mode_evaluates_the_latest_checkpoint_once(tmp_path, cli_env):
     nothing = run_cli(["--trainer=regression", "--mode=evaluate", f"--model_dir={tmp_path / 'new'}"],
                       cli_env)
     assert nothing.returncode == 2 and "nothing to evaluate" in nothing.stderr
+
+
+def test_train_and_evaluate_evaluates_at_each_checkpoint_and_records_the_best(tmp_path, cli_env):
+    from test_summaries import read_events
+    model_dir = tmp_path / "run"
+    result = run_cli(["--trainer=regression", "--mode=train_and_evaluate", "--train_steps=60",
+                      "--steps_per_loop=10", "--checkpoint_every_steps=20", "--best_metric=loss",
+                      f"--model_dir={model_dir}"], cli_env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    evals = [row for row in _rows(model_dir / "metrics.jsonl") if row["split"] == "eval"]
+    assert [row["step"] for row in evals] == [20, 40, 60]
+    events = read_events(model_dir / "summaries" / "eval")
+    best = json.loads((model_dir / "best" / "best.json").read_text())
+    assert tf.make_ndarray(events[("best_loss", 60)].tensor) == np.float32(best["value"])
+    assert tf.make_ndarray(events[("best_step", 60)].tensor) == best["step"]
