@@ -213,5 +213,14 @@ def define_flags(flag_values, options: Sequence[Option] = TRAINER_OPTIONS + FIT_
         define(name=option.name, default=option.default, help=option.help, **kwargs)
 
 
+def signature(first: str):
+    """`first` (self or cls), then every trainer option as a keyword-only parameter."""
+    import inspect
+    return inspect.Signature(
+        [inspect.Parameter(first, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        + [inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=option.default)
+           for option in TRAINER_OPTIONS])
+
+
 def names(options: Sequence[Option]) -> Tuple[str, ...]:
     return tuple(option.name for option in options)

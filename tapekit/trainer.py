@@ -12,7 +12,6 @@ compiled loops, input, checkpoints — is `tapekit.engine.Engine`, held in one p
 attribute; the outer loop is `tapekit.controller`; the options are `tapekit.options`.
 """
 
-import inspect
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import keras
@@ -32,16 +31,12 @@ ModelsOrVariables = Union[keras.Model, keras.Layer, tf.Variable, Sequence[Any]]
 class Trainer:
     """Base class for a custom GradientTape training loop run under `tf.distribute`.
 
-    Keyword arguments are the options of `tapekit.options.TRAINER_OPTIONS` (the command
-    line has a flag for each): `model_dir`, `strategy` (a name or a
-    `tf.distribute.Strategy`), `global_batch_size` and `learning_rate` (None: the class's
-    `default_global_batch_size` / `default_learning_rate`, read when first used, so a
-    subclass may set them anywhere in its `__init__`), `seed`, `jit_compile`, `device`,
-    `cpu_replicas`, `precision`, `checkpoint_every_steps`, `checkpoint_every_secs`,
-    `max_checkpoints_to_keep`, `restore_from`, `deterministic`, `nan_policy`,
-    `clip_global_norm`, `gradient_accumulation_steps`, `max_retraces`, `profile_steps`,
-    `progress` and `sample_every_steps`. Each is validated here, once, and readable as an
-    attribute (`self.seed`, `self.precision`, ...); none can be assigned.
+    Keyword arguments are the options of `tapekit.options.TRAINER_OPTIONS`, where each is
+    documented (the command line has a flag for each; `strategy` may also be a
+    `tf.distribute.Strategy`). `global_batch_size` and `learning_rate` left None are the
+    class's `default_global_batch_size` / `default_learning_rate`, read when first used, so
+    a subclass may set them anywhere in its `__init__`. Each option is validated here, once,
+    and readable as an attribute (`self.seed`, `self.precision`, ...); none can be assigned.
     """
 
     default_learning_rate: float = 0.01
@@ -359,10 +354,5 @@ class Trainer:
 
 
 # What `help(Trainer)` and `inspect.signature` show: the options, from their table.
-_OPTION_PARAMETERS = [inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY,
-                                        default=option.default)
-                      for option in options_lib.TRAINER_OPTIONS]
-Trainer.__init__.__signature__ = inspect.Signature(
-    [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)] + _OPTION_PARAMETERS)
-Trainer.__new__.__signature__ = inspect.Signature(
-    [inspect.Parameter("cls", inspect.Parameter.POSITIONAL_OR_KEYWORD)] + _OPTION_PARAMETERS)
+Trainer.__init__.__signature__ = options_lib.signature("self")
+Trainer.__new__.__signature__ = options_lib.signature("cls")
