@@ -46,8 +46,6 @@ from tapekit.models import MLP, DCGANDiscriminator, DCGANGenerator, Discriminato
 from tapekit.models import LinearRegression  # noqa: E402
 from tapekit.trainers import datasets  # noqa: E402
 
-logging.set_verbosity(logging.ERROR)
-
 
 # ------------------------------------------------------------------ workloads: the science
 
@@ -528,6 +526,7 @@ def main(argv=None):
     parser.add_argument("--workloads", default=None,
                         help="comma-separated prefixes of workload names to run")
     args = parser.parse_args(argv)
+    logging.set_verbosity(logging.ERROR)  # here, not at import: importing it changes nothing
     repeats = args.repeats or (3 if args.quick else 5)
     started = time.perf_counter()
     report = {"tensorflow": tf.__version__, "keras": keras.__version__, "quick": args.quick,
