@@ -93,6 +93,7 @@ class Engine:
         self._restored = False
         self._eval_loop: Optional[CompiledLoop] = None
         self._train_iterator = None
+        self._train_endless = False  # see _make_train_iterator
         self._train_trace: Optional[build_lib.StepTrace] = None
         self._in_memory = inputs.InMemoryCache()
         self._updaters: Dict[tuple, updates.GradientUpdater] = {}
@@ -193,13 +194,6 @@ class Engine:
         the latest checkpoint, positioning the input."""
         in_memory = self.in_memory_examples(dataset)
         self.ensure_built(dataset, in_memory)
-        if self.train_loop is None or self.train_loop.in_memory is not in_memory:
-            trace, options = self._train_trace, self.options
-            self.train_loop = CompiledLoop(
-                self.strategy, self.trainer.train_step, trace.metric_names,
-                step_counter=self.global_step, jit_compile=options.jit_compile, name="train_loop",
-                in_memory=in_memory, max_retraces=options.max_retraces,
-                finite_means=options.nan_policy == "skip_step", keras_metrics=trace.keras_metrics)
         if not self._restored:
             self._restored = True
             learning_rate_change = self._record_run(fit_settings or {})
@@ -208,6 +202,16 @@ class Engine:
                 self._override_learning_rates(*learning_rate_change)
         elif in_memory is None and (dataset is not None or self._train_iterator is None):
             self._train_iterator = self._make_train_iterator(dataset, 0)
+        endless = in_memory is None and self._train_endless
+        loop = self.train_loop
+        if loop is None or loop.in_memory is not in_memory or loop.endless != endless:
+            trace, options = self._train_trace, self.options
+            self.train_loop = CompiledLoop(
+                self.strategy, self.trainer.train_step, trace.metric_names,
+                step_counter=self.global_step, jit_compile=options.jit_compile, name="train_loop",
+                in_memory=in_memory, max_retraces=options.max_retraces,
+                finite_means=options.nan_policy == "skip_step", keras_metrics=trace.keras_metrics,
+                endless=endless)
 
     def evaluate(self, steps: Optional[int] = None, dataset=None) -> Dict[str, float]:
         """`Trainer.evaluate` (arguments validated there)."""
@@ -274,7 +278,15 @@ class Engine:
         return self._in_memory.get(self.strategy, arrays, self.global_batch_size, self.options.seed)
 
     def _make_train_iterator(self, dataset, skip_steps: int):
-        return iter(self.distribute(dataset, self.trainer.train_dataset, skip_steps=skip_steps))
+        """The training iterator; notes whether its data provably never ends (every input
+        pipeline's dataset has infinite cardinality), which lets the loop skip the
+        per-step end-of-data check."""
+        pipelines = []
+        iterator = iter(self.distribute(dataset, self.trainer.train_dataset,
+                                        skip_steps=skip_steps, on_dataset=pipelines.append))
+        self._train_endless = bool(pipelines) and all(
+            d.cardinality() == tf.data.INFINITE_CARDINALITY for d in pipelines)
+        return iterator
 
     def _restore_and_position(self, dataset, in_memory):
         """Restores `restore_from` or the latest checkpoint; returns the training iterator

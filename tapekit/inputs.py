@@ -19,32 +19,39 @@ from tapekit.errors import TapekitError
 
 def distribute(strategy: tf.distribute.Strategy, dataset, dataset_fn: Callable,
                global_batch_size: int, seed: int, skip_steps: int = 0, evaluation: bool = False,
-               must_end: bool = False):
+               must_end: bool = False, on_dataset: Callable = lambda dataset: None):
     """A distributed dataset of `dataset` (or of `dataset_fn` when it is None), with
     `skip_steps` global steps of it already consumed.
 
     `evaluation`: arrays are read once, in order, not shuffled or repeated; `must_end`:
-    refuse data that TensorFlow knows repeats forever.
+    refuse data that TensorFlow knows repeats forever. `on_dataset` is called with each
+    `tf.data.Dataset` being distributed (one per input pipeline made here), when it is made.
     """
+    def seen(made):
+        on_dataset(made)
+        return made
+
     if dataset is None:
         return strategy.distribute_datasets_from_function(
-            lambda context: skip(checked(dataset_fn(context), must_end), context, skip_steps))
+            lambda context: seen(skip(checked(dataset_fn(context), must_end), context,
+                                      skip_steps)))
     if isinstance(dataset, tf.distribute.DistributedDataset):
         if skip_steps:
             raise TapekitError("cannot resume a tf.distribute.DistributedDataset at a step; pass "
                                "the tf.data.Dataset (or train_dataset) instead.")
         return dataset
     if isinstance(dataset, tf.data.Dataset):
-        return strategy.experimental_distribute_dataset(checked(dataset, must_end).skip(skip_steps))
+        return strategy.experimental_distribute_dataset(
+            seen(checked(dataset, must_end).skip(skip_steps)))
     if isinstance(dataset, (np.ndarray, tf.Tensor, tuple, list, dict)):
         examples = tf.data.Dataset.from_tensor_slices(
             tuple(dataset) if isinstance(dataset, list) else dataset)
         size = int(examples.cardinality())
         return strategy.distribute_datasets_from_function(
-            lambda context: skip(data_lib.per_replica_batches(
+            lambda context: seen(skip(data_lib.per_replica_batches(
                 examples, context, global_batch_size,
                 shuffle_buffer_size=None if evaluation else size, seed=seed,
-                repeat=not evaluation), context, skip_steps))
+                repeat=not evaluation), context, skip_steps)))
     raise TapekitError(
         f"fit/evaluate got a dataset of type {type(dataset).__name__}; pass a tf.data.Dataset "
         "of global batches, NumPy arrays (or a tuple/dict of them), or None.")

@@ -116,3 +116,21 @@ def test_every_public_name_tapekit_reserves_is_documented():
     reserved = [name for name in dir(tapekit.Trainer)
                 if isinstance(getattr(tapekit.Trainer, name), property)]
     assert set(reserved) - {"stop_training"} <= set(TAPEKIT_ATTRIBUTES)
+
+
+def test_data_that_never_ends_is_read_without_a_per_step_end_check():
+    class FromPipeline(Line):
+        def train_arrays(self):
+            return None
+
+        def train_dataset(self, input_context):
+            return tapekit.per_replica_batches(tf.data.Dataset.from_tensor_slices(self.arrays),
+                                               input_context, self.global_batch_size)
+
+    trainer = FromPipeline(progress="none")
+    trainer.fit(train_steps=8, steps_per_loop=4)
+    assert trainer._engine.train_loop.endless  # repeat(): infinite cardinality
+    finite = tf.data.Dataset.from_tensor_slices(trainer.arrays).batch(16)
+    history = trainer.fit(train_steps=100, steps_per_loop=4, dataset=finite)
+    assert not trainer._engine.train_loop.endless and trainer.current_step == 12
+    assert [h["step"] for h in history] == [12]  # 4 batches of 64 examples, then it ran out
