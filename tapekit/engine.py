@@ -260,9 +260,13 @@ class Engine:
                                "that has checkpoints (train first).")
         checkpointing.check_restorable(path)
         self.ensure_built()
+        self._restore_read_only(path)
+        return self.current_step
+
+    def _restore_read_only(self, path: str) -> None:
+        """Restores `path` with a checkpointer that can never write (checked, see Checkpointer)."""
         Checkpointer(self.checkpoint_objects(), None, True).restore(path)
         logging.info("restored checkpoint %s at step %d", path, self.current_step)
-        return self.current_step
 
     # ------------------------------------------------------------------ input
 
@@ -295,8 +299,7 @@ class Engine:
         path = self._restore_path()
         if checkpointer is None:
             if path:  # no model_dir: restore the state, nothing is saved later
-                Checkpointer(self.checkpoint_objects(), None, True).restore(path)
-                logging.info("restored checkpoint %s at step %d", path, self.current_step)
+                self._restore_read_only(path)
             return None if in_memory else self._make_train_iterator(dataset, self.current_step)
         iterator = None if in_memory is not None else inputs.positioned_iterator(
             lambda skip_steps: self._make_train_iterator(dataset, skip_steps), checkpointer, path)

@@ -36,9 +36,11 @@ def evaluate_checkpoints(engine, steps: Optional[int] = None, until_step: Option
     if model_dir is None:
         raise TapekitError("evaluating checkpoints needs the model_dir the training job writes.")
     directory = os.path.join(model_dir, "checkpoints")
-    callbacks = [callback for callback in (engine.keep_best(),) if callback is not None]
-    callbacks += [callbacks_lib.MetricsFile(os.path.join(model_dir, EVAL_METRICS_FILE)),
-                  callbacks_lib.TensorBoard(os.path.join(model_dir, "summaries"))]
+    # KeepBest first: it adds best_METRIC and best_step to the logs the others write.
+    keep_best = engine.keep_best()
+    callbacks = ([keep_best] if keep_best else []) + [
+        callbacks_lib.MetricsFile(os.path.join(model_dir, EVAL_METRICS_FILE)),
+        callbacks_lib.TensorBoard(os.path.join(model_dir, "summaries"))]
     if once:
         paths = [engine.options.restore_from or tf.train.latest_checkpoint(directory)]
         if paths[0] is None:
