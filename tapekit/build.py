@@ -39,6 +39,7 @@ class StepTrace(NamedTuple):
     metric_names: List[str]  # the keys of the dict the step returns
     updates: List[Tuple[Any, List]]  # (optimizer, variables) in call order, once per replica
     keras_metrics: List[keras.metrics.Metric]  # the ones the step updates
+    static_weights: bool = True  # every returned value's weight is a constant (tapekit.means)
 
 
 def record_update(optimizer, variables) -> bool:
@@ -59,12 +60,15 @@ def trace_step(strategy: tf.distribute.Strategy, step_fn, element_spec,
     keras_metrics = list({id(m): m for m in keras_metrics}.values())
     step_name = getattr(step_fn, "__name__", "step")
     outputs = []
+    static_weights = []
     used_metrics = {}
 
     def replica_fn(batch):
         with tf.variable_creator_scope(_create_eagerly), means.recording(), \
                 randomness.per_replica_seeds():
             result = step_fn(batch)
+            if isinstance(result, dict):
+                static_weights.append(means.static_weights(result, list(result), batch))
         outputs.append(result)
 
     def record_direct(optimizer, grads_and_vars, *args, **kwargs):
@@ -103,7 +107,7 @@ def trace_step(strategy: tf.distribute.Strategy, step_fn, element_spec,
             "name; rename one (keras.metrics.X(name=...)) or stop returning it.")
     for metric in used:
         _check_metric_placement(metric, strategy)
-    return StepTrace(names, updates, used)
+    return StepTrace(names, updates, used, all(static_weights))
 
 
 def _create_eagerly(next_creator, **kwargs):

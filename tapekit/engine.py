@@ -211,7 +211,7 @@ class Engine:
                 step_counter=self.global_step, jit_compile=options.jit_compile, name="train_loop",
                 in_memory=in_memory, max_retraces=options.max_retraces,
                 finite_means=options.nan_policy == "skip_step", keras_metrics=trace.keras_metrics,
-                endless=endless)
+                endless=endless, static_weights=trace.static_weights)
 
     def evaluate(self, steps: Optional[int] = None, dataset=None) -> Dict[str, float]:
         """`Trainer.evaluate` (arguments validated there)."""
@@ -226,7 +226,8 @@ class Engine:
             trace = self.trace(self.trainer.eval_step, element_spec)
             self._eval_loop = CompiledLoop(self.strategy, self.trainer.eval_step,
                                            trace.metric_names, jit_compile=self.options.jit_compile,
-                                           name="eval_loop", keras_metrics=trace.keras_metrics)
+                                           name="eval_loop", keras_metrics=trace.keras_metrics,
+                                           static_weights=trace.static_weights)
         return self._eval_loop
 
     def keep_best(self) -> Optional[callbacks_lib.KeepBest]:

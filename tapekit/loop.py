@@ -53,6 +53,7 @@ class CompiledLoop:
         finite_means: bool = False,
         keras_metrics: Sequence = (),
         endless: bool = False,
+        static_weights: bool = True,
     ):
         self.strategy = strategy
         self.step_metric_names = tuple(metric_names)
@@ -68,17 +69,26 @@ class CompiledLoop:
         self._traced_spec = None
         self._concrete = None
         self._user_step = replica_step
-        # Set while tracing: True when every metric's weight is a constant (static shapes).
-        self._static_weights = True
+        # Every metric's weight is a constant (static shapes): plain sums, no per-step counts.
+        # A hint (from the build trace); a trace that finds otherwise traces again with counts.
+        self.static_weights = static_weights
         self._measured_step = (
             tf.function(self._measure, jit_compile=True) if jit_compile else self._measure)
         self._function = tf.function(self._loop)
 
+    def _carries_counts(self) -> bool:
+        return self.finite_means or not self.static_weights
+
     def _initial_state(self):
+        # Only what this loop needs: each value carried through the loop costs every step.
         count = len(self.step_metric_names)
-        return {"sums": tf.zeros([count], tf.float32), "counts": tf.zeros([count], tf.float32),
-                "first_bad": tf.constant(NO_BAD_STEP, tf.int64),
-                "bad_steps": tf.zeros([], tf.float32)}
+        state = {"sums": tf.zeros([count], tf.float32),
+                 "first_bad": tf.constant(NO_BAD_STEP, tf.int64)}
+        if self._carries_counts():
+            state["counts"] = tf.zeros([count], tf.float32)
+        if self.finite_means:
+            state["bad_steps"] = tf.zeros([], tf.float32)
+        return state
 
     def _measure(self, batch):
         """Runs the step on one replica's batch. Returns its metric values [k] and, unless
@@ -91,8 +101,9 @@ class CompiledLoop:
         values = [tf.cast(outputs[name], tf.float32) for name in self.step_metric_names]
         size = means.batch_size(batch)
         weights = [entry[1] if entry else size for entry in recorded]
-        self._static_weights = all(isinstance(w, (int, float)) for w in weights)
-        if self._static_weights:
+        if not self._carries_counts():
+            if not all(isinstance(w, (int, float)) for w in weights):
+                raise _NeedsCounts()
             return tf.stack(values), None, None
         weights = [tf.cast(w, tf.float32) for w in weights]
         totals = [tf.cast(entry[0], tf.float32) if entry else value * weight
@@ -181,7 +192,7 @@ class CompiledLoop:
                     self.step_counter.assign_add(1)
                 steps_run += 1
         sums = strategy.reduce(tf.distribute.ReduceOp.SUM, state["sums"], axis=None)
-        if self.finite_means or not self._static_weights:
+        if self._carries_counts():
             counts = strategy.reduce(tf.distribute.ReduceOp.SUM, state["counts"], axis=None)
         else:
             counts = tf.cast(steps_run, tf.float32) * strategy.num_replicas_in_sync
@@ -230,15 +241,16 @@ class CompiledLoop:
     def __call__(self, iterator, num_steps: Optional[int]) -> LoopResult:
         """Runs up to `num_steps` steps (None: until the iterator runs out). Eager."""
         num_steps = tf.constant(NO_BAD_STEP if num_steps is None else num_steps, tf.int64)
-        if iterator is None:
-            # A concrete function called directly skips tf.function's per-call argument
-            # binding and cache lookup (a fraction of a millisecond per loop).
-            if self._concrete is None:
-                self._concrete = self._function.get_concrete_function(None, num_steps)
-            packed = self._concrete(num_steps)
-        else:
-            packed = self._function(iterator, num_steps)
-        packed = packed.numpy()
+        traces, spec = self.trace_count, self._traced_spec
+        try:
+            packed = self._call(iterator, num_steps).numpy()
+        except _NeedsCounts:
+            # The step's metrics have weights known only when it runs (a partial batch,
+            # compute_mean with sample weights, ...): trace again, keeping per-step counts.
+            self.trace_count, self._traced_spec = traces, spec
+            self.static_weights = False
+            self._function, self._concrete = tf.function(self._loop), None
+            packed = self._call(iterator, num_steps).numpy()
         count = len(self.metric_names)
         means = [float(value) for value in packed[:count]]
         steps_run, first_bad, bad_steps = (int(value) for value in packed[count:])
@@ -250,6 +262,19 @@ class CompiledLoop:
             metric = next((name for name, value in zip(self.metric_names, means)
                            if value != value or abs(value) == float("inf")), self.metric_names[0])
         return LoopResult(dict(zip(self.metric_names, means)), steps_run, bad_steps, offset, metric)
+
+    def _call(self, iterator, num_steps):
+        if iterator is None:
+            # A concrete function called directly skips tf.function's per-call argument
+            # binding and cache lookup (a fraction of a millisecond per loop).
+            if self._concrete is None:
+                self._concrete = self._function.get_concrete_function(None, num_steps)
+            return self._concrete(num_steps)
+        return self._function(iterator, num_steps)
+
+
+class _NeedsCounts(Exception):
+    """Raised while tracing a loop told its weights are constants when they are not."""
 
 
 def describe_spec_changes(old, new) -> str:

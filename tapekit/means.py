@@ -48,6 +48,15 @@ def recording():
         _local.table = previous
 
 
+def static_weights(outputs, names, batch) -> bool:
+    """True when the weight of every value named (see the module docstring) is a constant,
+    so that plain sums of values make exact means. Call inside `recording()`."""
+    entries = [recorded(outputs[name]) for name in names]
+    if any(entry is None for entry in entries) and not isinstance(batch_size(batch), int):
+        return False
+    return all(isinstance(entry[1], (int, float)) for entry in entries if entry)
+
+
 def batch_size(batch):
     """The size of a batch: the leading dimension of its first tensor (a Python int when
     static, else a scalar tensor); 1 for a batch without one."""

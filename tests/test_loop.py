@@ -37,6 +37,21 @@ def test_none_steps_runs_the_data_to_its_end_weighting_a_partial_batch():
     assert result.metrics["value"] == pytest.approx(3.0)  # the mean of every example
 
 
+def test_per_step_counts_are_carried_only_for_weights_known_when_the_step_runs():
+    # Static batches: plain sums (no counts carried through the loop, which costs every step).
+    static = CompiledLoop(STRATEGY, mean_of_batch, ["value"])
+    batches = iter(tf.data.Dataset.from_tensor_slices(tf.constant([1.0, 3, 5, 7])).batch(
+        2, drop_remainder=True))
+    assert static(batches, None).metrics["value"] == pytest.approx(4.0)
+    assert static.static_weights and static.trace_count == 1
+    # Batches of unknown size, told otherwise by the hint: traced once more with counts (the
+    # failed trace is not counted), and the mean is still exact.
+    dynamic = CompiledLoop(STRATEGY, mean_of_batch, ["value"], static_weights=True)
+    result = dynamic(iterator([1, 2, 3, 4, 5, 6, 7], batch_size=3), None)  # 3, 3 and 1
+    assert result.metrics["value"] == pytest.approx(4.0) and result.steps_run == 3
+    assert not dynamic.static_weights and dynamic.trace_count == 1
+
+
 def test_the_first_non_finite_step_and_metric_are_reported():
     def step(batch):
         x = tf.cast(batch, tf.float32)
