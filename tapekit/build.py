@@ -42,6 +42,25 @@ class StepTrace(NamedTuple):
     static_weights: bool = True  # every returned value's weight is a constant (tapekit.means)
 
 
+# The AutoGraph context outside any tf.function ("unspecified"), captured at import.
+_AUTOGRAPH_CONTEXT = tf.__internal__.autograph.control_status_ctx()
+
+
+def autographed(step_fn):
+    """`step_fn` converted by AutoGraph when called, as a `tf.function` would convert it
+    (tensor-dependent `if`/`for`/`while` become graph control flow; functions it calls are
+    converted in turn, unless marked `do_not_convert`; code AutoGraph cannot convert runs
+    as it is, with TensorFlow's warning).
+
+    tapekit's own `tf.function`s are traced without AutoGraph: converting tapekit's code on
+    every start cost about a second and gained nothing (it uses `tf.while_loop`/`tf.cond`
+    directly). The user's step is converted on its own with this. (`tf.__internal__`'s
+    `tf_convert` is the hook TensorFlow offers library code for exactly this.)
+    """
+    return tf.__internal__.autograph.tf_convert(step_fn, _AUTOGRAPH_CONTEXT,
+                                                convert_by_default=True, user_requested=True)
+
+
 def record_update(optimizer, variables) -> bool:
     """Called by `apply_gradients`: True (and recorded) while a step is traced for building."""
     if _updates is None:
@@ -63,10 +82,12 @@ def trace_step(strategy: tf.distribute.Strategy, step_fn, element_spec,
     static_weights = []
     used_metrics = {}
 
+    converted_step = autographed(step_fn)
+
     def replica_fn(batch):
         with tf.variable_creator_scope(_create_eagerly), means.recording(), \
                 randomness.per_replica_seeds():
-            result = step_fn(batch)
+            result = converted_step(batch)
             if isinstance(result, dict):
                 static_weights.append(means.static_weights(result, list(result), batch))
         outputs.append(result)
@@ -84,7 +105,8 @@ def trace_step(strategy: tf.distribute.Strategy, step_fn, element_spec,
     for metric in keras_metrics:
         metric.update_state = functools.partial(record_metric, metric, metric.update_state)
     try:
-        traced = tf.function(lambda batch: strategy.run(replica_fn, args=(batch,)))
+        traced = tf.function(lambda batch: strategy.run(replica_fn, args=(batch,)),
+                             autograph=False)
         with strategy.scope():
             traced.get_concrete_function(tf.nest.map_structure(_placeholder_spec, spec))
         updates = list(_updates)

@@ -13,6 +13,7 @@ from typing import Callable, Optional, Sequence
 import tensorflow as tf
 from absl import logging
 
+from tapekit import build
 from tapekit import means
 from tapekit import randomness
 from tapekit.errors import TapekitError
@@ -68,13 +69,13 @@ class CompiledLoop:
         self.trace_count = 0
         self._traced_spec = None
         self._concrete = None
-        self._user_step = replica_step
+        self._user_step = build.autographed(replica_step)
         # Every metric's weight is a constant (static shapes): plain sums, no per-step counts.
         # A hint (from the build trace); a trace that finds otherwise traces again with counts.
         self.static_weights = static_weights
-        self._measured_step = (
-            tf.function(self._measure, jit_compile=True) if jit_compile else self._measure)
-        self._function = tf.function(self._loop)
+        self._measured_step = (tf.function(self._measure, jit_compile=True, autograph=False)
+                               if jit_compile else self._measure)
+        self._function = tf.function(self._loop, autograph=False)
 
     def _carries_counts(self) -> bool:
         return self.finite_means or not self.static_weights
@@ -142,55 +143,20 @@ class CompiledLoop:
         return state
 
     def _loop(self, iterator, num_steps):
+        # Traced without AutoGraph (its conversion of tapekit's own code cost ~1 s of start-up);
+        # the user's step is converted on its own (`autographed`).
         self._count_trace(iterator)  # Python side effects: run only while tracing
         strategy = self.strategy
         for metric in self.keras_metrics:
             metric.reset_state()
         state = strategy.run(self._initial_state)
-        steps_run = tf.constant(0, tf.int64)
-        if self.in_memory is not None and self.in_memory.steps_per_epoch < SHORT_EPOCH:
-            # Few steps per epoch: check the epoch's permutation at every step.
-            first_step = self.step_counter.read_value()
-            for offset in tf.range(num_steps):
-                state = strategy.run(self._in_memory_step_and_accumulate,
-                                     args=(first_step + offset, state, offset, True))
-                self.step_counter.assign_add(1)
-            steps_run = num_steps
-        elif self.in_memory is not None:
-            # Stretches of steps within one epoch: the epoch's permutation is checked once
-            # per stretch, each step is then a slice and a gather.
-            first_step = self.step_counter.read_value()
-            steps_per_epoch = self.in_memory.steps_per_epoch
-            start = tf.constant(0, tf.int64)
-            while start < num_steps:
-                step = first_step + start
-                strategy.run(self.in_memory.prepare, args=(step // steps_per_epoch,))
-                stop = tf.minimum(num_steps, start + steps_per_epoch - step % steps_per_epoch)
-                for offset in tf.range(start, stop):
-                    state = strategy.run(self._in_memory_step_and_accumulate,
-                                         args=(first_step + offset, state, offset))
-                    self.step_counter.assign_add(1)
-                start = stop
-            steps_run = num_steps
+        steps_run = num_steps
+        if self.in_memory is not None:
+            state = self._in_memory_steps(state, num_steps)
         elif self.endless:
-            # get_next_as_optional and its has_value branch cost ~35 µs a step on CPU
-            # (seed GAN); data that provably never ends does not need them.
-            for offset in tf.range(num_steps):
-                state = strategy.run(self._step_and_accumulate,
-                                     args=(next(iterator), state, offset))
-                if self.step_counter is not None:
-                    self.step_counter.assign_add(1)
-            steps_run = num_steps
+            state = self._endless_steps(iterator, state, num_steps)
         else:
-            for offset in tf.range(num_steps):
-                batch = iterator.get_next_as_optional()
-                if not batch.has_value():
-                    break
-                state = strategy.run(self._step_and_accumulate,
-                                     args=(batch.get_value(), state, offset))
-                if self.step_counter is not None:
-                    self.step_counter.assign_add(1)
-                steps_run += 1
+            state, steps_run = self._steps_until_the_end(iterator, state, num_steps)
         sums = strategy.reduce(tf.distribute.ReduceOp.SUM, state["sums"], axis=None)
         if self._carries_counts():
             counts = strategy.reduce(tf.distribute.ReduceOp.SUM, state["counts"], axis=None)
@@ -208,6 +174,71 @@ class CompiledLoop:
         return tf.concat([tf.cast(means, tf.float64),
                           tf.cast(tf.stack([steps_run, first_bad]), tf.float64),
                           tf.cast(tf.reshape(bad_steps, [1]), tf.float64)], 0)
+
+    def _count_step(self) -> None:
+        if self.step_counter is not None:
+            self.step_counter.assign_add(1)
+
+    def _endless_steps(self, iterator, state, num_steps):
+        """`num_steps` steps of data that provably never ends: read with `next`, without the
+        per-step end-of-data check (get_next_as_optional/has_value: ~35 µs a step on CPU
+        for the seed GAN)."""
+        def body(offset, state):
+            state = self.strategy.run(self._step_and_accumulate,
+                                      args=(next(iterator), state, offset))
+            self._count_step()
+            return offset + 1, state
+
+        return tf.while_loop(lambda offset, _: offset < num_steps, body,
+                             (tf.constant(0, tf.int64), state))[1]
+
+    def _steps_until_the_end(self, iterator, state, num_steps):
+        """Up to `num_steps` steps, stopping cleanly where the data ends: (state, steps run)."""
+        def body(offset, ended, state):
+            batch = iterator.get_next_as_optional()
+
+            def step():
+                new_state = self.strategy.run(self._step_and_accumulate,
+                                              args=(batch.get_value(), state, offset))
+                self._count_step()
+                return new_state
+
+            has_value = batch.has_value()
+            state = tf.cond(has_value, step, lambda: state)
+            return offset + tf.cast(has_value, tf.int64), tf.logical_not(has_value), state
+
+        steps_run, _, state = tf.while_loop(
+            lambda offset, ended, _: tf.logical_and(offset < num_steps, tf.logical_not(ended)),
+            body, (tf.constant(0, tf.int64), tf.constant(False), state))
+        return state, steps_run
+
+    def _in_memory_steps(self, state, num_steps):
+        """`num_steps` steps of in-memory examples (`tapekit.data.InMemoryExamples`)."""
+        first_step = self.step_counter.read_value()
+        steps_per_epoch = self.in_memory.steps_per_epoch
+
+        def steps(start, stop, state, prepare):
+            def body(offset, state):
+                state = self.strategy.run(self._in_memory_step_and_accumulate,
+                                          args=(first_step + offset, state, offset, prepare))
+                self._count_step()
+                return offset + 1, state
+
+            return tf.while_loop(lambda offset, _: offset < stop, body, (start, state))[1]
+
+        if steps_per_epoch < SHORT_EPOCH:  # few steps per epoch: check the epoch at every step
+            return steps(tf.constant(0, tf.int64), num_steps, state, True)
+
+        def stretch(start, state):
+            # Steps within one epoch: its permutation is checked once per stretch; each step
+            # is then a slice and a gather.
+            step = first_step + start
+            self.strategy.run(self.in_memory.prepare, args=(step // steps_per_epoch,))
+            stop = tf.minimum(num_steps, start + steps_per_epoch - step % steps_per_epoch)
+            return stop, steps(start, stop, state, False)
+
+        return tf.while_loop(lambda start, _: start < num_steps, stretch,
+                             (tf.constant(0, tf.int64), state))[1]
 
     def _keras_metric_results(self):
         """The keras.metrics' results (cross-replica: their states summed over replicas)."""
@@ -249,7 +280,7 @@ class CompiledLoop:
             # compute_mean with sample weights, ...): trace again, keeping per-step counts.
             self.trace_count, self._traced_spec = traces, spec
             self.static_weights = False
-            self._function, self._concrete = tf.function(self._loop), None
+            self._function, self._concrete = tf.function(self._loop, autograph=False), None
             packed = self._call(iterator, num_steps).numpy()
         count = len(self.metric_names)
         means = [float(value) for value in packed[:count]]

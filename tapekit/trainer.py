@@ -142,6 +142,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers for train_step
 
+    @tf.autograph.experimental.do_not_convert  # tapekit's code: no AutoGraph needed
     def compute_loss(self, per_example_loss, regularization_losses: Optional[Iterable] = None):
         """Averages a per-example loss over the GLOBAL batch. Call inside `train_step` (per replica).
 
@@ -162,6 +163,7 @@ class Trainer:
         """
         return means.global_batch_mean(per_example_loss, regularization_losses, self.num_replicas)
 
+    @tf.autograph.experimental.do_not_convert
     def compute_mean(self, values, sample_weight=None):
         """The mean of a per-example quantity (e.g. `correct` for accuracy), reported exactly.
 
@@ -174,6 +176,7 @@ class Trainer:
         """
         return means.weighted_mean(values, sample_weight)
 
+    @tf.autograph.experimental.do_not_convert
     def apply_gradients(self, tape: tf.GradientTape, loss: tf.Tensor,
                         models_or_variables: ModelsOrVariables,
                         optimizer: keras.optimizers.Optimizer,
