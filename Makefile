@@ -37,7 +37,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench.py
+	$(PY) benchmarks/bench.py --readme README.md
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/bench.py --quick --json benchmarks/results-quick.json

@@ -6,6 +6,8 @@ import os
 import time
 import types
 
+import pytest
+
 from helpers import TESTS
 
 _spec = importlib.util.spec_from_file_location(
@@ -42,3 +44,44 @@ def test_the_unreachable_eager_target_is_gone():
     checks = bench.check_targets("seed MLP", {"eager / tapekit_memory": 90.0,
                                               "tapekit_memory / graph+memory": 1.0})
     assert all("eager" not in target for target, _, _ in checks)
+
+
+def test_targets_are_the_hand_written_limit_on_both_paths_and_keras_fit_like_for_like():
+    r = {"tapekit / graph+data": 1.04, "tapekit_memory / graph+memory": 1.06,
+         "keras_fit / tapekit": 0.9, "keras_fit / tapekit_xla": 1.3}
+    without_xla = {t: (v, ok) for t, v, ok in bench.check_targets("seed GAN", r)}
+    assert without_xla["tf.data: tapekit ≤ 1.05 × the hand-written loop"] == (1.04, True)
+    assert without_xla["in memory: tapekit ≤ 1.05 × the hand-written loop"] == (1.06, False)
+    assert without_xla["tapekit faster than Keras fit on the same pipeline (both without XLA)"] \
+        == (0.9, False)
+    with_xla = {t: ok for t, _, ok in bench.check_targets("seed GAN", r, keras_xla=True)}
+    assert with_xla["tapekit faster than Keras fit on the same pipeline (both with XLA)"]
+    assert len(with_xla) == 3
+
+
+def test_the_readme_block_is_rewritten_from_the_report_and_nothing_else(tmp_path):
+    report = {"machine": "Test CPU, 2 cores, no GPU, Linux", "tensorflow": "2.x", "keras": "3.x",
+              "repeats": 5, "startup_s": {"gan": {"plain": 2.5, "tapekit": 3.0}},
+              "workloads": {"seed GAN": {
+                  "us_per_step": {"graph+data": 200.0, "tapekit": 205.0, "keras_fit": None},
+                  "ratios": {"tapekit / graph+data": 1.025}, "keras_xla": False,
+                  "targets": [{"target": "t", "value": 1.025, "holds": True}]}}}
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# intro\n\n{bench.README_START}\nold table\n{bench.README_END}\n\n# after\n")
+    bench.write_readme(str(readme), report)
+    text = readme.read_text()
+    assert text.startswith("# intro\n\n") and text.endswith("\n\n# after\n")
+    assert "old table" not in text and "Test CPU, 2 cores" in text
+    assert "| seed GAN | – | – | 200 | – | noisy | 205 | – |" in text
+    assert "| seed GAN | 1.02 | noisy | noisy | 1 of 1 |" in text
+    assert "| gan | 2.50 | 3.00 | +0.50 |" in text
+    assert "no XLA here" in text
+    readme.write_text("no markers")
+    with pytest.raises(SystemExit, match="no <!-- bench:start -->"):
+        bench.write_readme(str(readme), report)
+
+
+def test_start_up_reads_the_end_of_step_one_from_tapekit_train_s_log():
+    log = ("I1128 12:23:53.150000 1398 cli.py:100] building\n"
+           "I1128 12:23:53.239692 1398 callbacks.py:254] step 1/1: loss=7.3001, steps_per_sec=0.6\n")
+    assert bench.startup.STEP_ONE.search(log).groups() == ("12", "23", "53.239692")
