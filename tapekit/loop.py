@@ -295,13 +295,13 @@ class CompiledLoop:
         return LoopResult(dict(zip(self.metric_names, means)), steps_run, bad_steps, offset, metric)
 
     def _call(self, iterator, num_steps):
-        if iterator is None:
-            # A concrete function called directly skips tf.function's per-call argument
-            # binding and cache lookup (a fraction of a millisecond per loop).
-            if self._concrete is None:
-                self._concrete = self._function.get_concrete_function(None, num_steps)
-            return self._concrete(num_steps)
-        return self._function(iterator, num_steps)
+        # The concrete function for this iterator, called directly: it skips tf.function's
+        # per-call binding of the arguments to a signature and its cache lookup (~0.3 ms a
+        # loop, ~3 µs a step at 100 steps a loop). Looked up again for a new iterator.
+        if self._concrete is None or self._concrete[0] is not iterator:
+            self._concrete = (iterator, self._function.get_concrete_function(iterator, num_steps))
+        concrete = self._concrete[1]
+        return concrete(num_steps) if iterator is None else concrete(iterator, num_steps)
 
 
 class _NeedsCounts(Exception):
