@@ -56,3 +56,22 @@ def test_shard_files_gives_each_worker_disjoint_files(tmp_path):
     assert shares == [names[0::2], names[1::2]]
     with pytest.raises(tapekit.TapekitError, match="at least one file per worker"):
         data.shard_files(names[:1], tf.distribute.InputContext(2, 0, 2))
+
+
+@pytest.mark.parametrize("pipelines, pipeline_id", [(1, 0), (2, 1)])
+def test_per_replica_batches_cut_each_global_batch_into_static_replica_slices(pipelines, pipeline_id):
+    # 4 replicas, global batch 8: replica r gets rows [2r, 2r + 2) of each global batch (a
+    # worker of 2 keeps its 2 replicas' rows), shapes static, the same rows as one replica.
+    x = np.arange(48, dtype=np.float32).reshape(24, 2)
+    examples = tf.data.Dataset.from_tensor_slices({"x": x, "i": np.arange(24)})
+    context = tf.distribute.InputContext(pipelines, pipeline_id, num_replicas_in_sync=4)
+    dataset = tapekit.per_replica_batches(examples, context, 8, shuffle_buffer_size=24, seed=3)
+    assert dataset.element_spec["x"].shape == [2, 2] and dataset.element_spec["i"].shape == [2]
+    whole = tapekit.per_replica_batches(examples, None, 8, shuffle_buffer_size=24, seed=3)
+    local = 4 // pipelines
+    parts = [b["i"] for b in dataset.take(6 * local).as_numpy_iterator()]
+    for step, batch in enumerate(whole.take(6).as_numpy_iterator()):
+        mine = batch["i"][pipeline_id * local * 2:(pipeline_id + 1) * local * 2]
+        np.testing.assert_array_equal(np.concatenate(parts[step * local:(step + 1) * local]), mine)
+    first = next(dataset.as_numpy_iterator())
+    np.testing.assert_array_equal(first["x"], x[first["i"]])
