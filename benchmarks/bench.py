@@ -431,7 +431,7 @@ STEP_COUNTS = {
     "tf.function": ((200, 600), (20, 60)),
     "keras_arrays": ((20, 60), (20, 60)),  # per-epoch overhead rules when an epoch is 1 step
 }
-DEFAULT_COUNTS = ((500, 2000), (20, 60))
+DEFAULT_COUNTS = ((1000, 4000), (20, 60))
 
 
 def step_counts(name, work, quick):
@@ -439,6 +439,8 @@ def step_counts(name, work, quick):
     counts = STEP_COUNTS.get(name, DEFAULT_COUNTS)[heavy]
     if quick and name in ("eager", "tf.function"):  # slow per step, and not compared closely
         counts = tuple(max(3, c // 4) for c in counts)
+    elif quick and not heavy:
+        counts = tuple(c // 2 for c in counts)
     return counts
 
 
@@ -454,8 +456,10 @@ def trusted(values):
     return median > 0 and max(values) - min(values) < median
 
 
-def measure(work, repeats, quick, only=None):
-    """Median µs per step for each approach; None where it stayed noisy."""
+def measure(work, repeats, quick, only=None, paired=None):
+    """Median µs per step for each approach; None where it stayed noisy. `paired` (a dict)
+    receives the interleaved repeats of each approach trusted without re-measuring, so that
+    ratios can pair repeats taken side by side."""
     names = [n for n in APPROACHES if only is None or n in only]
     if work.name.startswith(("MLP 784", "conv GAN")) and quick:  # the slowest columns
         names = [n for n in names if n not in ("eager", "tf.function", "keras_arrays")]
@@ -480,6 +484,8 @@ def measure(work, repeats, quick, only=None):
                   flush=True)
             values = [marginal_us(runs[name], short, long) for _ in range(repeats)]
         result[name] = statistics.median(values) if trusted(values) else None
+        if paired is not None and values is samples[name] and result[name] is not None:
+            paired[name] = values
     return result
 
 
@@ -528,9 +534,20 @@ RATIOS = [  # (numerator, denominator): the comparisons the project's targets ar
 HAND_WRITTEN_LIMIT = 1.05  # tapekit's time per step over the hand-written loop's, at most
 
 
-def ratios(name, times):
-    """Only between trusted figures (a noisy one is None and is left out)."""
-    return {f"{a} / {b}": times[a] / times[b] for a, b in RATIOS if times.get(a) and times.get(b)}
+def ratios(name, times, paired=None):
+    """Only between trusted figures (a noisy one is None and is left out). Where both were
+    measured in the same interleaved repeats (`paired`), the median of the per-repeat ratios
+    (side by side, a slow phase of the machine hits both); else the ratio of the medians."""
+    paired = paired or {}
+    result = {}
+    for a, b in RATIOS:
+        if not (times.get(a) and times.get(b)):
+            continue
+        if a in paired and b in paired:
+            result[f"{a} / {b}"] = statistics.median(x / y for x, y in zip(paired[a], paired[b]))
+        else:
+            result[f"{a} / {b}"] = times[a] / times[b]
+    return result
 
 
 def check_targets(name, r, keras_xla=False):
@@ -641,7 +658,7 @@ def main(argv=None):
                         help="start-up runs per command (default 5; 0 in --quick mode)")
     args = parser.parse_args(argv)
     logging.set_verbosity(logging.ERROR)  # here, not at import: importing it changes nothing
-    repeats = args.repeats or (3 if args.quick else 5)
+    repeats = args.repeats or (3 if args.quick else 7)
     started = time.perf_counter()
     report = {"machine": machine(), "tensorflow": tf.__version__, "keras": keras.__version__,
               "quick": args.quick, "repeats": repeats, "cpus": os.cpu_count(), "workloads": {}}
@@ -654,8 +671,9 @@ def main(argv=None):
     print("median µs per step (marginal cost; lower is better)")
     print(f"{'workload':40s}" + "".join(f"{c:>15s}" for c in columns))
     for work in chosen:
-        times = measure(work, repeats, args.quick)
-        r = ratios(work.name, times)
+        paired = {}
+        times = measure(work, repeats, args.quick, paired=paired)
+        r = ratios(work.name, times, paired)
         keras_xla = keras_uses_xla(work)
         checks = check_targets(work.name, r, keras_xla)
         report["workloads"][work.name] = {

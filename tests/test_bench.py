@@ -85,3 +85,11 @@ def test_start_up_reads_the_end_of_step_one_from_tapekit_train_s_log():
     log = ("I1128 12:23:53.150000 1398 cli.py:100] building\n"
            "I1128 12:23:53.239692 1398 callbacks.py:254] step 1/1: loss=7.3001, steps_per_sec=0.6\n")
     assert bench.startup.STEP_ONE.search(log).groups() == ("12", "23", "53.239692")
+
+
+def test_ratios_pair_the_repeats_taken_side_by_side():
+    times = {"tapekit": 110.0, "graph+data": 100.0, "keras_fit": 150.0}
+    paired = {"tapekit": [100.0, 120.0, 300.0], "graph+data": [100.0, 100.0, 280.0]}
+    r = bench.ratios("seed fake", times, paired)
+    assert r["tapekit / graph+data"] == sorted([1.0, 1.2, 300 / 280])[1]  # median of pairs
+    assert r["keras_fit / tapekit"] == 150.0 / 110.0  # keras_fit was re-measured: medians
