@@ -445,10 +445,15 @@ def step_counts(name, work, quick):
 
 
 # A median marginal cost is trusted when it is positive and the spread of its repeats
-# (max - min) is smaller than it; otherwise it is measured again with this many times the
+# (max - min) is smaller than it; otherwise it is measured again with RETRY_FACTOR times the
 # steps, up to MAX_RETRIES times, and then reported as noisy (left out of ratios and targets).
+# When a column the targets compare is measured again, the other compared columns are
+# measured again with it, interleaved, at the same step counts: a cost per step need not be
+# the same over 80 steps as over 20 (Keras fit on the conv GAN slows down in longer calls),
+# so compared figures always come from one pass.
 RETRY_FACTOR = 4
 MAX_RETRIES = 2
+COMPARED = ("graph+data", "graph+memory", "keras_fit", "tapekit", "tapekit_memory", "tapekit_xla")
 
 
 def trusted(values):
@@ -458,8 +463,8 @@ def trusted(values):
 
 def measure(work, repeats, quick, only=None, paired=None):
     """Median µs per step for each approach; None where it stayed noisy. `paired` (a dict)
-    receives the interleaved repeats of each approach trusted without re-measuring, so that
-    ratios can pair repeats taken side by side."""
+    receives, per approach, (pass, repeats): ratios pair the repeats of one pass, taken side
+    by side."""
     names = [n for n in APPROACHES if only is None or n in only]
     if work.name.startswith(("MLP 784", "conv GAN")) and quick:  # the slowest columns
         names = [n for n in names if n not in ("eager", "tf.function", "keras_arrays")]
@@ -468,24 +473,40 @@ def measure(work, repeats, quick, only=None, paired=None):
         runs[name] = APPROACHES[name](work)
         short, _ = step_counts(name, work, quick)
         runs[name](short)  # warm-up: tracing, first iterator
-    samples = {name: [] for name in names}
-    for _ in range(repeats):
-        for name in names:  # interleaved, so slow phases of a noisy machine hit all alike
-            samples[name].append(marginal_us(runs[name], *step_counts(name, work, quick)))
-    result = {}
-    for name, values in samples.items():
-        short, long = step_counts(name, work, quick)
-        for retry in range(MAX_RETRIES):
-            if trusted(values):
-                break
-            short, long = short * RETRY_FACTOR, long * RETRY_FACTOR
+
+    def interleaved(group, factor):
+        values = {name: [] for name in group}
+        for _ in range(repeats):
+            for name in group:  # interleaved, so slow phases of a noisy machine hit all alike
+                short, long = step_counts(name, work, quick)
+                values[name].append(marginal_us(runs[name], short * factor, long * factor))
+        return values
+
+    samples = interleaved(names, 1)
+    measured_in = dict.fromkeys(names, 0)
+    for retry in range(1, MAX_RETRIES + 1):
+        noisy = [name for name in names if not trusted(samples[name])]
+        if not noisy:
+            break
+        group = list(noisy)
+        if any(name in COMPARED for name in noisy):
+            group += [name for name in names if name in COMPARED and name not in noisy]
+        factor = RETRY_FACTOR ** retry
+        for name in noisy:
+            short, long = step_counts(name, work, quick)
+            values = samples[name]
             print(f"  {work.name} / {name}: {statistics.median(values):.1f} µs with spread "
-                  f"{max(values) - min(values):.1f}; measuring again with {short}/{long} steps",
-                  flush=True)
-            values = [marginal_us(runs[name], short, long) for _ in range(repeats)]
+                  f"{max(values) - min(values):.1f}; measuring again with {short * factor}/"
+                  f"{long * factor} steps" + (f" (with {', '.join(n for n in group if n not in noisy)})"
+                                               if len(group) > len(noisy) else ""), flush=True)
+        samples.update(interleaved(group, factor))
+        measured_in.update(dict.fromkeys(group, retry))
+    result = {}
+    for name in names:
+        values = samples[name]
         result[name] = statistics.median(values) if trusted(values) else None
-        if paired is not None and values is samples[name] and result[name] is not None:
-            paired[name] = values
+        if paired is not None and result[name] is not None:
+            paired[name] = (measured_in[name], values)
     return result
 
 
@@ -536,15 +557,17 @@ HAND_WRITTEN_LIMIT = 1.05  # tapekit's time per step over the hand-written loop'
 
 def ratios(name, times, paired=None):
     """Only between trusted figures (a noisy one is None and is left out). Where both were
-    measured in the same interleaved repeats (`paired`), the median of the per-repeat ratios
-    (side by side, a slow phase of the machine hits both); else the ratio of the medians."""
+    measured in the same pass of interleaved repeats (`paired`: name -> (pass, repeats)), the
+    median of the per-repeat ratios (side by side, a slow phase of the machine hits both);
+    else the ratio of the medians."""
     paired = paired or {}
     result = {}
     for a, b in RATIOS:
         if not (times.get(a) and times.get(b)):
             continue
-        if a in paired and b in paired:
-            result[f"{a} / {b}"] = statistics.median(x / y for x, y in zip(paired[a], paired[b]))
+        if a in paired and b in paired and paired[a][0] == paired[b][0]:  # one pass
+            result[f"{a} / {b}"] = statistics.median(
+                x / y for x, y in zip(paired[a][1], paired[b][1]))
         else:
             result[f"{a} / {b}"] = times[a] / times[b]
     return result

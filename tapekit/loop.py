@@ -1,11 +1,17 @@
 """Turning a per-replica step into one compiled, in-graph loop (the inner loop).
 
 Python runs once per loop, not once per step: the `tf.function` below holds a
-`tf.range` loop that reads the distributed iterator, runs the step on every replica
+`tf.while_loop` that reads the distributed iterator, runs the step on every replica
 and keeps per-replica running sums of the step's metrics (weighted by the examples behind
 them, `tapekit.means`) and the first step where one was not finite. Cross-replica
 reduction happens once, after the loop. `keras.metrics` objects the step updates are reset
 when the loop starts and read (exactly, across replicas) when it ends.
+
+Per step the loop adds to the user's step only: a stack and an add (the sums), four ops
+for the first non-finite step (which `nan_policy=stop` names in its error), and the step
+counter's increment; per-step counts are carried only when some weight is known only at
+run time (`static_weights`). The loop's own code is traced without AutoGraph; the user's
+step is converted by AutoGraph as a `tf.function` would (`tapekit.build.autographed`).
 """
 
 from typing import Callable, Optional, Sequence

@@ -89,7 +89,33 @@ def test_start_up_reads_the_end_of_step_one_from_tapekit_train_s_log():
 
 def test_ratios_pair_the_repeats_taken_side_by_side():
     times = {"tapekit": 110.0, "graph+data": 100.0, "keras_fit": 150.0}
-    paired = {"tapekit": [100.0, 120.0, 300.0], "graph+data": [100.0, 100.0, 280.0]}
+    paired = {"tapekit": (0, [100.0, 120.0, 300.0]), "graph+data": (0, [100.0, 100.0, 280.0]),
+              "keras_fit": (1, [150.0, 150.0, 150.0])}
     r = bench.ratios("seed fake", times, paired)
     assert r["tapekit / graph+data"] == sorted([1.0, 1.2, 300 / 280])[1]  # median of pairs
-    assert r["keras_fit / tapekit"] == 150.0 / 110.0  # keras_fit was re-measured: medians
+    assert r["keras_fit / tapekit"] == 150.0 / 110.0  # measured in another pass: medians
+
+
+def test_a_noisy_compared_column_is_measured_again_with_the_columns_it_is_compared_with(
+        monkeypatch):
+    calls = {"tapekit": [], "keras_fit": [], "eager": []}
+
+    def approach(name, noisy):
+        def make(work):
+            def run(steps):
+                calls[name].append(steps)
+                time.sleep(0.05 if noisy and steps == 5 else steps * 0.001)
+            return run
+        return make
+
+    monkeypatch.setattr(bench, "APPROACHES", {"tapekit": approach("tapekit", False),
+                                              "keras_fit": approach("keras_fit", True),
+                                              "eager": approach("eager", False)})
+    monkeypatch.setattr(bench, "STEP_COUNTS", {n: ((5, 15),) * 2 for n in calls})
+    paired = {}
+    times = bench.measure(types.SimpleNamespace(name="seed fake"), repeats=3, quick=False,
+                          paired=paired)
+    assert 20 in calls["tapekit"] and 20 in calls["keras_fit"]  # one pass, 4x the steps
+    assert 20 not in calls["eager"]  # not compared by a target: left alone
+    assert paired["tapekit"][0] == 1 and paired["eager"][0] == 0
+    assert times["keras_fit"] > 0 and times["tapekit"] > 0
