@@ -445,15 +445,18 @@ def step_counts(name, work, quick):
 
 
 # A median marginal cost is trusted when it is positive and the spread of its repeats
-# (max - min) is smaller than it; otherwise it is measured again with RETRY_FACTOR times the
-# steps, up to MAX_RETRIES times, and then reported as noisy (left out of ratios and targets).
-# When a column the targets compare is measured again, the other compared columns are
-# measured again with it, interleaved, at the same step counts: a cost per step need not be
-# the same over 80 steps as over 20 (Keras fit on the conv GAN slows down in longer calls),
-# so compared figures always come from one pass.
+# (max - min) is smaller than it; otherwise it is measured again, once, with RETRY_FACTOR
+# times the steps, and if it stays that way it is reported as noisy (left out of ratios and
+# targets). The columns a target compares it with are measured again with it, interleaved,
+# at the same step counts: a cost per step need not be the same over 80 steps as over 20
+# (Keras fit on the conv GAN slows down in longer calls), so a ratio always compares
+# figures of one pass.
 RETRY_FACTOR = 4
-MAX_RETRIES = 2
-COMPARED = ("graph+data", "graph+memory", "keras_fit", "tapekit", "tapekit_memory", "tapekit_xla")
+PARTNERS = {  # column: the columns the targets compare it with
+    "graph+data": ("tapekit",), "graph+memory": ("tapekit_memory",),
+    "tapekit": ("graph+data", "keras_fit"), "tapekit_memory": ("graph+memory",),
+    "keras_fit": ("tapekit", "tapekit_xla"), "tapekit_xla": ("keras_fit",),
+}
 
 
 def trusted(values):
@@ -461,10 +464,11 @@ def trusted(values):
     return median > 0 and max(values) - min(values) < median
 
 
-def measure(work, repeats, quick, only=None, paired=None):
-    """Median µs per step for each approach; None where it stayed noisy. `paired` (a dict)
-    receives, per approach, (pass, repeats): ratios pair the repeats of one pass, taken side
-    by side."""
+def measure(work, repeats, quick, only=None, passes=None):
+    """Median µs per step for each approach (from its first trusted pass); None where it
+    stayed noisy.
+    `passes` (a dict) receives, per approach, {pass: repeats} of its trusted passes, so that
+    ratios can pair repeats of one pass, taken side by side."""
     names = [n for n in APPROACHES if only is None or n in only]
     if work.name.startswith(("MLP 784", "conv GAN")) and quick:  # the slowest columns
         names = [n for n in names if n not in ("eager", "tf.function", "keras_arrays")]
@@ -482,31 +486,28 @@ def measure(work, repeats, quick, only=None, paired=None):
                 values[name].append(marginal_us(runs[name], short * factor, long * factor))
         return values
 
-    samples = interleaved(names, 1)
-    measured_in = dict.fromkeys(names, 0)
-    for retry in range(1, MAX_RETRIES + 1):
-        noisy = [name for name in names if not trusted(samples[name])]
-        if not noisy:
-            break
-        group = list(noisy)
-        if any(name in COMPARED for name in noisy):
-            group += [name for name in names if name in COMPARED and name not in noisy]
-        factor = RETRY_FACTOR ** retry
+    by_pass = {name: {0: values} for name, values in interleaved(names, 1).items()}
+    noisy = [name for name in names if not trusted(by_pass[name][0])]
+    if noisy:
+        group = noisy + [p for name in noisy for p in PARTNERS.get(name, ())
+                         if p in names and p not in noisy]
+        group = list(dict.fromkeys(group))
         for name in noisy:
             short, long = step_counts(name, work, quick)
-            values = samples[name]
+            values = by_pass[name][0]
+            others = [n for n in group if n not in noisy]
             print(f"  {work.name} / {name}: {statistics.median(values):.1f} µs with spread "
-                  f"{max(values) - min(values):.1f}; measuring again with {short * factor}/"
-                  f"{long * factor} steps" + (f" (with {', '.join(n for n in group if n not in noisy)})"
-                                               if len(group) > len(noisy) else ""), flush=True)
-        samples.update(interleaved(group, factor))
-        measured_in.update(dict.fromkeys(group, retry))
+                  f"{max(values) - min(values):.1f}; measuring again with "
+                  f"{short * RETRY_FACTOR}/{long * RETRY_FACTOR} steps"
+                  + (f" (with {', '.join(others)})" if others else ""), flush=True)
+        for name, values in interleaved(group, RETRY_FACTOR).items():
+            by_pass[name][1] = values
     result = {}
     for name in names:
-        values = samples[name]
-        result[name] = statistics.median(values) if trusted(values) else None
-        if paired is not None and result[name] is not None:
-            paired[name] = (measured_in[name], values)
+        good = {k: v for k, v in by_pass[name].items() if trusted(v)}
+        result[name] = statistics.median(good[min(good)]) if good else None
+        if passes is not None:
+            passes[name] = good
     return result
 
 
@@ -555,19 +556,21 @@ RATIOS = [  # (numerator, denominator): the comparisons the project's targets ar
 HAND_WRITTEN_LIMIT = 1.05  # tapekit's time per step over the hand-written loop's, at most
 
 
-def ratios(name, times, paired=None):
-    """Only between trusted figures (a noisy one is None and is left out). Where both were
-    measured in the same pass of interleaved repeats (`paired`: name -> (pass, repeats)), the
-    median of the per-repeat ratios (side by side, a slow phase of the machine hits both);
-    else the ratio of the medians."""
-    paired = paired or {}
+def ratios(name, times, passes=None):
+    """Only between trusted figures (a noisy one is None and is left out). With `passes`
+    (name -> {pass: repeats}), the median of the per-repeat ratios of the last pass in which
+    both were measured and trusted (side by side, at the same steps: a slow phase of the
+    machine hits both); else the ratio of the medians."""
+    passes = passes or {}
     result = {}
     for a, b in RATIOS:
         if not (times.get(a) and times.get(b)):
             continue
-        if a in paired and b in paired and paired[a][0] == paired[b][0]:  # one pass
+        common = set(passes.get(a, {})) & set(passes.get(b, {}))
+        if common:
+            last = max(common)
             result[f"{a} / {b}"] = statistics.median(
-                x / y for x, y in zip(paired[a][1], paired[b][1]))
+                x / y for x, y in zip(passes[a][last], passes[b][last]))
         else:
             result[f"{a} / {b}"] = times[a] / times[b]
     return result
@@ -694,9 +697,9 @@ def main(argv=None):
     print("median µs per step (marginal cost; lower is better)")
     print(f"{'workload':40s}" + "".join(f"{c:>15s}" for c in columns))
     for work in chosen:
-        paired = {}
-        times = measure(work, repeats, args.quick, paired=paired)
-        r = ratios(work.name, times, paired)
+        passes = {}
+        times = measure(work, repeats, args.quick, passes=passes)
+        r = ratios(work.name, times, passes)
         keras_xla = keras_uses_xla(work)
         checks = check_targets(work.name, r, keras_xla)
         report["workloads"][work.name] = {

@@ -3,6 +3,7 @@ shown as noisy and left out of ratios and targets. (Logic only; no timing is ass
 
 import importlib.util
 import os
+import statistics
 import time
 import types
 
@@ -35,7 +36,8 @@ def test_a_negative_or_spread_out_cost_is_retried_then_reported_as_noisy(monkeyp
     monkeypatch.setattr(bench, "STEP_COUNTS", {"steady": ((5, 15),) * 2, "broken": ((5, 15),) * 2})
     times = bench.measure(types.SimpleNamespace(name="seed fake"), repeats=3, quick=False)
     assert times["steady"] > 0 and times["broken"] is None
-    assert sorted(set(calls["broken"])) == [5, 15, 20, 60, 80, 240]  # two retries, 4× the steps
+    assert sorted(set(calls["broken"])) == [5, 15, 20, 60]  # measured again with 4× the steps
+    assert set(calls["steady"]) == {5, 15}  # not compared with it by a target: left alone
     assert "measuring again with 20/60 steps" in capsys.readouterr().out
     assert bench.ratios("seed fake", {"tapekit": None, "graph+data": 10.0}) == {}
 
@@ -89,11 +91,11 @@ def test_start_up_reads_the_end_of_step_one_from_tapekit_train_s_log():
 
 def test_ratios_pair_the_repeats_taken_side_by_side():
     times = {"tapekit": 110.0, "graph+data": 100.0, "keras_fit": 150.0}
-    paired = {"tapekit": (0, [100.0, 120.0, 300.0]), "graph+data": (0, [100.0, 100.0, 280.0]),
-              "keras_fit": (1, [150.0, 150.0, 150.0])}
-    r = bench.ratios("seed fake", times, paired)
+    passes = {"tapekit": {0: [100.0, 120.0, 300.0]}, "graph+data": {0: [100.0, 100.0, 280.0]},
+              "keras_fit": {1: [150.0, 150.0, 150.0]}}
+    r = bench.ratios("seed fake", times, passes)
     assert r["tapekit / graph+data"] == sorted([1.0, 1.2, 300 / 280])[1]  # median of pairs
-    assert r["keras_fit / tapekit"] == 150.0 / 110.0  # measured in another pass: medians
+    assert r["keras_fit / tapekit"] == 150.0 / 110.0  # no pass in common: medians
 
 
 def test_a_noisy_compared_column_is_measured_again_with_the_columns_it_is_compared_with(
@@ -112,10 +114,14 @@ def test_a_noisy_compared_column_is_measured_again_with_the_columns_it_is_compar
                                               "keras_fit": approach("keras_fit", True),
                                               "eager": approach("eager", False)})
     monkeypatch.setattr(bench, "STEP_COUNTS", {n: ((5, 15),) * 2 for n in calls})
-    paired = {}
+    passes = {}
     times = bench.measure(types.SimpleNamespace(name="seed fake"), repeats=3, quick=False,
-                          paired=paired)
+                          passes=passes)
     assert 20 in calls["tapekit"] and 20 in calls["keras_fit"]  # one pass, 4x the steps
     assert 20 not in calls["eager"]  # not compared by a target: left alone
-    assert paired["tapekit"][0] == 1 and paired["eager"][0] == 0
+    assert set(passes["tapekit"]) == {0, 1} and set(passes["keras_fit"]) == {1}
+    assert set(passes["eager"]) == {0}
     assert times["keras_fit"] > 0 and times["tapekit"] > 0
+    r = bench.ratios("seed fake", times, passes)
+    assert r["keras_fit / tapekit"] == statistics.median(
+        k / t for k, t in zip(passes["keras_fit"][1], passes["tapekit"][1]))
