@@ -125,3 +125,21 @@ def test_a_noisy_compared_column_is_measured_again_with_the_columns_it_is_compar
     r = bench.ratios("seed fake", times, passes)
     assert r["keras_fit / tapekit"] == statistics.median(
         k / t for k, t in zip(passes["keras_fit"][1], passes["tapekit"][1]))
+
+
+def test_loop_ops_counts_the_ops_of_a_loop_body():
+    spec = importlib.util.spec_from_file_location(
+        "loop_ops", os.path.join(os.path.dirname(TESTS), "benchmarks", "loop_ops.py"))
+    loop_ops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loop_ops)
+    tf = loop_ops.tf
+
+    @tf.function
+    def loop(n):
+        total = tf.constant(0.0)
+        for i in tf.range(n):
+            total += tf.math.sqrt(tf.cast(i, tf.float32))
+        return total
+
+    counts = loop_ops.body_ops(loop.get_concrete_function(tf.constant(3)).graph)
+    assert counts["Sqrt"] == 1 and counts["AddV2"] >= 1
