@@ -75,7 +75,7 @@ def test_the_readme_block_is_rewritten_from_the_report_and_nothing_else(tmp_path
     assert text.startswith("# intro\n\n") and text.endswith("\n\n# after\n")
     assert "old table" not in text and "Test CPU, 2 cores" in text
     assert "| seed GAN | – | – | 200 | – | noisy | 205 | – |" in text
-    assert "| seed GAN | 1.02 | noisy | noisy | 1 of 1 |" in text
+    assert "| seed GAN | 1.02 | noisy | noisy | 1 of 3 (2 not judged: noisy) |" in text
     assert "| gan | 2.50 | 3.00 | +0.50 |" in text
     assert "no XLA here" in text
     readme.write_text("no markers")
