@@ -220,17 +220,21 @@ def per_call(steps):
     return [min(STEPS_PER_CALL, steps - done) for done in range(0, steps, STEPS_PER_CALL)]
 
 
-def graph_data(work):
-    models, optimizers = work.fresh()
-    step = work.step_fn(models, optimizers)
-    iterator = iter(pipeline(work))
-
+def in_graph_loop(step):
+    """The hand-written in-graph loop: `steps` calls of `step` on batches of `iterator`."""
     @tf.function
     def loop(iterator, steps):
         loss = tf.constant(0.0)
         for _ in tf.range(steps):
             loss = step(*next(iterator))
         return loss
+    return loop
+
+
+def graph_data(work):
+    models, optimizers = work.fresh()
+    loop = in_graph_loop(work.step_fn(models, optimizers))
+    iterator = iter(pipeline(work))
 
     def run(steps):
         for calls in per_call(steps):

@@ -49,16 +49,7 @@ def tapekit_loop_graph(work):
 
 
 def hand_loop_graph(work):
-    models, optimizers = work.fresh()
-    step = work.step_fn(models, optimizers)
-
-    @tf.function
-    def loop(iterator, steps):
-        loss = tf.constant(0.0)
-        for _ in tf.range(steps):
-            loss = step(*next(iterator))
-        return loss
-
+    loop = bench.in_graph_loop(work.step_fn(*work.fresh()))
     return loop.get_concrete_function(iter(bench.pipeline(work)), tf.constant(2)).graph
 
 
