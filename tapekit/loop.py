@@ -106,10 +106,9 @@ class CompiledLoop:
         if not self.step_metric_names:
             return tf.zeros([0]), None, None
         values = [tf.cast(outputs[name], tf.float32) for name in self.step_metric_names]
-        size = means.batch_size(batch)
-        weights = [entry[1] if entry else size for entry in recorded]
+        weights = means.weights(recorded, batch)
         if not self._carries_counts():
-            if not all(isinstance(w, (int, float)) for w in weights):
+            if not means.constant(weights):
                 raise _NeedsCounts()
             return tf.stack(values), None, None
         weights = [tf.cast(w, tf.float32) for w in weights]

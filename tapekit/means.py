@@ -48,13 +48,21 @@ def recording():
         _local.table = previous
 
 
+def weights(entries, batch) -> list:
+    """The weight of each value given its `recorded` entry: the count recorded, else the
+    size of the replica's batch (a Python number when static, else a tensor)."""
+    size = batch_size(batch)
+    return [entry[1] if entry else size for entry in entries]
+
+
+def constant(weights_) -> bool:
+    """True when every weight is a constant, so that plain sums of values make exact means."""
+    return all(isinstance(weight, (int, float)) for weight in weights_)
+
+
 def static_weights(outputs, names, batch) -> bool:
-    """True when the weight of every value named (see the module docstring) is a constant,
-    so that plain sums of values make exact means. Call inside `recording()`."""
-    entries = [recorded(outputs[name]) for name in names]
-    if any(entry is None for entry in entries) and not isinstance(batch_size(batch), int):
-        return False
-    return all(isinstance(entry[1], (int, float)) for entry in entries if entry)
+    """`constant` weights for the values `names` of `outputs`. Call inside `recording()`."""
+    return constant(weights([recorded(outputs[name]) for name in names], batch))
 
 
 def batch_size(batch):
