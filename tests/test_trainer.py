@@ -10,6 +10,7 @@ import tensorflow as tf
 import tapekit
 from tapekit.models import MLP
 from tapekit.trainers import GANTrainer, RegressionTrainer
+from small_trainers import Unshuffled
 
 
 class MyTrainer(tapekit.Trainer):
@@ -221,3 +222,28 @@ def test_a_step_that_differentiates_and_updates_by_itself_works():
     assert history[-1]["loss"] < 0.5 * history[0]["loss"]
     assert int(trainer.optimizer.iterations.numpy()) == 200
     assert "apply_gradients" not in vars(trainer.optimizer)  # the probe's stand-in is gone
+
+
+class _PythonControlFlow(Unshuffled):
+    """A step with a tensor-dependent `if` and a `for` over tf.range, as tutorials write them:
+    AutoGraph must convert the user's step (tapekit's own code is traced without it)."""
+
+    def train_step(self, batch):
+        x, y = batch
+        with tf.GradientTape() as tape:
+            error = tf.square(y - self.model(x))
+            if tf.reduce_mean(error) > 1e6:  # never true here: the loss stays the MSE
+                error = error * 0.0
+            loss = self.compute_loss(error)
+        self.apply_gradients(tape, loss, self.model, self.optimizer)
+        rows_seen = tf.constant(0.0)
+        for _ in tf.range(tf.shape(x)[0]):
+            rows_seen += 1.0
+        return {"loss": loss, "rows_seen": rows_seen}
+
+
+def test_tensor_control_flow_in_the_user_step_is_converted_by_autograph():
+    trainer = _PythonControlFlow()
+    history = trainer.fit(train_steps=4, steps_per_loop=2)
+    assert [entry["rows_seen"] for entry in history] == [100.0, 100.0]
+    assert history[1]["loss"] < history[0]["loss"]
