@@ -143,3 +143,39 @@ def test_loop_ops_counts_the_ops_of_a_loop_body():
 
     counts = loop_ops.body_ops(loop.get_concrete_function(tf.constant(3)).graph)
     assert counts["Sqrt"] == 1 and counts["AddV2"] >= 1
+
+
+def test_each_compared_approach_is_measured_on_its_fastest_instance(monkeypatch, capsys):
+    built = {"tapekit": [], "eager": []}
+
+    def approach(name, per_step):  # the second instance built of each is slow
+        def make(work):
+            delay = per_step * (3 if len(built[name]) == 1 else 1)
+            built[name].append(delay)
+
+            def run(steps):
+                time.sleep(steps * delay)
+            return run
+        return make
+
+    monkeypatch.setattr(bench, "APPROACHES", {"tapekit": approach("tapekit", 0.001),
+                                              "eager": approach("eager", 0.001)})
+    monkeypatch.setattr(bench, "STEP_COUNTS", {"tapekit": ((5, 15),) * 2, "eager": ((5, 15),) * 2})
+    probes = {}
+    times = bench.measure(types.SimpleNamespace(name="seed fake"), repeats=3, quick=False,
+                          instances=3, probes=probes)
+    assert len(built["tapekit"]) == 3 and len(built["eager"]) == 1  # eager: compared by no target
+    assert len(probes["tapekit"]) == 3 and "eager" not in probes
+    slow = probes["tapekit"][1]
+    assert slow > 2 * max(probes["tapekit"][0], probes["tapekit"][2])
+    assert times["tapekit"] < slow / 2  # the fast instance was measured
+    assert "seed fake / tapekit: instances probed at" in capsys.readouterr().out
+
+
+def test_keras_fit_is_timed_inside_one_call_over_whole_executions():
+    work = next(w for w in bench.workloads(quick=True) if w.name.startswith("seed linear"))
+    run = bench.keras_fit(work)
+    run(100)  # warm-up: one execution of 100 steps
+    us = run.steady_us(300)  # epochs of one execution: 1 untimed + 3 timed
+    assert us > 0
+    assert int(run.model.optimizer.iterations) == 100 + 400
