@@ -66,13 +66,16 @@ def main(argv=None):
     parser.add_argument("--instances", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", default="1000,4000", help="short,long steps per measurement")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated, of: "
+                        + ", ".join(KINDS))
     args = parser.parse_args(argv)
     logging.set_verbosity(logging.ERROR)
     work = next(w for w in bench.workloads(quick=True) if w.name.startswith(args.workload))
     short, long = (int(s) for s in args.steps.split(","))
+    kinds = [k.strip() for k in args.kinds.split(",")]
     runs = {}
     for i in range(args.instances):
-        for kind in KINDS:
+        for kind in kinds:
             runs[(kind, i)] = bench.tapekit_data(work) if kind == "tapekit" else hand_loop(work, kind)
             runs[(kind, i)](short)  # warm-up
     samples = {key: [] for key in runs}
@@ -86,7 +89,7 @@ def main(argv=None):
               "steps (--steps)")
         return 1
     print(f"{work.name}: median of all instances {typical:.1f} µs per step; slow: > {SLOW} × that")
-    for kind in KINDS:
+    for kind in kinds:
         mine = [medians[(kind, i)] for i in range(args.instances)]
         slow = sum(m > SLOW * typical for m in mine)
         print(f"  {kind:10s} {slow} of {len(mine)} slow   " + " ".join(f"{m:7.1f}" for m in mine))

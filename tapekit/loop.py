@@ -75,6 +75,7 @@ class CompiledLoop:
         self.trace_count = 0
         self._traced_spec = None
         self._concrete = None
+        self._counts_each_step = False  # the traced step reads step_counter: count each step
         self._user_step = build.autographed(replica_step)
         # Every metric's weight is a constant (static shapes): plain sums, no per-step counts.
         # A hint (from the build trace); a trace that finds otherwise traces again with counts.
@@ -112,7 +113,8 @@ class CompiledLoop:
                 raise _NeedsCounts()
             return tf.stack(values), None, None
         weights = [tf.cast(w, tf.float32) for w in weights]
-        totals = [tf.cast(entry[0], tf.float32) if entry else value * weight
+        totals = [tf.cast(entry[0], tf.float32) if entry and entry[0] is not None
+                  else value * weight
                   for entry, value, weight in zip(recorded, values, weights)]
         return tf.stack(values), tf.stack(totals), tf.stack(weights)
 
@@ -151,6 +153,7 @@ class CompiledLoop:
         # Traced without AutoGraph (its conversion of tapekit's own code cost ~1 s of start-up);
         # the user's step is converted on its own (`autographed`).
         self._count_trace(iterator)  # Python side effects: run only while tracing
+        self._counts_each_step = False  # set while tracing the step (`_count_step`)
         strategy = self.strategy
         for metric in self.keras_metrics:
             metric.reset_state()
@@ -162,6 +165,7 @@ class CompiledLoop:
             state = self._endless_steps(iterator, state, num_steps)
         else:
             state, steps_run = self._steps_until_the_end(iterator, state, num_steps)
+        self._count_steps(steps_run)
         sums = strategy.reduce(tf.distribute.ReduceOp.SUM, state["sums"], axis=None)
         if self._carries_counts():
             counts = strategy.reduce(tf.distribute.ReduceOp.SUM, state["counts"], axis=None)
@@ -181,8 +185,22 @@ class CompiledLoop:
                           tf.cast(tf.reshape(bad_steps, [1]), tf.float64)], 0)
 
     def _count_step(self) -> None:
-        if self.step_counter is not None:
+        """Counts a step from inside the loop if the step just traced reads the counter (it
+        then sees the steps done before it); otherwise the loop counts its steps once, as it
+        ends (`_count_steps`): a variable update every step costs a few ops a step."""
+        if self.step_counter is None:
+            return
+        if self._step_reads_counter(tf.compat.v1.get_default_graph()):
+            self._counts_each_step = True
             self.step_counter.assign_add(1)
+
+    def _step_reads_counter(self, graph) -> bool:
+        handles = [v.handle for v in self.strategy.experimental_local_results(self.step_counter)]
+        return any(external is handle for external, _ in graph.captures for handle in handles)
+
+    def _count_steps(self, steps_run) -> None:
+        if self.step_counter is not None and not self._counts_each_step:
+            self.step_counter.assign_add(steps_run)
 
     def _steps(self, start, stop, state, replica_fn, arguments):
         """Steps `start` to `stop` (offsets in this loop): each runs `replica_fn` on every

@@ -24,7 +24,8 @@ _local = threading.local()
 
 
 def record(value: tf.Tensor, total, count) -> None:
-    """Remembers that `value` (a scalar the step may return) stands for total / count."""
+    """Remembers that `value` (a scalar the step may return) stands for total / count
+    (`total` None: value × count, computed only if the loop needs it)."""
     table = getattr(_local, "table", None)
     if table is not None:
         table[value.ref()] = (total, count)
@@ -95,13 +96,13 @@ def global_batch_mean(per_example_loss, regularization_losses, num_replicas: int
     replicas = num_replicas
     regularization = (tf.add_n([tf.cast(loss, tf.float32) for loss in regularization_losses])
                       if regularization_losses else None)
-    # The mean over extra axes, then over the global batch, is one sum over everything
-    # divided by (global batch × extra sizes): with static shapes a multiply by a
-    # constant, whose gradient is cheap (a reduce_mean over axes is not).
+    # The mean over extra axes, then over the global batch, is one mean over everything
+    # divided by the replicas: with static shapes the ops of a hand-written reduce_mean.
     if losses.shape.is_fully_defined():
         examples = losses.shape[0]
-        share = tf.reduce_sum(losses) * (1.0 / (losses.shape.num_elements() * replicas))
-        local_total = share * (examples * replicas)
+        mean = tf.reduce_mean(losses)
+        share = mean if replicas == 1 else mean * (1.0 / replicas)
+        local_total = None  # value × examples, as the value is this replica's mean
     else:
         examples = tf.shape(losses)[0]
         extra = tf.cast(tf.reduce_prod(tf.shape(losses)[1:]), tf.float32)
@@ -113,7 +114,8 @@ def global_batch_mean(per_example_loss, regularization_losses, num_replicas: int
         share = tf.math.divide_no_nan(local_total, global_examples)
     if regularization is not None:
         share += regularization / replicas
-        local_total += regularization * tf.cast(examples, tf.float32)
+        if local_total is not None:
+            local_total += regularization * tf.cast(examples, tf.float32)
     value = share if replicas == 1 else share + tf.stop_gradient(share * (replicas - 1))
     record(value, local_total, examples)
     return value

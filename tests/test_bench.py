@@ -145,12 +145,13 @@ def test_loop_ops_counts_the_ops_of_a_loop_body():
     assert counts["Sqrt"] == 1 and counts["AddV2"] >= 1
 
 
-def test_each_compared_approach_is_measured_on_its_fastest_instance(monkeypatch, capsys):
+def test_each_compared_approach_is_measured_on_its_median_instance(monkeypatch, capsys):
     built = {"tapekit": [], "eager": []}
+    speeds = [1.0, 3.0, 0.5, 1.2, 1.1]  # a slow instance, a fast one, three typical ones
 
-    def approach(name, per_step):  # the second instance built of each is slow
+    def approach(name):
         def make(work):
-            delay = per_step * (3 if len(built[name]) == 1 else 1)
+            delay = 0.001 * speeds[len(built[name]) % len(speeds)]
             built[name].append(delay)
 
             def run(steps):
@@ -158,17 +159,17 @@ def test_each_compared_approach_is_measured_on_its_fastest_instance(monkeypatch,
             return run
         return make
 
-    monkeypatch.setattr(bench, "APPROACHES", {"tapekit": approach("tapekit", 0.001),
-                                              "eager": approach("eager", 0.001)})
+    monkeypatch.setattr(bench, "APPROACHES", {"tapekit": approach("tapekit"),
+                                              "eager": approach("eager")})
     monkeypatch.setattr(bench, "STEP_COUNTS", {"tapekit": ((5, 15),) * 2, "eager": ((5, 15),) * 2})
     probes = {}
     times = bench.measure(types.SimpleNamespace(name="seed fake"), repeats=3, quick=False,
-                          instances=3, probes=probes)
-    assert len(built["tapekit"]) == 3 and len(built["eager"]) == 1  # eager: compared by no target
-    assert len(probes["tapekit"]) == 3 and "eager" not in probes
-    slow = probes["tapekit"][1]
-    assert slow > 2 * max(probes["tapekit"][0], probes["tapekit"][2])
-    assert times["tapekit"] < slow / 2  # the fast instance was measured
+                          instances=5, probes=probes)
+    assert len(built["tapekit"]) == 5 and len(built["eager"]) == 1  # eager: compared by no target
+    assert len(probes["tapekit"]) == 5 and "eager" not in probes
+    figures = probes["tapekit"]
+    assert figures[1] > 2 * figures[0] and figures[2] < 0.7 * figures[0]  # probes tell them apart
+    assert 0.85 < times["tapekit"] / 1100.0 < 1.3  # the median instance (1.1 ms a step) measured
     assert "seed fake / tapekit: instances probed at" in capsys.readouterr().out
 
 

@@ -30,6 +30,28 @@ def test_a_loop_reports_the_mean_over_its_steps_and_counts_them():
     assert second.nonfinite_steps == 0 and second.first_nonfinite_offset is None
 
 
+def _counter_updates_inside_the_loop(loop) -> int:
+    """AssignAddVariableOps in the while loop's functions (body, cond, branches)."""
+    library = loop._concrete[1].graph.as_graph_def().library.function
+    return sum(node.op == "AssignAddVariableOp" for f in library for node in f.node_def)
+
+
+def test_the_step_counter_is_updated_once_per_loop_unless_the_step_reads_it():
+    counter = tf.Variable(0, dtype=tf.int64)
+    loop = CompiledLoop(STRATEGY, mean_of_batch, ["value"], step_counter=counter)
+    batches = iterator([1, 3, 5, 7, 9, 11])
+    assert loop(batches, 2).steps_run == 2 and int(counter.numpy()) == 2
+    assert loop(batches, 2).steps_run == 1 and int(counter.numpy()) == 3  # the data ended
+    assert _counter_updates_inside_the_loop(loop) == 0  # counted once, after the loop
+
+    reading = tf.Variable(10, dtype=tf.int64)
+    loop = CompiledLoop(STRATEGY, lambda batch: {"seen": tf.cast(reading, tf.float32)},
+                        ["seen"], step_counter=reading, endless=True)
+    result = loop(iter(tf.data.Dataset.range(4).repeat()), 4)
+    assert result.metrics["seen"] == pytest.approx(11.5)  # each step saw 10, 11, 12, 13
+    assert int(reading.numpy()) == 14 and _counter_updates_inside_the_loop(loop) == 1
+
+
 def test_none_steps_runs_the_data_to_its_end_weighting_a_partial_batch():
     loop = CompiledLoop(STRATEGY, mean_of_batch, ["value"])
     result = loop(iterator([1, 2, 3, 4, 5], batch_size=2), None)  # batches of 2, 2 and 1
