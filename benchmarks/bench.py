@@ -34,6 +34,14 @@ tapekit's steps_per_loop, Keras's steps_per_execution (20 for the two heavy mode
 hand-written loops' calls, whose loss is read after each call as a loop that logs reads it):
 what a call costs (launching the function, reading results) is then shared alike.
 
+Keras fit is timed inside one fit call (from the end of its first execution to the end of
+its last, `keras_fit`): what one call of fit costs varies between calls by more than a
+thousand of the small models' steps cost, and its marginal cost drowned in that.
+
+An instance of a compiled loop can keep a speed of its own (see `median_instance`): each
+approach a target compares is built INSTANCES times (HEAVY_INSTANCES on the heavy
+workloads), and the median instance is measured.
+
 The machine is shared and noisy: compare ratios from one run, never absolute numbers
 across runs. Nothing here is tuned for tapekit: the baselines are written the way an
 expert would write them for the same job.
@@ -148,6 +156,11 @@ class Adversarial:
         return (self.real, self.noise)
 
     examples = Supervised.examples
+
+
+def heavy(work) -> bool:
+    """The two workloads whose steps take milliseconds of kernels, not µs of overhead."""
+    return work.name.startswith(("MLP 784", "conv GAN"))
 
 
 def workloads(quick):
@@ -285,7 +298,7 @@ class _KerasGAN(keras.Model):
 def keras_steps_per_execution(work):
     # 100 for small models; 20 (every measured run a whole number of executions) for the
     # heavy ones, where one execution already takes ~0.5 s and the setting cannot matter.
-    return 20 if work.name.startswith(("MLP 784", "conv GAN")) else 100
+    return 20 if heavy(work) else 100
 
 
 def _keras_model(work):
@@ -301,39 +314,38 @@ def _keras_model(work):
     return model
 
 
-class _EpochClock(keras.callbacks.Callback):
-    """The time each epoch ends (perf_counter), for the steady cost inside one fit call."""
+class _ExecutionClock(keras.callbacks.Callback):
+    """The time each execution ends (perf_counter): Keras calls on_train_batch_end once per
+    execution of steps_per_execution steps."""
 
     def on_train_begin(self, logs=None):
         self.ends = []
 
-    def on_epoch_end(self, epoch, logs=None):
+    def on_train_batch_end(self, batch, logs=None):
         self.ends.append(time.perf_counter())
 
 
 def keras_fit(work):
-    """Keras fit on the tf.data pipeline. Timed inside one fit call (`run.steady_us`): epochs
-    of one execution each (steps_per_epoch = steps_per_execution), the time from the end of
-    the first epoch to the end of the last over the steps between. Like the marginal cost of
-    the other columns, it leaves out what one call of fit costs (callbacks, a new iterator
-    and its shuffle buffer, ...), which on the small models varies between calls by more
-    than the steps themselves cost, and keeps what every 100 steps cost (a return to Python,
-    the callbacks, the logs)."""
+    """Keras fit on the tf.data pipeline. Timed inside one fit call (`run.steady_us`): the
+    time from the end of its first execution to the end of its last, over the steps between.
+    Like the marginal cost of the other columns it leaves out what one call of fit costs
+    (callbacks, a new iterator and its shuffle buffer, ...), which on the small models varies
+    between calls by more than a thousand steps cost, and keeps what each execution costs
+    (a return to Python, the callbacks, the logs), as tapekit's per-loop cost is kept."""
     model = _keras_model(work)
     dataset = pipeline(work)
-    epoch = keras_steps_per_execution(work)
-    clock = _EpochClock()
+    execution = keras_steps_per_execution(work)
+    clock = _ExecutionClock()
 
     def run(steps):
         model.fit(dataset, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)
 
     def steady_us(steps):
-        epochs = 1 + max(1, round(steps / epoch))
-        model.fit(dataset, steps_per_epoch=epoch, epochs=epochs, verbose=0, shuffle=False,
-                  callbacks=[clock])
-        return (clock.ends[-1] - clock.ends[0]) / ((epochs - 1) * epoch) * 1e6
-    run.model = model
-    run.steady_us = steady_us
+        executions = max(1, round(steps / execution))
+        model.fit(dataset, steps_per_epoch=(1 + executions) * execution, epochs=1, verbose=0,
+                  shuffle=False, callbacks=[clock])
+        return (clock.ends[-1] - clock.ends[0]) / (executions * execution) * 1e6
+    run.model, run.clock, run.steady_us = model, clock, steady_us
     return run
 
 
@@ -468,11 +480,10 @@ DEFAULT_COUNTS = ((1000, 4000), (20, 60))
 
 
 def step_counts(name, work, quick):
-    heavy = int(work.name.startswith(("MLP 784", "conv GAN")))
-    counts = STEP_COUNTS.get(name, DEFAULT_COUNTS)[heavy]
+    counts = STEP_COUNTS.get(name, DEFAULT_COUNTS)[int(heavy(work))]
     if quick and name in ("eager", "tf.function"):  # slow per step, and not compared closely
         counts = tuple(max(3, c // 4) for c in counts)
-    elif quick and not heavy:
+    elif quick and not heavy(work):
         counts = tuple(c // 2 for c in counts)
     return counts
 
@@ -505,6 +516,9 @@ def trusted(values):
 # each instance probed, and the MEDIAN instance measured: the same rule for every
 # compared column. The probes are kept in the report.
 INSTANCES = 5
+# The heavy workloads' steps are kernels, not overhead: their instances agree closer (within
+# 4%, one in 14 at 0.85x), and each is slower to build and probe.
+HEAVY_INSTANCES = 3
 PROBES = 2  # probes per instance; an instance's figure is its best probe (noise only slows)
 ODD_INSTANCE = 1.25  # instances further apart than this are named in the output
 
@@ -539,11 +553,12 @@ def measure(work, repeats, quick, only=None, passes=None, instances=1, probes=No
     is built `instances` times and its median instance measured (`probes`, a dict, receives
     each instance's probe figure)."""
     names = [n for n in APPROACHES if only is None or n in only]
-    if work.name.startswith(("MLP 784", "conv GAN")) and quick:  # the slowest columns
+    if heavy(work) and quick:  # the slowest columns
         names = [n for n in names if n not in ("eager", "tf.function", "keras_arrays")]
     runs = {}
     for name in names:
-        count = instances if name in PARTNERS else 1
+        count = 1 if name not in PARTNERS else (
+            min(instances, HEAVY_INSTANCES) if heavy(work) else instances)
         runs[name], figures = median_instance(name, work, quick, count)
         if probes is not None and figures:
             probes[name] = figures
@@ -700,7 +715,10 @@ def readme_section(report) -> str:
              f"One run of `make bench` on {report['machine']}; TensorFlow {report['tensorflow']}, "
              f"Keras {report['keras']}; {report['repeats']} interleaved repeats, medians; the "
              "whole report is `benchmarks/results.json`. Marginal µs per step, lower is "
-             "better; same model, data and batch in every column.", "",
+             "better; same model, data and batch in every column."
+             + (f" Each compared column (hand-written loops, Keras fit, tapekit) is the median "
+                f"of {report['instances']} instances of it (at most {HEAVY_INSTANCES} on the "
+                "two heavy workloads)." if report.get("instances", 1) > 1 else ""), "",
              "| workload | " + " | ".join(label for _, label in README_COLUMNS) + " |",
              "|---|" + "---|" * len(README_COLUMNS)]
     for name, entry in report["workloads"].items():
@@ -754,7 +772,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--instances", type=int, default=None,
                         help="instances built of each compared approach, the median one "
-                             f"measured (default {INSTANCES}; 3 in --quick mode)")
+                             f"measured (default {INSTANCES}, at most {HEAVY_INSTANCES} for the "
+                             "heavy workloads; 3 in --quick mode)")
     parser.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results.json"))
     parser.add_argument("--workloads", default=None,
                         help="comma-separated prefixes of workload names to run")
@@ -788,6 +807,8 @@ def main(argv=None):
         report["workloads"][work.name] = {
             "us_per_step": times, "ratios": r, "keras_xla": keras_xla,
             "instance_probes_us": probes,
+            "repeats_us": {name: {str(k): v for k, v in by_pass.items()}
+                           for name, by_pass in passes.items()},
             "targets": [{"target": t, "value": v, "holds": bool(ok)} for t, v, ok in checks]}
         print(f"{work.name:40s}" + "".join(
             f"{'noisy':>15s}" if c in times and times[c] is None else
