@@ -509,12 +509,15 @@ def trusted(values):
 
 
 # Instances: on this machine one instance of a compiled training loop can run at another
-# speed than its twins, and keeps it: on the seed MLP about one in ten ~1.5x slower and
-# about one in ten ~0.8x the time, the plain hand-written loop as often as tapekit's
-# (benchmarks/instances.py counts them). One instance per approach would then compare
-# whichever modes came up. So each approach a target compares is built several times,
-# each instance probed, and the MEDIAN instance measured: the same rule for every
-# compared column. The probes are kept in the report.
+# speed than its twins, and keeps it: on the seed MLP about one in six ~1.5x slower, some
+# ~0.8x the time, the plain hand-written loop as often as tapekit's (benchmarks/
+# instances.py counts them). The speed is dealt when TensorFlow instantiates the function,
+# and dealt again after its kernel cache is cleared, which keras.utils.set_random_seed
+# (called whenever a model is built here) does. So every approach is built (and warmed up)
+# first; then each instance runs once more, its speed now dealt for good; then the
+# instances of each approach a target compares (INSTANCES of them) are probed and the
+# MEDIAN one measured: the same rule for every compared column. One instance per approach
+# would compare whichever speeds came up. The probes are kept in the report.
 INSTANCES = 5
 # The heavy workloads' steps are kernels, not overhead: their instances agree closer (within
 # 4%, one in 14 at 0.85x), and each is slower to build and probe.
@@ -523,26 +526,23 @@ PROBES = 2  # probes per instance; an instance's figure is its best probe (noise
 ODD_INSTANCE = 1.25  # instances further apart than this are named in the output
 
 
-def median_instance(name, work, quick, count):
-    """Builds `count` warmed-up instances of approach `name`; returns the median one (by
-    its probe figure) and the probe figure of each instance, in the order built."""
-    short, long = step_counts(name, work, quick)
-    instances = []
-    for _ in range(count):
-        run = APPROACHES[name](work)
-        run(short)  # warm-up: tracing, first iterator
-        instances.append(run)
-    if count == 1:
+def median_instance(instances, short, long):
+    """The median of several built, warmed-up instances of one approach, by a probe of each
+    (interleaved), and each instance's probe figure (µs per step), in order."""
+    if len(instances) == 1:
         return instances[0], []
     probes = [[] for _ in instances]
     for _ in range(PROBES):
-        for run, figures in zip(instances, probes):  # interleaved
+        for run, figures in zip(instances, probes):
             figures.append(marginal_us(run, short, long))
     best = [min(figures) for figures in probes]
-    chosen = instances[sorted(range(count), key=best.__getitem__)[(count - 1) // 2]]
-    del instances
-    gc.collect()
-    return chosen, best
+    return instances[sorted(range(len(best)), key=best.__getitem__)[(len(best) - 1) // 2]], best
+
+
+def instance_count(name, work, instances) -> int:
+    if name not in PARTNERS:
+        return 1
+    return min(instances, HEAVY_INSTANCES) if heavy(work) else instances
 
 
 def measure(work, repeats, quick, only=None, passes=None, instances=1, probes=None):
@@ -555,17 +555,27 @@ def measure(work, repeats, quick, only=None, passes=None, instances=1, probes=No
     names = [n for n in APPROACHES if only is None or n in only]
     if heavy(work) and quick:  # the slowest columns
         names = [n for n in names if n not in ("eager", "tf.function", "keras_arrays")]
+    built = {}
+    for name in names:  # every build first (each may clear TensorFlow's kernel cache)
+        short, _ = step_counts(name, work, quick)
+        built[name] = []
+        for _ in range(instance_count(name, work, instances)):
+            run = APPROACHES[name](work)
+            run(short)  # warm-up: tracing, first iterator
+            built[name].append(run)
+    for name in names:  # then once more: each function instantiated for good
+        for run in built[name]:
+            run(step_counts(name, work, quick)[0])
     runs = {}
     for name in names:
-        count = 1 if name not in PARTNERS else (
-            min(instances, HEAVY_INSTANCES) if heavy(work) else instances)
-        runs[name], figures = median_instance(name, work, quick, count)
+        runs[name], figures = median_instance(built.pop(name), *step_counts(name, work, quick))
         if probes is not None and figures:
             probes[name] = figures
         if figures and max(figures) > ODD_INSTANCE * min(figures):
             print(f"  {work.name} / {name}: instances probed at "
                   + ", ".join(f"{f:.1f}" for f in figures)
                   + " µs per step; measuring the median one", flush=True)
+    gc.collect()  # the instances not chosen
 
     def interleaved(group, factor):
         values = {name: [] for name in group}

@@ -42,6 +42,18 @@ def test_one_and_two_replicas_give_the_same_losses_and_weights(workload):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
 
 
+def test_a_step_that_reads_the_step_counter_sees_every_step_on_two_replicas():
+    class Counting(RegressionTrainer):
+        def train_step(self, batch):
+            metrics = super().train_step(batch)
+            return {**metrics, "step_seen": tf.cast(self.global_step, tf.float32)}
+
+    trainer = Counting(model="linear", strategy="mirrored", cpu_replicas=2)
+    history = trainer.fit(train_steps=8, steps_per_loop=4)
+    # the counter reads 0..3 in the first loop and 4..7 in the second, on both replicas
+    assert [h["step_seen"] for h in history] == [1.5, 5.5] and trainer.current_step == 8
+
+
 def test_one_device_strategy_trains_like_default():
     default = RegressionTrainer(strategy="default")
     default.fit(train_steps=100, steps_per_loop=50)
