@@ -158,7 +158,14 @@ class Controller:
         last good checkpoint stays the latest); with "skip_step", a warning."""
         if not result.nonfinite_steps:
             return
-        bad_step = step - result.steps_run + result.first_nonfinite_offset + 1
+        first_step = step - result.steps_run + 1
+        if result.first_nonfinite_offset is None:  # nan_policy=stop checks the loop's sums
+            where = (f"at step {step}" if result.steps_run == 1 else
+                     f"in steps {first_step}-{step} (one loop; --steps_per_loop=1 from the last "
+                     "checkpoint finds the step)")
+        else:
+            where = f"at step {first_step + result.first_nonfinite_offset}"
+        bad_step = first_step + (result.first_nonfinite_offset or 0)
         if self.nan_policy == "skip_step":
             logging.warning("%d step(s) with non-finite values were skipped (first: %s at step %d)",
                             result.nonfinite_steps, result.first_nonfinite_metric, bad_step)
@@ -166,7 +173,7 @@ class Controller:
         latest = self.runner.latest_checkpoint
         kept = f"the last good checkpoint {latest} is kept" if latest else "nothing was saved"
         raise TapekitError(
-            f"non-finite {result.first_nonfinite_metric} at step {bad_step}; training stopped "
+            f"non-finite {result.first_nonfinite_metric} {where}; training stopped "
             f"and this state was not checkpointed ({kept}). Check the data, lower the learning "
             "rate, or use --nan_policy=skip_step.")
 

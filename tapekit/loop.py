@@ -7,10 +7,11 @@ them, `tapekit.means`) and the first step where one was not finite. Cross-replic
 reduction happens once, after the loop. `keras.metrics` objects the step updates are reset
 when the loop starts and read (exactly, across replicas) when it ends.
 
-Per step the loop adds to the user's step only: a stack and an add (the sums), four ops
-for the first non-finite step (which `nan_policy=stop` names in its error), and the step
-counter's increment; per-step counts are carried only when some weight is known only at
-run time (`static_weights`). The loop's own code is traced without AutoGraph; the user's
+Per step the loop adds to the user's step only a stack and an add (the sums). A NaN or
+infinity keeps a sum non-finite, so with `nan_policy=stop` the loop checks its sums once,
+as it ends; `skip_step` checks every step (it must leave bad values out). The step counter
+is advanced once per loop unless the step reads it; per-step counts are carried only when
+some weight is known only at run time (`static_weights`). The loop's own code is traced without AutoGraph; the user's
 step is converted by AutoGraph as a `tf.function` would (`tapekit.build.autographed`).
 """
 
@@ -90,11 +91,11 @@ class CompiledLoop:
     def _initial_state(self):
         # Only what this loop needs: each value carried through the loop costs every step.
         count = len(self.step_metric_names)
-        state = {"sums": tf.zeros([count], tf.float32),
-                 "first_bad": tf.constant(NO_BAD_STEP, tf.int64)}
+        state = {"sums": tf.zeros([count], tf.float32)}
         if self._carries_counts():
             state["counts"] = tf.zeros([count], tf.float32)
         if self.finite_means:
+            state["first_bad"] = tf.constant(NO_BAD_STEP, tf.int64)
             state["bad_steps"] = tf.zeros([], tf.float32)
         return state
 
@@ -128,23 +129,30 @@ class CompiledLoop:
         values, totals, weights = self._measured_step(batch)
         if not self.step_metric_names:
             return state
+        state = dict(state)
+        if not self.finite_means:
+            # nan_policy=stop: every value goes into the sums, where a NaN or infinity stays
+            # (NaN + x is NaN, inf + x is inf or NaN): the loop checks them once, as it ends.
+            if weights is None:
+                state["sums"] = state["sums"] + values
+                return state
+            counted = weights > 0.0  # a value over no examples (an empty batch) does not count
+            state["sums"] = state["sums"] + tf.where(counted, totals, 0.0)
+            state["counts"] = state["counts"] + tf.where(counted, weights, 0.0)
+            return state
+        # nan_policy=skip_step: each step's values are checked, and bad ones left out.
         finite = tf.math.is_finite(values)
         if weights is not None:  # a value over no examples (an empty batch) does not count
             finite = tf.logical_or(finite, weights <= 0.0)
         all_finite = tf.reduce_all(finite)
-        state = dict(state)
         state["first_bad"] = tf.minimum(state["first_bad"],
                                         tf.where(all_finite, NO_BAD_STEP, offset))
-        if self.finite_means:  # bad steps were skipped: count the bad ones
-            state["bad_steps"] = state["bad_steps"] + 1.0 - tf.cast(all_finite, tf.float32)
-        if weights is None:
-            if self.finite_means:  # average the finite values only
-                state["sums"] = state["sums"] + tf.where(finite, values, 0.0)
-                state["counts"] = state["counts"] + tf.cast(finite, tf.float32)
-            else:  # training stops at the first bad step: plain sums suffice
-                state["sums"] = state["sums"] + values
+        state["bad_steps"] = state["bad_steps"] + 1.0 - tf.cast(all_finite, tf.float32)
+        if weights is None:  # average the finite values only
+            state["sums"] = state["sums"] + tf.where(finite, values, 0.0)
+            state["counts"] = state["counts"] + tf.cast(finite, tf.float32)
             return state
-        counted = tf.logical_and(finite, weights > 0.0) if self.finite_means else weights > 0.0
+        counted = tf.logical_and(finite, weights > 0.0)
         state["sums"] = state["sums"] + tf.where(counted, totals, 0.0)
         state["counts"] = state["counts"] + tf.where(counted, weights, 0.0)
         return state
@@ -173,12 +181,13 @@ class CompiledLoop:
             counts = tf.cast(steps_run, tf.float32) * strategy.num_replicas_in_sync
         means = tf.concat([tf.math.divide_no_nan(sums, counts),
                            self._keras_metric_results()], 0)
-        first_bad = _min_over_replicas(strategy, state["first_bad"])
         if self.finite_means:
+            first_bad = _min_over_replicas(strategy, state["first_bad"])
             bad_steps = _max_over_replicas(strategy, state["bad_steps"])
-        else:
-            bad_steps = tf.cast(first_bad != NO_BAD_STEP, tf.float32)
-        first_bad = tf.where(first_bad == NO_BAD_STEP, tf.constant(-1, tf.int64), first_bad)
+            first_bad = tf.where(first_bad == NO_BAD_STEP, tf.constant(-1, tf.int64), first_bad)
+        else:  # a sum that is not finite had a bad value in it; which step is not tracked
+            bad_steps = 1.0 - tf.cast(tf.reduce_all(tf.math.is_finite(sums)), tf.float32)
+            first_bad = tf.constant(-1, tf.int64)
         # One float64 vector, so reading the results back is one copy, not four.
         return tf.concat([tf.cast(means, tf.float64),
                           tf.cast(tf.stack([steps_run, first_bad]), tf.float64),
@@ -308,8 +317,8 @@ class CompiledLoop:
         means = [float(value) for value in packed[:count]]
         steps_run, first_bad, bad_steps = (int(value) for value in packed[count:])
         offset = metric = None
-        if first_bad >= 0:
-            offset = first_bad
+        if bad_steps:
+            offset = first_bad if first_bad >= 0 else None  # known with skip_step
             # The metric named is the first whose loop mean is not finite (with stop, the sums
             # keep every value), else the first metric.
             metric = next((name for name, value in zip(self.metric_names, means)

@@ -14,8 +14,9 @@ class LoopResult(NamedTuple):
 
     metrics: Dict[str, float]  # mean over the loop's examples (and replicas); keras.metrics' results
     steps_run: int  # < steps asked for when the input ran out
-    nonfinite_steps: int  # steps where some metric was NaN or infinite (counted with skip_step)
-    first_nonfinite_offset: Optional[int]  # 0-based step within the loop, or None
+    nonfinite_steps: int  # steps where some metric was NaN or infinite (counted with
+    # skip_step; with stop, 1 for a loop that had any)
+    first_nonfinite_offset: Optional[int]  # 0-based step within the loop (skip_step), or None
     first_nonfinite_metric: Optional[str]
 
 

@@ -180,3 +180,16 @@ def test_keras_fit_is_timed_inside_one_call_over_whole_executions():
     us = run.steady_us(300)  # executions of 100 steps: 1 untimed + 3 timed
     assert us > 0 and len(run.clock.ends) == 4  # one time per execution
     assert int(run.model.optimizer.iterations) == 100 + 400
+
+
+def test_figures_and_ratios_are_medians_over_processes_and_noisy_in_most_is_left_out():
+    def process(tapekit, hand, keras):
+        times = {"tapekit": tapekit, "graph+data": hand, "keras_fit": keras}
+        return {"us_per_step": times, "ratios": bench.ratios("seed fake", times)}
+
+    result = bench.combine([process(120.0, 100.0, None), process(95.0, 100.0, None),
+                            process(100.0, 100.0, 130.0)])
+    assert result["us_per_step"]["tapekit"] == 100.0 and result["us_per_step"]["keras_fit"] is None
+    assert result["ratios"]["tapekit / graph+data"] == 1.0  # the median of 1.2, 0.95 and 1.0
+    assert "keras_fit / tapekit" not in result["ratios"]  # trusted in one process of three
+    assert len(result["processes"]) == 3

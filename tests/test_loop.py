@@ -79,9 +79,17 @@ def test_the_first_non_finite_step_and_metric_are_reported():
         x = tf.cast(batch, tf.float32)
         return {"fine": tf.reduce_mean(x), "log": tf.reduce_mean(tf.math.log(x))}
 
-    result = CompiledLoop(STRATEGY, step, ["fine", "log"])(iterator([1, 2, 3, 4, -1, 1, 0, 1]), 4)
-    assert result.nonfinite_steps == 1 and result.first_nonfinite_offset == 2
+    batches = [1, 2, 3, 4, -1, 1, 0, 1]  # step 2 has log(-1), step 3 log(0)
+    # stop: the loop's sums are checked once; the loop is bad, its first bad step not tracked
+    result = CompiledLoop(STRATEGY, step, ["fine", "log"])(iterator(batches), 4)
+    assert result.nonfinite_steps == 1 and result.first_nonfinite_offset is None
     assert result.first_nonfinite_metric == "log"
+    fine = CompiledLoop(STRATEGY, step, ["fine", "log"])(iterator(batches), 2)
+    assert fine.nonfinite_steps == 0 and fine.first_nonfinite_metric is None
+    # skip_step checks every step: the first bad one is known
+    result = CompiledLoop(STRATEGY, step, ["fine", "log"], finite_means=True)(iterator(batches), 4)
+    assert result.nonfinite_steps == 2 and result.first_nonfinite_offset == 2
+    assert result.first_nonfinite_metric == "fine"  # means of the finite values: all finite
 
 
 def test_skip_step_means_leave_non_finite_values_out_and_count_them():
