@@ -832,7 +832,8 @@ def write_readme(path, report) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="fewer repeats, fewer eager steps, no start-up (about 4 min)")
+                        help="fewer repeats, instances and eager steps, one process, no start-up "
+                             "(about 8 min)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--instances", type=int, default=None,
                         help="instances built of each compared approach, the median one "
