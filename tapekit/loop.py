@@ -3,7 +3,7 @@
 Python runs once per loop, not once per step: the `tf.function` below holds a
 `tf.while_loop` that reads the distributed iterator, runs the step on every replica
 and keeps per-replica running sums of the step's metrics (weighted by the examples behind
-them, `tapekit.means`) and the first step where one was not finite. Cross-replica
+them, `tapekit.means`) and, with `skip_step`, the steps where one was not finite. Cross-replica
 reduction happens once, after the loop. `keras.metrics` objects the step updates are reset
 when the loop starts and read (exactly, across replicas) when it ends.
 
@@ -11,8 +11,9 @@ Per step the loop adds to the user's step only a stack and an add (the sums). A 
 infinity keeps a sum non-finite, so with `nan_policy=stop` the loop checks its sums once,
 as it ends; `skip_step` checks every step (it must leave bad values out). The step counter
 is advanced once per loop unless the step reads it; per-step counts are carried only when
-some weight is known only at run time (`static_weights`). The loop's own code is traced without AutoGraph; the user's
-step is converted by AutoGraph as a `tf.function` would (`tapekit.build.autographed`).
+some weight is known only at run time (`static_weights`). The loop's own code is traced
+without AutoGraph; the user's step is converted by AutoGraph as a `tf.function` would
+(`tapekit.build.autographed`).
 """
 
 from typing import Callable, Optional, Sequence
