@@ -165,10 +165,9 @@ class Controller:
                      "checkpoint finds the step)")
         else:
             where = f"at step {first_step + result.first_nonfinite_offset}"
-        bad_step = first_step + (result.first_nonfinite_offset or 0)
-        if self.nan_policy == "skip_step":
-            logging.warning("%d step(s) with non-finite values were skipped (first: %s at step %d)",
-                            result.nonfinite_steps, result.first_nonfinite_metric, bad_step)
+        if self.nan_policy == "skip_step":  # checks every step: the first bad one is known
+            logging.warning("%d step(s) with non-finite values were skipped (first: %s %s)",
+                            result.nonfinite_steps, result.first_nonfinite_metric, where)
             return
         latest = self.runner.latest_checkpoint
         kept = f"the last good checkpoint {latest} is kept" if latest else "nothing was saved"
