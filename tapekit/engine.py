@@ -417,6 +417,7 @@ class Engine:
             raise TapekitError(
                 f"apply_gradients got no trainable variables from {models_or_variables!r}; "
                 "pass the model (or its variables) that the loss should update.")
+        updates.check_optimizer(optimizer, self.options.clip_global_norm)
         if build_lib.record_update(optimizer, variables):  # building: remember what updates what
             return
         updater = self._updaters.get(updates.updater_key(optimizer, variables))

@@ -1,26 +1,83 @@
 """What happens between gradients and `optimizer.apply_gradients`, in the graph, per optimizer.
 
-Loss-scale unscaling, skipping non-finite steps, clipping by global norm and gradient
-accumulation all have to agree across replicas. The pattern used for every conditional
-update: replicas agree on a flag through an all-reduce, then one `merge_call` takes a
-`tf.cond` in cross-replica context whose branch runs the optimizer on every replica
-(`call_for_each_replica`). A cond in a replica context whose branch calls `merge_call`
-(Keras optimizers do, to all-reduce) is not allowed by tf.distribute.
+The promise: the optimizer the user configured sees the gradient one device would see
+for the global batch, whatever the number of replicas. Keras's own path breaks it three
+ways, so tapekit takes the gradient there itself when any of them applies:
 
-Accumulated gradients are summed over replicas at every micro-step (as Keras 3's own
-`gradient_accumulation_steps` does) and kept in mirrored variables: every replica holds
-the same global sum, so a checkpoint taken between micro-steps restores it exactly and a
-resumed run continues bitwise as the uninterrupted one would.
+* a sparse gradient (`tf.IndexedSlices`, e.g. from `keras.layers.Embedding`) whose rows
+  repeat an index: Keras's Adam, AdamW, RMSprop, Adagrad, ... square each row on its own,
+  so two rows of one index count as two gradients, not as their sum. On several replicas
+  every row of a learned position table arrives once per replica. tapekit sums the rows of
+  each index (after the sum over replicas), keeping the gradient sparse;
+* the optimizer's own `clipnorm`, `global_clipnorm` and `clipvalue`: Keras clips each
+  replica's partial gradient before summing over replicas. tapekit hands the optimizer the
+  sum, so its clipping acts on the global gradient;
+* tapekit's own mechanisms (loss-scale unscaling, skipping non-finite steps, clipping by
+  global norm, gradient accumulation), which need the global gradient too.
+
+Then the gradient is summed over replicas once, here (`all_reduce`), and the optimizer is
+called once in cross-replica context (inside `merge_call`), where Keras does not sum again
+and applies the update to every replica's copy. The user's optimizer object is not
+changed: outside tapekit it behaves as before. Otherwise (dense gradients, no clipping by
+the optimizer, nothing of tapekit's) `optimizer.apply_gradients` runs per replica as in a
+hand-written loop: Keras's own sum over replicas is exact there, and it is the fast path.
+
+A conditional update (accumulation, skipped steps) is one `tf.cond` in cross-replica
+context: tf.distribute does not allow a cond in replica context whose branch calls
+`merge_call` (Keras optimizers do). Accumulated gradients are kept in mirrored variables
+holding the global sum, so a checkpoint between micro-steps restores it exactly.
+
+The optimizer's own `gradient_accumulation_steps` and a `keras.optimizers.LossScaleOptimizer`
+are refused before step 1 (`check_optimizer`): tapekit's options do the same exactly.
 """
 
 from typing import List, Optional
 
+import keras
 import tensorflow as tf
 
+from tapekit import compat
 from tapekit.errors import TapekitError
 from tapekit.precision import DynamicLossScale
 
 SUM = tf.distribute.ReduceOp.SUM
+
+
+def check_optimizer(optimizer, clip_global_norm: Optional[float] = None) -> None:
+    """Raises a TapekitError, before any step, for an optimizer set-up tapekit cannot make
+    exact: the optimizer's own gradient accumulation or loss scaling (tapekit has options
+    for both), or the optimizer's `global_clipnorm` together with `clip_global_norm`."""
+    name = type(optimizer).__name__
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        raise TapekitError(
+            f"{name} is not supported: tapekit scales the loss itself, on every strategy "
+            "(Keras's breaks under MirroredStrategy); pass its inner optimizer and set "
+            "precision='mixed_float16' (--precision=mixed_float16).")
+    steps = getattr(optimizer, "gradient_accumulation_steps", None)
+    if steps:
+        raise TapekitError(
+            f"{name}(gradient_accumulation_steps={steps}) is not supported: tapekit "
+            "accumulates over every replica and resumes exactly between micro-steps; remove "
+            f"it from the optimizer and set gradient_accumulation_steps={steps} on the "
+            f"trainer (--gradient_accumulation_steps={steps}).")
+    if clip_global_norm is not None and getattr(optimizer, "global_clipnorm", None):
+        raise TapekitError(
+            f"{name}(global_clipnorm={optimizer.global_clipnorm}) and "
+            f"clip_global_norm={clip_global_norm} (--clip_global_norm) both clip the global "
+            "gradient norm; keep one of them.")
+
+
+def optimizer_clips(optimizer) -> bool:
+    """Whether the optimizer clips gradients itself (`clipnorm`, `global_clipnorm`, `clipvalue`)."""
+    return any(getattr(optimizer, name, None) for name in ("clipnorm", "global_clipnorm",
+                                                           "clipvalue"))
+
+
+def is_linear(optimizer) -> bool:
+    """Whether the optimizer's update is linear in the gradient (Keras's SGD, with or without
+    momentum, unclipped): then repeated sparse rows need no combining, their sum is what
+    the update adds anyway. A subclass may override the update, so only SGD itself counts."""
+    return type(optimizer) is keras.optimizers.SGD and not optimizer_clips(optimizer)
 
 
 class GradientUpdater(tf.Module):
@@ -30,7 +87,7 @@ class GradientUpdater(tf.Module):
     `apply` runs inside `train_step`, per replica.
 
     Args:
-      optimizer: a built Keras optimizer; it sums gradients over replicas.
+      optimizer: a built Keras optimizer (see `check_optimizer`).
       variables: the variables this optimizer updates (accumulators mirror them).
       loss_scale: a `DynamicLossScale` for mixed_float16, else None.
       clip_global_norm: clip the global-batch gradient to this global norm, else None.
@@ -60,7 +117,7 @@ class GradientUpdater(tf.Module):
 
     @property
     def is_plain(self) -> bool:
-        """True when this is just `optimizer.apply_gradients` (the fast path)."""
+        """True when tapekit adds none of its own options (no state of its own to keep)."""
         return (self.loss_scale is None and self.clip_global_norm is None
                 and self.accumulation_steps == 1 and not self.skip_nonfinite)
 
@@ -68,38 +125,38 @@ class GradientUpdater(tf.Module):
         """What to seed backprop with: the loss scale (differentiating loss × scale) or None."""
         return None if self.loss_scale is None else tf.cast(self.loss_scale.scale, dtype)
 
+    def combines_rows(self, gradients) -> bool:
+        """Whether repeated rows of sparse `gradients` must be summed before the update:
+        when there are sparse gradients and anything but a linear update sees them."""
+        return (any(isinstance(g, tf.IndexedSlices) for g in gradients)
+                and not (is_linear(self.optimizer) and self.clip_global_norm is None))
+
     def apply(self, gradients: List[tf.Tensor], variables: List[tf.Variable]) -> None:
-        """Runs per replica: unscale, accumulate, check, clip and (maybe) apply `gradients`."""
-        if self.is_plain:
-            self.optimizer.apply_gradients(zip(gradients, variables))
-            return
+        """Runs per replica: hands the optimizer the gradient one device would see."""
         context = tf.distribute.get_replica_context()
         replicas = context.num_replicas_in_sync
+        combine = self.combines_rows(gradients)
+        if self.is_plain and (replicas == 1 or not (combine or optimizer_clips(self.optimizer))):
+            if combine:
+                gradients = [combined_rows(g) for g in gradients]
+            self.optimizer.apply_gradients(zip(gradients, variables))
+            return
         if self.loss_scale is not None:
             gradients = [_scaled(g, 1.0 / self.loss_scale.scale) for g in gradients]
+        if replicas > 1:  # the global-batch gradient, on every replica
+            gradients = context.all_reduce(SUM, gradients)
+        if combine:
+            gradients = [combined_rows(g) for g in gradients]
         accumulated = None
         if self.accumulation_steps > 1:
-            summed = context.all_reduce(SUM, gradients) if replicas > 1 else gradients
-            accumulated = [a.read_value() + tf.convert_to_tensor(g)
-                           for a, g in zip(self.accumulators, summed)]
-            # This replica's share of the mean global gradient (the optimizer sums shares).
-            gradients = [a / (self.accumulation_steps * replicas) for a in accumulated]
+            accumulated = [_added(a.read_value(), g) for a, g in zip(self.accumulators, gradients)]
+            gradients = [a / self.accumulation_steps for a in accumulated]
         finite = tf.constant(True)
-        if self.skip_nonfinite:
-            finite_here = tf.reduce_all([tf.reduce_all(tf.math.is_finite(_values(g)))
-                                         for g in gradients])
-            bad_replicas = context.all_reduce(SUM, 1.0 - tf.cast(finite_here, tf.float32))
-            finite = tf.equal(bad_replicas, 0.0)
+        if self.skip_nonfinite:  # every replica holds the same sum: no vote needed
+            finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(_values(g)))
+                                    for g in gradients])
         if self.clip_global_norm is not None:
-            # Clip the gradient the optimizer will apply (the sum over replicas), not each
-            # replica's share: scale every share by the factor computed from the sum.
-            if accumulated is not None:
-                total = [a / self.accumulation_steps for a in accumulated]
-            else:
-                total = context.all_reduce(SUM, gradients) if replicas > 1 else gradients
-            norm = tf.linalg.global_norm(total)
-            factor = tf.minimum(1.0, self.clip_global_norm / tf.maximum(norm, 1e-12))
-            gradients = [_scaled(g, factor) for g in gradients]
+            gradients, _ = tf.clip_by_global_norm(gradients, self.clip_global_norm)
         context.merge_call(self._cross_replica_apply,
                            args=(gradients, variables, finite, accumulated))
 
@@ -114,12 +171,16 @@ class GradientUpdater(tf.Module):
             due = tf.constant(True)
 
         def apply():
-            strategy.extended.call_for_each_replica(
-                lambda grads: self.optimizer.apply_gradients(zip(grads, variables)),
-                args=(gradients,))
+            with compat.gradients_already_summed(self.optimizer):
+                strategy.extended.call_for_each_replica(
+                    lambda grads: self.optimizer.apply_gradients(zip(grads, variables)),
+                    args=(gradients,))
             return tf.constant(True)
 
-        tf.cond(tf.logical_and(due, finite), apply, lambda: tf.constant(False))
+        if self.accumulation_steps == 1 and not self.skip_nonfinite:
+            apply()  # unconditional: no cond to build
+        else:
+            tf.cond(tf.logical_and(due, finite), apply, lambda: tf.constant(False))
         if self.accumulation_steps > 1:
             def reset():
                 for accumulator in self.accumulators:
@@ -129,6 +190,25 @@ class GradientUpdater(tf.Module):
         if self.loss_scale is not None:
             tf.cond(due, lambda: self.loss_scale.update(finite) or tf.constant(True),
                     lambda: tf.constant(False))
+
+
+def combined_rows(gradient):
+    """A sparse gradient with one row per index (the sum of its rows of that index), in
+    order of first appearance; a dense gradient as it is. Costs O(rows of the gradient),
+    never a dense copy of the table."""
+    if not isinstance(gradient, tf.IndexedSlices):
+        return gradient
+    indices, positions = tf.unique(gradient.indices)
+    values = tf.math.unsorted_segment_sum(gradient.values, positions, tf.shape(indices)[0])
+    return tf.IndexedSlices(values, indices, gradient.dense_shape)
+
+
+def _added(dense, gradient):
+    """`dense` + `gradient`, scattering a sparse gradient's rows into it."""
+    if isinstance(gradient, tf.IndexedSlices):
+        return tf.tensor_scatter_nd_add(dense, tf.expand_dims(gradient.indices, -1),
+                                        gradient.values)
+    return dense + gradient
 
 
 def _values(gradient):
