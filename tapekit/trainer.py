@@ -188,6 +188,16 @@ class Trainer:
         updated (with the run's loss scaling, clipping, accumulation and NaN policy). A
         variable whose gradient is None (the loss does not depend on it) raises a
         `TapekitError` naming it, unless `allow_none_gradients=True`.
+
+        `optimizer` gets the gradient one device would see for the global batch, on any
+        number of replicas (`tapekit.updates`): the rows of a sparse gradient (an
+        Embedding's) that share an index are summed first, so Adam & co. update as on the
+        dense gradient, and the optimizer's own `clipnorm`/`global_clipnorm`/`clipvalue`
+        clip the sum over replicas, not each replica's part. The optimizer object is not
+        changed (outside tapekit it behaves as before). Refused before step 1: a
+        `LossScaleOptimizer` (use `precision="mixed_float16"`), the optimizer's own
+        `gradient_accumulation_steps` (use the trainer's), and `global_clipnorm` together
+        with `clip_global_norm`.
         """
         self._engine.apply_gradients(tape, loss, models_or_variables, optimizer,
                                      allow_none_gradients)
