@@ -7,7 +7,9 @@ tapekit does) and, for comparison, with that step left out (`combines_rows` patc
 False while the loop is traced: the numbers are then Keras's, not the dense update):
 
 * the test suite's sparse_embedding family (Keras's collaborative-filtering example:
-  user and item Embeddings under Adam, `clip_global_norm=1`, 2 accumulated micro-steps);
+  user and item Embeddings under Adam), without the family's `clip_global_norm` and
+  accumulation: left out, the optimizer runs per replica as in a plain Keras loop; summed,
+  tapekit sums over replicas, sums rows and calls the optimizer on that;
 * one Embedding of 1,000,000 rows × 64 under Adam, batches of 512 sequences of 8 tokens
   drawn from 1,000 frequent ids (so rows repeat), summed and read out by a Dense layer.
 
@@ -67,7 +69,7 @@ def family_trainer(**options):
     sys.path.insert(0, TESTS)
     from families import FAMILIES
     family = FAMILIES["sparse_embedding"]
-    return family.trainer(**{**family.trainer_kwargs, **family.randomness_off, **options})
+    return family.trainer(**{**family.randomness_off, **options})  # Adam alone
 
 
 def built(make, combine: bool, steps: int):

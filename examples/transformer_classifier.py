@@ -5,9 +5,9 @@ global gradient-norm clipping.
     .venv/bin/tapekit-train --trainer=examples.transformer_classifier:TransformerClassifier \\
         --strategy=mirrored --cpu_replicas=2 --eval_every_steps=200
 
-Both embeddings have sparse gradients (`tf.IndexedSlices`). The position table's rows are
-read once per sequence, so each of its rows arrives once per example, and once more from
-every other replica: Keras's Adam would square each of those rows on its own, and its
+Both embeddings have sparse gradients (`tf.IndexedSlices`). The position table is read once
+per batch (its rows broadcast over the sequences), so on N replicas each of its rows
+arrives N times: Keras's Adam would square each of those rows on its own, and its
 `global_clipnorm` would clip each replica's share. tapekit's `apply_gradients` hands Adam the
 gradient one device would see, so 1 and N replicas train alike. The data is synthetic and
 seeded (a sequence's label says whether "positive" words outnumber "negative" ones in its

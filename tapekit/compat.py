@@ -19,7 +19,7 @@ def gradients_already_summed(optimizer):
     Keras's TensorFlow optimizer sums in `TFOptimizer._all_reduce_sum_gradients`, called
     by `_backend_update_step` after clipping (checked on Keras 3.3 to 3.15; Keras 3.0-3.2
     never summed, so each replica applied its own gradient). The patch is an attribute of
-    this one optimizer instance, removed on exit; the object behaves as before afterwards.
+    this one optimizer instance, undone on exit; the object behaves as before afterwards.
     Open it outside the replica threads (in cross-replica context): every replica sees it.
     """
     if not callable(getattr(type(optimizer), "_all_reduce_sum_gradients", None)):
@@ -27,8 +27,13 @@ def gradients_already_summed(optimizer):
             f"{type(optimizer).__name__} has no _all_reduce_sum_gradients: this Keras version "
             "sums gradients over replicas differently from the ones tapekit supports "
             "(Keras 3.3 and later); upgrade Keras.")
+    missing = object()
+    previous = vars(optimizer).get("_all_reduce_sum_gradients", missing)
     optimizer._all_reduce_sum_gradients = list  # (gradient, variable) pairs, as they are
     try:
         yield
     finally:
-        vars(optimizer).pop("_all_reduce_sum_gradients", None)
+        if previous is missing:
+            del optimizer._all_reduce_sum_gradients
+        else:
+            optimizer._all_reduce_sum_gradients = previous

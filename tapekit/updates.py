@@ -15,10 +15,11 @@ ways, so tapekit takes the gradient there itself when any of them applies:
 * tapekit's own mechanisms (loss-scale unscaling, skipping non-finite steps, clipping by
   global norm, gradient accumulation), which need the global gradient too.
 
-Then the gradient is summed over replicas once, here (`all_reduce`), and the optimizer is
-called once in cross-replica context (inside `merge_call`), where Keras does not sum again
-and applies the update to every replica's copy. The user's optimizer object is not
-changed: outside tapekit it behaves as before. Otherwise (dense gradients, no clipping by
+Then the gradient is summed over replicas once, here (`all_reduce`), and the optimizer runs
+per replica on that sum (`merge_call`, then `call_for_each_replica`) with Keras's own sum
+left out for that call (`tapekit.compat.gradients_already_summed`, opened in cross-replica
+context, so every replica thread sees it). The user's optimizer object is not changed
+otherwise: outside tapekit it behaves as before. Otherwise (dense gradients, no clipping by
 the optimizer, nothing of tapekit's) `optimizer.apply_gradients` runs per replica as in a
 hand-written loop: Keras's own sum over replicas is exact there, and it is the fast path.
 
@@ -27,8 +28,9 @@ context: tf.distribute does not allow a cond in replica context whose branch cal
 `merge_call` (Keras optimizers do). Accumulated gradients are kept in mirrored variables
 holding the global sum, so a checkpoint between micro-steps restores it exactly.
 
-The optimizer's own `gradient_accumulation_steps` and a `keras.optimizers.LossScaleOptimizer`
-are refused before step 1 (`check_optimizer`): tapekit's options do the same exactly.
+The optimizer's own `gradient_accumulation_steps` and `loss_scale_factor`, and a
+`keras.optimizers.LossScaleOptimizer`, are refused before step 1 (`check_optimizer`):
+tapekit's options do the same exactly.
 """
 
 from typing import List, Optional
@@ -45,14 +47,21 @@ SUM = tf.distribute.ReduceOp.SUM
 
 def check_optimizer(optimizer, clip_global_norm: Optional[float] = None) -> None:
     """Raises a TapekitError, before any step, for an optimizer set-up tapekit cannot make
-    exact: the optimizer's own gradient accumulation or loss scaling (tapekit has options
-    for both), or the optimizer's `global_clipnorm` together with `clip_global_norm`."""
+    exact: the optimizer's own gradient accumulation or loss scaling (`LossScaleOptimizer`,
+    `loss_scale_factor`; tapekit has options for both), or the optimizer's `global_clipnorm`
+    together with `clip_global_norm`."""
     name = type(optimizer).__name__
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         raise TapekitError(
             f"{name} is not supported: tapekit scales the loss itself, on every strategy "
             "(Keras's breaks under MirroredStrategy); pass its inner optimizer and set "
             "precision='mixed_float16' (--precision=mixed_float16).")
+    factor = getattr(optimizer, "loss_scale_factor", None)
+    if factor is not None:
+        raise TapekitError(
+            f"{name}(loss_scale_factor={factor}) is not supported: Keras divides the gradients "
+            "by it, but tapekit's apply_gradients differentiates the loss as given; scale the "
+            "loss with precision='mixed_float16' (--precision=mixed_float16) instead.")
     steps = getattr(optimizer, "gradient_accumulation_steps", None)
     if steps:
         raise TapekitError(
@@ -115,6 +124,9 @@ class GradientUpdater(tf.Module):
                 0, dtype=tf.int64, trainable=False, name="micro_steps",
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
 
+    def _accumulators_of(self, variables) -> List[tf.Variable]:
+        return [self.accumulators[self.variable_ids.index(id(v))] for v in variables]
+
     @property
     def is_plain(self) -> bool:
         """True when tapekit adds none of its own options (no state of its own to keep)."""
@@ -127,7 +139,10 @@ class GradientUpdater(tf.Module):
 
     def combines_rows(self, gradients) -> bool:
         """Whether repeated rows of sparse `gradients` must be summed before the update:
-        when there are sparse gradients and anything but a linear update sees them."""
+        when there are sparse gradients and anything but a linear update sees them, and
+        they are not accumulated (the accumulator's scatter-add sums them already)."""
+        if self.accumulation_steps > 1:  # scattered into a dense sum, which adds them
+            return False
         return (any(isinstance(g, tf.IndexedSlices) for g in gradients)
                 and not (is_linear(self.optimizer) and self.clip_global_norm is None))
 
@@ -149,21 +164,29 @@ class GradientUpdater(tf.Module):
             gradients = [combined_rows(g) for g in gradients]
         accumulated = None
         if self.accumulation_steps > 1:
-            accumulated = [_added(a.read_value(), g) for a, g in zip(self.accumulators, gradients)]
+            accumulators = self._accumulators_of(variables)
+            accumulated = [_added(a.read_value(), g) for a, g in zip(accumulators, gradients)]
             gradients = [a / self.accumulation_steps for a in accumulated]
         finite = tf.constant(True)
-        if self.skip_nonfinite:  # every replica holds the same sum: no vote needed
-            finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(_values(g)))
-                                    for g in gradients])
-        if self.clip_global_norm is not None:
-            gradients, _ = tf.clip_by_global_norm(gradients, self.clip_global_norm)
+        if self.skip_nonfinite:
+            finite_here = tf.reduce_all([tf.reduce_all(tf.math.is_finite(_values(g)))
+                                         for g in gradients])
+            # Every replica holds the same sum; the vote makes sure they take one branch.
+            bad_replicas = (context.all_reduce(SUM, 1.0 - tf.cast(finite_here, tf.float32))
+                            if replicas > 1 else 1.0 - tf.cast(finite_here, tf.float32))
+            finite = tf.equal(bad_replicas, 0.0)
+        if self.clip_global_norm is not None:  # factor exactly 1 below the threshold
+            norm = tf.linalg.global_norm(gradients)
+            factor = tf.minimum(1.0, self.clip_global_norm / tf.maximum(norm, 1e-12))
+            gradients = [_scaled(g, factor) for g in gradients]
         context.merge_call(self._cross_replica_apply,
                            args=(gradients, variables, finite, accumulated))
 
     def _cross_replica_apply(self, strategy, gradients, variables, finite, accumulated):
         finite = strategy.experimental_local_results(finite)[0]
         if self.accumulation_steps > 1:
-            for accumulator, value in zip(self.accumulators, accumulated):
+            accumulators = self._accumulators_of(variables)
+            for accumulator, value in zip(accumulators, accumulated):
                 strategy.extended.update(accumulator, lambda a, v: a.assign(v), args=(value,))
             self.micro_steps.assign_add(1)
             due = tf.equal(self.micro_steps % self.accumulation_steps, 0)
@@ -255,12 +278,10 @@ def apply_from_tape(updater: GradientUpdater, tape: tf.GradientTape, loss, varia
             f"no gradient for {len(missing)} variable(s): {', '.join(missing)}; the loss does "
             "not depend on them. Run the forward pass inside the tape and pass only the models "
             "that loss trains (or apply_gradients(..., allow_none_gradients=True)).")
-    if updater.is_plain:
-        pairs = [(g, v) for g, v in zip(gradients, variables) if g is not None]
-        updater.apply([g for g, _ in pairs], [v for _, v in pairs])
-    else:
-        updater.apply([tf.zeros_like(v) if g is None else g for g, v in zip(gradients, variables)],
-                      variables)
+    # A variable without a gradient is left out, as Keras leaves it out: no momentum or
+    # weight decay moves it (and its accumulator, if any, keeps its sum).
+    pairs = [(g, v) for g, v in zip(gradients, variables) if g is not None]
+    updater.apply([g for g, _ in pairs], [v for _, v in pairs])
 
 
 def _variable_path(variable) -> str:

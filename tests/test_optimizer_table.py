@@ -167,9 +167,12 @@ class OneOptimizer(tapekit.Trainer):
     (lambda: keras.optimizers.Adam(gradient_accumulation_steps=2), TWO_REPLICAS,
      r"Adam\(gradient_accumulation_steps=2\) is not supported.*"
      r"--gradient_accumulation_steps=2"),
+    (lambda: keras.optimizers.Adam(loss_scale_factor=128.0), {},
+     r"Adam\(loss_scale_factor=128.0\) is not supported.*--precision=mixed_float16"),
     (lambda: keras.optimizers.Adam(global_clipnorm=1.0), {"clip_global_norm": 0.5},
      r"Adam\(global_clipnorm=1.0\) and clip_global_norm=0.5 \(--clip_global_norm\) both clip"),
-], ids=["loss_scale_optimizer", "optimizer_accumulation", "two_global_clips"])
+], ids=["loss_scale_optimizer", "optimizer_accumulation", "loss_scale_factor",
+        "two_global_clips"])
 def test_optimizer_set_ups_tapekit_cannot_make_exact_are_refused_before_step_1(
         make_optimizer, options, expected, tmp_path):
     model_dir = tmp_path / "run"
@@ -187,6 +190,69 @@ def test_the_users_optimizer_behaves_as_before_outside_tapekit():
     trainer.fit(2, dataset=table.global_batches())
     assert "_all_reduce_sum_gradients" not in vars(trainer.optimizer)
     assert trainer.optimizer.clipnorm == 0.02
+
+
+def test_a_resume_on_two_replicas_is_bitwise(tmp_path):
+    """(c) on two replicas, for Adam's five cases: the optimizer runs on the sum tapekit
+    made, and its slots restore into every replica's copy."""
+    cases = [case for case in CASES if case.startswith("adam/")]
+
+    def fit(steps, **options):
+        trainer = OptimizerTable(cases, progress="none", deterministic=True, **TWO_REPLICAS,
+                                 **options)
+        trainer.fit(steps, STEPS_PER_LOOP, dataset=table.global_batches())
+        return trainer
+
+    model_dir = str(tmp_path / "run")
+    fit(RESUME_STEP, model_dir=model_dir)
+    resumed, uninterrupted = fit(STEPS, model_dir=model_dir), fit(STEPS)
+    assert resumed.history[0]["step"] == RESUME_STEP + STEPS_PER_LOOP
+    expected, actual = table.all_state(uninterrupted), table.all_state(resumed)
+    assert sorted(actual) == sorted(expected)
+    assert [key for key in expected if not np.array_equal(actual[key], expected[key])] == []
+
+
+def test_the_optimizer_gets_the_sum_over_replicas_once():
+    """SGD is linear in its gradient, so a second sum over replicas (Keras's own, which
+    tapekit leaves out when it has summed) would double the update: with a `clipnorm` too
+    large to clip, 2 replicas must move the weights exactly as far as 1."""
+    def train(**strategy):
+        trainer = OneOptimizer(lambda: keras.optimizers.SGD(0.05, clipnorm=1e6),
+                               progress="none", **strategy)
+        before = [v.numpy() for v in table.make_model("adam/none").trainable_variables]
+        trainer.fit(1, dataset=table.global_batches())
+        return [v.numpy() - b for v, b in zip(trainer.model.trainable_variables, before)]
+
+    one, two = train(), train(**TWO_REPLICAS)
+    assert max(np.max(np.abs(step)) for step in one) > 1e-3  # the step moved the weights
+    assert not differences(two, one, rtol=1e-5, atol=1e-7)
+
+
+class WithAnUnusedVariable(OneOptimizer):
+    """The table's model plus a variable the loss does not use, under AdamW."""
+
+    def build(self):
+        super().build()
+        self.unused = keras.Variable(np.ones(3, np.float32), name="unused")
+
+    def train_step(self, batch):
+        with tf.GradientTape() as tape:
+            loss = self.compute_loss(table.per_example_loss("adam/none", self.model, batch))
+        self.apply_gradients(tape, loss, [self.model, self.unused], self.optimizer,
+                             allow_none_gradients=True)
+        return {"loss": loss}
+
+
+@pytest.mark.parametrize("options", [{}, {"clip_global_norm": 1.0}, TWO_REPLICAS,
+                                     {"gradient_accumulation_steps": 2}],
+                         ids=["plain", "clip_global_norm", "two_replicas", "accumulation"])
+def test_a_variable_without_a_gradient_is_left_alone(options):
+    """As Keras leaves out a variable whose gradient is None: AdamW's weight decay does not
+    shrink it, on every path of `apply_gradients`."""
+    trainer = WithAnUnusedVariable(lambda: keras.optimizers.AdamW(0.01, weight_decay=0.5),
+                                   progress="none", **options)
+    trainer.fit(4, dataset=table.global_batches())
+    np.testing.assert_array_equal(trainer.unused.numpy(), np.ones(3, np.float32))
 
 
 # ------------------------------------------------------------------ a tutorial's Transformer
