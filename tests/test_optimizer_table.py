@@ -228,6 +228,38 @@ def test_the_optimizer_gets_the_sum_over_replicas_once():
     assert not differences(two, one, rtol=1e-5, atol=1e-7)
 
 
+def test_a_learning_rate_schedule_with_clipping_trains_as_by_hand_on_one_and_two_replicas():
+    """Adam on an ExponentialDecay schedule with its own clipnorm: the schedule reads the
+    optimizer's iterations, which tapekit's path advances once per update."""
+    def make():
+        schedule = keras.optimizers.schedules.ExponentialDecay(0.01, decay_steps=2,
+                                                               decay_rate=0.5)
+        return keras.optimizers.Adam(schedule, clipnorm=0.02)
+
+    def train(**strategy):
+        trainer = OneOptimizer(make, progress="none", **strategy)
+        trainer.fit(STEPS, STEPS_PER_LOOP, dataset=table.global_batches())
+        assert int(trainer.optimizer.iterations.numpy()) == STEPS
+        return [v.numpy() for v in trainer.model.trainable_variables]
+
+    model, optimizer = table.make_model("adam/none"), make()
+
+    @tf.function
+    def step(batch):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(table.per_example_loss("adam/none", model, batch))
+        gradients = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip([table.dense(g) for g in gradients],
+                                      model.trainable_variables))
+
+    for batch in table.global_batches().take(STEPS):
+        step(batch)
+    hand = [v.numpy() for v in model.trainable_variables]
+    one = train()
+    assert not differences(one, hand, rtol=1e-6, atol=1e-6)
+    assert not differences(train(**TWO_REPLICAS), one, rtol=1e-5, atol=1e-5)
+
+
 class WithAnUnusedVariable(OneOptimizer):
     """The table's model plus a variable the loss does not use, under AdamW."""
 
