@@ -195,7 +195,8 @@ class Trainer:
         dense gradient, and the optimizer's own `clipnorm`/`global_clipnorm`/`clipvalue`
         clip the sum over replicas, not each replica's part. The optimizer object is not
         changed (outside tapekit it behaves as before). Refused before step 1: a
-        `LossScaleOptimizer` (use `precision="mixed_float16"`), the optimizer's own
+        `LossScaleOptimizer` or a `loss_scale_factor` (use `precision="mixed_float16"`),
+        the optimizer's own
         `gradient_accumulation_steps` (use the trainer's), and `global_clipnorm` together
         with `clip_global_norm`.
         """
