@@ -196,9 +196,8 @@ class Trainer:
         clip the sum over replicas, not each replica's part. The optimizer object is not
         changed (outside tapekit it behaves as before). Refused before step 1: a
         `LossScaleOptimizer` or a `loss_scale_factor` (use `precision="mixed_float16"`),
-        the optimizer's own
-        `gradient_accumulation_steps` (use the trainer's), and `global_clipnorm` together
-        with `clip_global_norm`.
+        the optimizer's own `gradient_accumulation_steps` (use the trainer's), and
+        `global_clipnorm` together with `clip_global_norm`.
         """
         self._engine.apply_gradients(tape, loss, models_or_variables, optimizer,
                                      allow_none_gradients)
