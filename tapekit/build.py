@@ -26,6 +26,7 @@ from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 import keras
 import tensorflow as tf
 
+from tapekit import compat
 from tapekit import means
 from tapekit import randomness
 from tapekit.errors import TapekitError, summarize
@@ -42,10 +43,6 @@ class StepTrace(NamedTuple):
     static_weights: bool = True  # every returned value's weight is a constant (tapekit.means)
 
 
-# The AutoGraph context outside any tf.function ("unspecified"), captured at import.
-_AUTOGRAPH_CONTEXT = tf.__internal__.autograph.control_status_ctx()
-
-
 def autographed(step_fn):
     """`step_fn` converted by AutoGraph when called, as a `tf.function` would convert it
     (tensor-dependent `if`/`for`/`while` become graph control flow; functions it calls are
@@ -54,11 +51,10 @@ def autographed(step_fn):
 
     tapekit's own `tf.function`s are traced without AutoGraph: converting tapekit's code on
     every start cost about a second and gained nothing (it uses `tf.while_loop`/`tf.cond`
-    directly). The user's step is converted on its own with this. (`tf.__internal__`'s
-    `tf_convert` is the hook TensorFlow offers library code for exactly this.)
+    directly). The user's step is converted on its own with this
+    (`tapekit.compat.autograph_converted`).
     """
-    return tf.__internal__.autograph.tf_convert(step_fn, _AUTOGRAPH_CONTEXT,
-                                                convert_by_default=True, user_requested=True)
+    return compat.autograph_converted(step_fn)
 
 
 def record_update(optimizer, variables) -> bool:
@@ -100,14 +96,15 @@ def trace_step(strategy: tf.distribute.Strategy, step_fn, element_spec,
         return original(*args, **kwargs)
 
     _updates = []
-    for optimizer in optimizers:
-        optimizer.apply_gradients = functools.partial(record_direct, optimizer)
-    for metric in keras_metrics:
-        metric.update_state = functools.partial(record_metric, metric, metric.update_state)
+    recorders = [(optimizer, {"apply_gradients": functools.partial(record_direct, optimizer)})
+                 for optimizer in optimizers]
+    recorders += [(metric, {"update_state": functools.partial(record_metric, metric,
+                                                              metric.update_state)})
+                  for metric in keras_metrics]
     try:
         traced = tf.function(lambda batch: strategy.run(replica_fn, args=(batch,)),
                              autograph=False)
-        with strategy.scope():
+        with strategy.scope(), compat.instance_attributes(recorders):
             traced.get_concrete_function(tf.nest.map_structure(_placeholder_spec, spec))
         updates = list(_updates)
     except TapekitError:
@@ -116,10 +113,6 @@ def trace_step(strategy: tf.distribute.Strategy, step_fn, element_spec,
         raise TapekitError(explain(error, step_name, spec)) from None
     finally:
         _updates = None
-        for optimizer in optimizers:
-            vars(optimizer).pop("apply_gradients", None)  # the class's method again
-        for metric in keras_metrics:
-            vars(metric).pop("update_state", None)
     names = metric_names(outputs[0] if outputs else None, step_name)
     used = [m for m in keras_metrics if id(m) in used_metrics]
     clashes = sorted(set(names) & {m.name for m in used})
@@ -192,10 +185,7 @@ def metric_names(outputs, step_name: str) -> List[str]:
 
 def per_replica_spec(element_spec):
     """The spec of one replica's batch, from a (distributed) iterator's element spec."""
-    def one_replica(spec):
-        value_specs = getattr(spec, "_value_specs", None)  # tf.distribute's PerReplicaSpec
-        return value_specs[0] if value_specs else spec
-    return tf.nest.map_structure(one_replica, element_spec)
+    return tf.nest.map_structure(compat.one_replica_spec, element_spec)
 
 
 def describe_spec(spec) -> str:

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional
 import tensorflow as tf
 from absl import logging
 
+from tapekit import compat
 from tapekit.errors import TapekitError, summarize
 
 ITERATOR_KEY = "train_iterator"
@@ -185,8 +186,7 @@ class Checkpointer:
         for path in newer:
             for name in tf.io.gfile.glob(path + ".*"):
                 shutil.move(name, os.path.join(aside, os.path.basename(name)))
-        tf.compat.v1.train.update_checkpoint_state(
-            self.directory, kept[-1] if kept else "", all_model_checkpoint_paths=kept)
+        compat.write_checkpoint_state(self.directory, kept[-1] if kept else "", kept)
         logging.warning("moved %d checkpoint(s) newer than step %d to %s", len(newer), step, aside)
         self._make_manager()
 

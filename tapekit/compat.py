@@ -1,12 +1,98 @@
 """Where tapekit reaches into private TensorFlow/Keras code: each reach is one named function
-here, with the versions it was checked on, so that a Keras upgrade breaks in one place.
+here, with the versions it was checked on, so that an upgrade breaks in one place.
 
-A patch is a context manager that undoes itself on exit.
+Nothing else in tapekit (nor in `tapekit.models`, `tapekit.trainers`) touches a private
+TensorFlow/Keras name or patches a TensorFlow/Keras object: `tests/test_compat.py` reads
+the sources and fails on any such line outside this file. A patch is a context manager
+that undoes itself on exit. "Checked on" names the versions the test suite ran against.
 """
 
 import contextlib
+import threading
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+import keras
+import tensorflow as tf
 
 from tapekit.errors import TapekitError
+
+LearningRateSchedule = keras.optimizers.schedules.LearningRateSchedule
+
+# ------------------------------------------------------------------ AutoGraph
+
+# The AutoGraph context outside any tf.function ("unspecified"), captured at import.
+_AUTOGRAPH_CONTEXT = tf.__internal__.autograph.control_status_ctx()
+
+
+def autograph_converted(function: Callable) -> Callable:
+    """`function` converted by AutoGraph when called, as a `tf.function` would convert it.
+
+    `tf.__internal__.autograph.tf_convert` is the hook TensorFlow offers library code for
+    converting one function inside a trace that is itself not converted. Checked on
+    TensorFlow 2.21.
+    """
+    return tf.__internal__.autograph.tf_convert(function, _AUTOGRAPH_CONTEXT,
+                                                convert_by_default=True, user_requested=True)
+
+
+# ------------------------------------------------------------------ tf.distribute and graphs
+
+
+def one_replica_spec(spec):
+    """The spec of one replica's value for a `PerReplicaSpec` (its `_value_specs`), else
+    `spec` itself. Checked on TensorFlow 2.21."""
+    value_specs = getattr(spec, "_value_specs", None)
+    return value_specs[0] if value_specs else spec
+
+
+def graph_being_traced():
+    """The graph a `tf.function` is being traced into (TF 2 has no public name for it:
+    `tf.compat.v1.get_default_graph`). Checked on TensorFlow 2.21."""
+    return tf.compat.v1.get_default_graph()
+
+
+def captured_tensors(graph) -> List:
+    """The outer tensors a `FuncGraph` being traced captures (`FuncGraph.captures`).
+    Checked on TensorFlow 2.21."""
+    return [external for external, _ in graph.captures]
+
+
+def is_trackable(value) -> bool:
+    """Whether `tf.train.Checkpoint` can hold `value` as it is (`tf.__internal__.tracking.
+    Trackable`). Checked on TensorFlow 2.21."""
+    return isinstance(value, tf.__internal__.tracking.Trackable)
+
+
+def write_checkpoint_state(directory: str, latest: str, all_paths: Sequence[str]) -> None:
+    """Rewrites `directory/checkpoint` (TensorFlow's checkpoint state file) to list
+    `all_paths`, `latest` last; TF 2 offers no API for it (`tf.compat.v1.train.
+    update_checkpoint_state`). Checked on TensorFlow 2.21."""
+    tf.compat.v1.train.update_checkpoint_state(directory, latest,
+                                               all_model_checkpoint_paths=list(all_paths))
+
+
+def summary_metadata(plugin: str, data_class: str):
+    """The `SummaryMetadata` proto TensorBoard's `plugin` reads, for `data_class` "scalar",
+    "blob_sequence" or "tensor" (`tensorflow.core.framework.summary_pb2`, which
+    `tf.summary.write` takes but does not export). Checked on TensorFlow 2.21."""
+    from tensorflow.core.framework import summary_pb2
+    classes = {"scalar": summary_pb2.DATA_CLASS_SCALAR,
+               "blob_sequence": summary_pb2.DATA_CLASS_BLOB_SEQUENCE,
+               "tensor": summary_pb2.DATA_CLASS_TENSOR}
+    return summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin),
+        data_class=classes[data_class])
+
+
+# ------------------------------------------------------------------ Keras optimizers
+
+
+def learning_rate_schedule(optimizer) -> Optional[LearningRateSchedule]:
+    """The optimizer's schedule when its learning rate is one (Keras keeps it in
+    `_learning_rate`; the public `learning_rate` is its current value), else None.
+    Checked on Keras 3.15."""
+    rate = getattr(optimizer, "_learning_rate", None)
+    return rate if isinstance(rate, LearningRateSchedule) else None
 
 
 @contextlib.contextmanager
@@ -27,13 +113,69 @@ def gradients_already_summed(optimizer):
             f"{type(optimizer).__name__} has no _all_reduce_sum_gradients: this Keras version "
             "sums gradients over replicas differently from the ones tapekit supports "
             "(Keras 3.3 and later); upgrade Keras.")
+    with instance_attributes([(optimizer, {"_all_reduce_sum_gradients": list})]):
+        yield  # list: the (gradient, variable) pairs as they are
+
+
+# ------------------------------------------------------------------ patches
+
+
+@contextlib.contextmanager
+def instance_attributes(replacements: Sequence[Tuple[object, dict]]) -> Iterator[None]:
+    """While open, each object of `replacements` ([(object, {name: value})]) has those
+    instance attributes (e.g. a method of one optimizer replaced for a trace); on exit
+    each is restored to what the instance had, or removed so the class's shows again."""
     missing = object()
-    previous = vars(optimizer).get("_all_reduce_sum_gradients", missing)
-    optimizer._all_reduce_sum_gradients = list  # (gradient, variable) pairs, as they are
+    saved: List[Tuple[object, str, object]] = []
+    try:
+        for target, attributes in replacements:
+            for name, value in attributes.items():
+                saved.append((target, name, vars(target).get(name, missing)))
+                setattr(target, name, value)
+        yield
+    finally:
+        for target, name, previous in reversed(saved):
+            if previous is missing:
+                vars(target).pop(name, None)
+            else:
+                setattr(target, name, previous)
+
+
+class _SeedPatch:
+    """Bookkeeping of `seeds_transformed`: the patch is installed while anyone is inside."""
+
+    lock = threading.Lock()
+    users = 0
+    original = None
+    transform = None
+
+
+@contextlib.contextmanager
+def seeds_transformed(transform: Callable[[tf.Tensor], tf.Tensor]) -> Iterator[None]:
+    """While open (in any thread), every seed a Keras `SeedGenerator` hands out
+    (`SeedGenerator.next`) passes through `transform(seed)`. Installed on
+    `keras.random.SeedGenerator` when the first user enters, removed when the last leaves
+    (MirroredStrategy traces each replica in a thread of its own, so replicas enter and
+    leave it one by one). Keras draws every seed of Dropout, `keras.random.*` and the
+    augmentation layers through `next`. Checked on Keras 3.15."""
+    klass = keras.random.SeedGenerator
+    with _SeedPatch.lock:
+        if _SeedPatch.users == 0:
+            original = klass.next
+
+            def next_seed(self, ordered=True):
+                return transform(original(self, ordered=ordered))
+
+            _SeedPatch.original, _SeedPatch.transform = original, transform
+            klass.next = next_seed
+        elif _SeedPatch.transform is not transform:
+            raise TapekitError("internal: two different SeedGenerator transforms at once.")
+        _SeedPatch.users += 1
     try:
         yield
     finally:
-        if previous is missing:
-            del optimizer._all_reduce_sum_gradients
-        else:
-            optimizer._all_reduce_sum_gradients = previous
+        with _SeedPatch.lock:
+            _SeedPatch.users -= 1
+            if _SeedPatch.users == 0:
+                klass.next = _SeedPatch.original
+                _SeedPatch.original = _SeedPatch.transform = None

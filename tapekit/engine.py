@@ -18,6 +18,7 @@ from absl import logging
 from tapekit import build as build_lib
 from tapekit import callbacks as callbacks_lib
 from tapekit import checkpointing
+from tapekit import compat
 from tapekit import controller as controller_lib
 from tapekit import data as data_lib
 from tapekit import distribute
@@ -378,8 +379,7 @@ class Engine:
         self._built_learning_rates = [
             (optimizer, float(tf.convert_to_tensor(optimizer.learning_rate)))
             for optimizer in state_lib.optimizers(vars(self.trainer)).values()
-            if not isinstance(optimizer._learning_rate,
-                              keras.optimizers.schedules.LearningRateSchedule)]
+            if compat.learning_rate_schedule(optimizer) is None]
         objects = self.checkpoint_objects()
         state_lib.check_coverage(self.owned_state(), objects)
         if self.model_dir:

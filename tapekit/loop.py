@@ -22,6 +22,7 @@ import tensorflow as tf
 from absl import logging
 
 from tapekit import build
+from tapekit import compat
 from tapekit import means
 from tapekit import randomness
 from tapekit.errors import TapekitError
@@ -200,13 +201,14 @@ class CompiledLoop:
         ends (`_count_steps`): a variable update every step costs a few ops a step."""
         if self.step_counter is None:
             return
-        if self._step_reads_counter(tf.compat.v1.get_default_graph()):
+        if self._step_reads_counter(compat.graph_being_traced()):
             self._counts_each_step = True
             self.step_counter.assign_add(1)
 
     def _step_reads_counter(self, graph) -> bool:
         handles = [v.handle for v in self.strategy.experimental_local_results(self.step_counter)]
-        return any(external is handle for external, _ in graph.captures for handle in handles)
+        return any(external is handle for external in compat.captured_tensors(graph)
+                   for handle in handles)
 
     def _count_steps(self, steps_run) -> None:
         if self.step_counter is not None and not self._counts_each_step:
@@ -352,8 +354,7 @@ def describe_spec_changes(old, new) -> str:
         return {path: spec}
 
     def show(leaf):
-        specs = getattr(leaf, "_value_specs", None)  # tf.distribute's PerReplicaSpec
-        leaf = specs[0] if specs else leaf
+        leaf = compat.one_replica_spec(leaf)
         shape = getattr(leaf, "shape", None)
         dtype = getattr(getattr(leaf, "dtype", None), "name", "?")
         return f"{dtype}{list(shape) if shape is not None and shape.rank is not None else '[?]'}"

@@ -12,23 +12,17 @@ reproducible from its seed and resumes exactly on the same number of replicas. W
 replica nothing changes. `tf.random.Generator`s created in a strategy scope (the trainer's
 `rng`) already draw per replica (TensorFlow folds the replica id in itself).
 
-Outside tapekit's steps (e.g. Keras `fit` in the same process) Keras behaves as it always has.
+Outside tapekit's steps (e.g. Keras `fit` in the same process) Keras behaves as it always
+has: the patch of `SeedGenerator.next` is installed only while a step is traced.
 """
 
-import contextlib
-
 import tensorflow as tf
-from keras.src.random import seed_generator
 
-# Module-level, not thread-local: MirroredStrategy traces each replica in a thread of its own.
-_active_depth = 0
-_original_next = seed_generator.SeedGenerator.next
+from tapekit import compat
 
 
-def _next_per_replica(self, ordered=True):
-    seed = _original_next(self, ordered=ordered)
-    if not _active_depth:
-        return seed
+def _per_replica(seed):
+    """`seed` folded with this replica's id when traced on N > 1 replicas, else `seed`."""
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
         return seed
@@ -37,14 +31,7 @@ def _next_per_replica(self, ordered=True):
     return tf.cast(folded, seed.dtype)
 
 
-@contextlib.contextmanager
 def per_replica_seeds():
-    """While active (at trace time), SeedGenerators draw a different seed on each replica."""
-    global _active_depth
-    if seed_generator.SeedGenerator.next is not _next_per_replica:
-        seed_generator.SeedGenerator.next = _next_per_replica
-    _active_depth += 1
-    try:
-        yield
-    finally:
-        _active_depth -= 1
+    """A context: while open (at trace time), SeedGenerators draw a different seed on each
+    replica (`tapekit.compat.seeds_transformed`; Keras is unpatched again once it closes)."""
+    return compat.seeds_transformed(_per_replica)

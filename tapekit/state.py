@@ -19,6 +19,7 @@ from typing import Any, Dict, List
 import keras
 import tensorflow as tf
 
+from tapekit import compat
 from tapekit.errors import TapekitError
 
 # What a public attribute may hold for the trainer to own it.
@@ -123,7 +124,7 @@ def checkpoint_objects(state: Dict[str, Any]) -> Dict[str, Any]:
     and Keras variables TensorFlow would miss under `keras_state/NAME/`."""
     objects: Dict[str, Any] = {}
     for name, value in state.items():
-        if isinstance(value, tf.__internal__.tracking.Trackable):
+        if compat.is_trackable(value):
             objects[name] = value
         elif isinstance(value, (list, tuple, dict)):
             holder = tf.Module(name=name)

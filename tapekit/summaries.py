@@ -9,18 +9,13 @@ Eager, inside a `writer.as_default(step=…)` block.
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.framework import summary_pb2
 
-
-def _metadata(plugin: str, data_class: int) -> summary_pb2.SummaryMetadata:
-    return summary_pb2.SummaryMetadata(
-        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin),
-        data_class=data_class)
+from tapekit.compat import summary_metadata
 
 
 def scalar(name: str, value: float, step: int) -> None:
     tf.summary.write(name, tf.constant(value, tf.float32), step=step,
-                     metadata=_metadata("scalars", summary_pb2.DATA_CLASS_SCALAR))
+                     metadata=summary_metadata("scalars", "scalar"))
 
 
 def image(name: str, grid: np.ndarray, step: int) -> None:
@@ -29,7 +24,7 @@ def image(name: str, grid: np.ndarray, step: int) -> None:
     height, width = grid.shape[:2]
     tensor = tf.stack([tf.constant(str(width)), tf.constant(str(height)), png])
     tf.summary.write(name, tensor, step=step,
-                     metadata=_metadata("images", summary_pb2.DATA_CLASS_BLOB_SEQUENCE))
+                     metadata=summary_metadata("images", "blob_sequence"))
 
 
 def histogram(name: str, values, step: int, buckets: int = 30) -> None:
@@ -41,4 +36,4 @@ def histogram(name: str, values, step: int, buckets: int = 30) -> None:
     counts, edges = np.histogram(values, bins=buckets)
     tensor = np.stack([edges[:-1], edges[1:], counts.astype(np.float64)], axis=1)
     tf.summary.write(name, tf.constant(tensor, tf.float64), step=step,
-                     metadata=_metadata("histograms", summary_pb2.DATA_CLASS_TENSOR))
+                     metadata=summary_metadata("histograms", "tensor"))

@@ -1,10 +1,10 @@
 """`benchmarks/bench.py` cannot print an impossible figure: noisy ones are measured again, then
-shown as noisy and left out of ratios and targets. (Logic only; no timing is asserted.)"""
+shown as noisy and left out of ratios and targets. Logic only, on a fake clock: no timing is
+measured or asserted."""
 
 import importlib.util
 import os
 import statistics
-import time
 import types
 
 import pytest
@@ -17,19 +17,40 @@ bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
 
-def test_a_negative_or_spread_out_cost_is_retried_then_reported_as_noisy(monkeypatch, capsys):
+class FakeClock:
+    """The benchmark's clock, advanced only by the fake workloads' `sleep`: what a fake
+    step costs is exact, so no test depends on how busy the machine is."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=fake.perf_counter))
+    return fake
+
+
+def test_a_negative_or_spread_out_cost_is_retried_then_reported_as_noisy(monkeypatch, capsys, clock):
     calls = {"steady": [], "broken": []}
 
     def steady(work):
         def run(steps):
             calls["steady"].append(steps)
-            time.sleep(steps * 0.002)
+            clock.sleep(steps * 0.002)
         return run
 
     def broken(work):  # the longer run takes less time: a negative marginal cost
         def run(steps):
             calls["broken"].append(steps)
-            time.sleep(0.05 if steps in (5, 20, 80) else 0.0)
+            clock.sleep(0.05 if steps in (5, 20, 80) else 0.0)
         return run
 
     monkeypatch.setattr(bench, "APPROACHES", {"steady": steady, "broken": broken})
@@ -99,14 +120,14 @@ def test_ratios_pair_the_repeats_taken_side_by_side():
 
 
 def test_a_noisy_compared_column_is_measured_again_with_the_columns_it_is_compared_with(
-        monkeypatch):
+        monkeypatch, clock):
     calls = {"tapekit": [], "keras_fit": [], "eager": []}
 
     def approach(name, noisy):
         def make(work):
             def run(steps):
                 calls[name].append(steps)
-                time.sleep(0.05 if noisy and steps == 5 else steps * 0.001)
+                clock.sleep(0.05 if noisy and steps == 5 else steps * 0.001)
             return run
         return make
 
@@ -145,7 +166,7 @@ def test_loop_ops_counts_the_ops_of_a_loop_body():
     assert counts["Sqrt"] == 1 and counts["AddV2"] >= 1
 
 
-def test_each_compared_approach_is_measured_on_its_median_instance(monkeypatch, capsys):
+def test_each_compared_approach_is_measured_on_its_median_instance(monkeypatch, capsys, clock):
     built = {"tapekit": [], "eager": []}
     speeds = [1.0, 3.0, 0.5, 1.2, 1.1]  # a slow instance, a fast one, three typical ones
 
@@ -155,7 +176,7 @@ def test_each_compared_approach_is_measured_on_its_median_instance(monkeypatch, 
             built[name].append(delay)
 
             def run(steps):
-                time.sleep(steps * delay)
+                clock.sleep(steps * delay)
             return run
         return make
 
@@ -169,7 +190,7 @@ def test_each_compared_approach_is_measured_on_its_median_instance(monkeypatch, 
     assert len(probes["tapekit"]) == 5 and "eager" not in probes
     figures = probes["tapekit"]
     assert figures[1] > 2 * figures[0] and figures[2] < 0.7 * figures[0]  # probes tell them apart
-    assert 0.85 < times["tapekit"] / 1100.0 < 1.3  # the median instance (1.1 ms a step) measured
+    assert times["tapekit"] == pytest.approx(1100.0)  # the median instance (1.1 ms a step)
     assert "seed fake / tapekit: instances probed at" in capsys.readouterr().out
 
 

@@ -55,7 +55,8 @@ def test_ctrl_c_finishes_the_loop_saves_and_exits_130(tmp_path, cli_env):
 def test_a_second_ctrl_c_aborts_at_once(tmp_path, cli_env):
     model_dir = tmp_path / "run"
     log = tmp_path / "stderr.txt"
-    # Each loop end sleeps 60 s: only an abort ends the process quickly.
+    # Each loop end sleeps 60 s, then a first Ctrl-C would save a checkpoint and exit 130;
+    # killed by the second one, the process ends by the signal with nothing saved.
     with open(log, "w") as stderr:
         process = start_cli(["--trainer=resumable:Regression", "--train_steps=5000",
                              "--steps_per_loop=10", f"--model_dir={model_dir}",
@@ -65,7 +66,7 @@ def test_a_second_ctrl_c_aborts_at_once(tmp_path, cli_env):
             process.send_signal(signal.SIGINT)
             wait_for(log, process, containing="press Ctrl-C again to abort")
             process.send_signal(signal.SIGINT)
-            process.wait(timeout=50)
+            process.wait(timeout=120)  # a guard against a hang: past 60 s it would save
         finally:
             process.kill()
     assert process.returncode == -signal.SIGINT, log.read_text()[-3000:]

@@ -106,10 +106,9 @@ def test_a_worker_killed_stops_the_other_with_one_line_and_a_restart_resumes(tmp
         assert all(p.poll() is None for p in processes) and time.monotonic() < deadline
         time.sleep(0.05)
     processes[1].kill()  # SIGKILL: no handler, no checkpoint, no goodbye
-    killed_at = time.monotonic()
-    _, stderr = processes[0].communicate(timeout=120)
+    _, stderr = processes[0].communicate(timeout=120)  # a guard against a hang, not a check
     processes[1].wait()
-    assert processes[0].returncode != 0 and time.monotonic() - killed_at < 60
+    assert processes[0].returncode != 0
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("tapekit-train: error: worker 1 stopped (no more heartbeats) while "
                            "this worker was at step "), last
