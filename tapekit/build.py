@@ -16,6 +16,7 @@ An exception from the user's step becomes one `TapekitError` naming the user's l
 the data is blamed only when its shape or dtype is the cause.
 """
 
+import contextvars
 import functools
 import os
 import re
@@ -31,9 +32,11 @@ from tapekit import means
 from tapekit import randomness
 from tapekit.errors import TapekitError, summarize
 
-# (optimizer, variables) pairs while a step is traced for building. Module-level, not
-# thread-local: MirroredStrategy traces each replica in a thread of its own.
-_updates: Optional[List[Tuple[Any, List]]] = None
+# The (optimizer, variables) list of the build trace in progress, set by each replica's
+# function: MirroredStrategy traces each replica in a thread of its own, which starts with
+# a fresh context, so two trainers building at once (two threads) never share one.
+_BUILD_UPDATES: contextvars.ContextVar = contextvars.ContextVar("tapekit_build_updates",
+                                                                default=None)
 
 
 class StepTrace(NamedTuple):
@@ -59,9 +62,10 @@ def autographed(step_fn):
 
 def record_update(optimizer, variables) -> bool:
     """Called by `apply_gradients`: True (and recorded) while a step is traced for building."""
-    if _updates is None:
+    updates = _BUILD_UPDATES.get()
+    if updates is None:
         return False
-    _updates.append((optimizer, list(variables)))
+    updates.append((optimizer, list(variables)))
     return True
 
 
@@ -69,7 +73,6 @@ def trace_step(strategy: tf.distribute.Strategy, step_fn, element_spec,
                optimizers: Sequence = (), keras_metrics: Sequence = ()) -> StepTrace:
     """Traces `step_fn` once on one replica's batch of `element_spec`. Eager, in the
     strategy's cross-replica context. Raises a TapekitError if the step fails."""
-    global _updates
     spec = per_replica_spec(element_spec)
     optimizers = list({id(o): o for o in optimizers}.values())
     keras_metrics = list({id(m): m for m in keras_metrics}.values())
@@ -80,22 +83,27 @@ def trace_step(strategy: tf.distribute.Strategy, step_fn, element_spec,
 
     converted_step = autographed(step_fn)
 
+    updates: List[Tuple[Any, List]] = []
+
     def replica_fn(batch):
-        with tf.variable_creator_scope(_create_eagerly), means.recording(), \
-                randomness.per_replica_seeds():
-            result = converted_step(batch)
-            if isinstance(result, dict):
-                static_weights.append(means.static_weights(result, list(result), batch))
+        token = _BUILD_UPDATES.set(updates)
+        try:
+            with tf.variable_creator_scope(_create_eagerly), means.recording(), \
+                    randomness.per_replica_seeds():
+                result = converted_step(batch)
+                if isinstance(result, dict):
+                    static_weights.append(means.static_weights(result, list(result), batch))
+        finally:
+            _BUILD_UPDATES.reset(token)
         outputs.append(result)
 
     def record_direct(optimizer, grads_and_vars, *args, **kwargs):
-        _updates.append((optimizer, [v for _, v in grads_and_vars]))
+        updates.append((optimizer, [v for _, v in grads_and_vars]))
 
     def record_metric(metric, original, *args, **kwargs):
         used_metrics[id(metric)] = metric
         return original(*args, **kwargs)
 
-    _updates = []
     recorders = [(optimizer, {"apply_gradients": functools.partial(record_direct, optimizer)})
                  for optimizer in optimizers]
     recorders += [(metric, {"update_state": functools.partial(record_metric, metric,
@@ -106,13 +114,10 @@ def trace_step(strategy: tf.distribute.Strategy, step_fn, element_spec,
                              autograph=False)
         with strategy.scope(), compat.instance_attributes(recorders):
             traced.get_concrete_function(tf.nest.map_structure(_placeholder_spec, spec))
-        updates = list(_updates)
     except TapekitError:
         raise
     except Exception as error:  # from the user's step (or the model it calls)
         raise TapekitError(explain(error, step_name, spec)) from None
-    finally:
-        _updates = None
     names = metric_names(outputs[0] if outputs else None, step_name)
     used = [m for m in keras_metrics if id(m) in used_metrics]
     clashes = sorted(set(names) & {m.name for m in used})

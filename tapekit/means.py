@@ -10,29 +10,30 @@ When every weight is a constant (static batch shapes) the loop keeps plain sums 
 """
 
 import contextlib
-import threading
+import contextvars
 from typing import Optional, Tuple
 
 import tensorflow as tf
 
 from tapekit.errors import TapekitError
 
-# tensor.ref() -> (sum of per-example values, number of examples), per thread: under
-# MirroredStrategy each replica's step is traced in a thread of its own, and the threads
-# take turns at every merge_call, so each replica records and looks up in its own table.
-_local = threading.local()
+# tensor.ref() -> (sum of per-example values, number of examples), per context: under
+# MirroredStrategy each replica's step is traced in a thread of its own (a context of its
+# own), and the threads take turns at every merge_call, so each replica records and looks
+# up in its own table.
+_TABLE: contextvars.ContextVar = contextvars.ContextVar("tapekit_means", default=None)
 
 
 def record(value: tf.Tensor, total, count) -> None:
     """Remembers that `value` (a scalar the step may return) stands for total / count
     (`total` None: value × count, computed only if the loop needs it)."""
-    table = getattr(_local, "table", None)
+    table = _TABLE.get()
     if table is not None:
         table[value.ref()] = (total, count)
 
 
 def recorded(value) -> Optional[Tuple]:
-    table = getattr(_local, "table", None)
+    table = _TABLE.get()
     if table is None or not isinstance(value, tf.Tensor):
         return None
     return table.get(value.ref())
@@ -40,13 +41,13 @@ def recorded(value) -> Optional[Tuple]:
 
 @contextlib.contextmanager
 def recording():
-    """Collects the `record` calls this thread makes while a step is traced."""
-    previous = getattr(_local, "table", None)
-    _local.table = {} if previous is None else previous
+    """Collects the `record` calls this context makes while a step is traced."""
+    previous = _TABLE.get()
+    token = _TABLE.set({} if previous is None else previous)
     try:
         yield
     finally:
-        _local.table = previous
+        _TABLE.reset(token)
 
 
 def weights(entries, batch) -> list:

@@ -1,6 +1,7 @@
 """tapekit.build: the trainer is built by a real trace of its step; errors name the user's line."""
 
 import os
+import threading
 
 import keras
 import numpy as np
@@ -132,3 +133,48 @@ def test_explain_blames_the_data_only_for_input_errors():
     other = ZeroDivisionError("division by zero")
     assert build.explain(other, "eval_step", spec).startswith(
         "eval_step raised ZeroDivisionError: division by zero")
+
+
+class MeetsAnotherBuild(Base):
+    """Waits, inside its first trace (the build), until the other trainer's build has also
+    recorded its update: both builds are then in progress at once."""
+
+    def __init__(self, barrier, **kwargs):
+        self.barrier = barrier
+        super().__init__(**kwargs)
+
+    def train_step(self, batch):
+        x, y = batch
+        with tf.GradientTape() as tape:
+            loss = self.compute_loss(tf.square(y - self.model(x, training=True)))
+        self.apply_gradients(tape, loss, self.model, self.optimizer)
+        if not self.barrier.broken:
+            try:
+                self.barrier.wait(timeout=30)
+            except threading.BrokenBarrierError:
+                pass
+            self.barrier.abort()  # later traces (the loop's) do not wait
+        return {"loss": loss}
+
+
+def test_two_trainers_building_in_two_threads_do_not_see_each_other():
+    """What a build trace records lives in a context of its own, not in a module global
+    that the second build would reset under the first."""
+    barrier = threading.Barrier(2)
+    trainers = [MeetsAnotherBuild(barrier, progress="none") for _ in range(2)]
+    errors = []
+
+    def fit(trainer):
+        try:
+            trainer.fit(2, steps_per_loop=2)
+        except Exception as error:  # noqa: BLE001 - reported by the assert below
+            errors.append(error)
+
+    threads = [threading.Thread(target=fit, args=(trainer,)) for trainer in trainers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors, errors
+    assert [trainer.current_step for trainer in trainers] == [2, 2]
+    assert all(int(trainer.optimizer.iterations.numpy()) == 2 for trainer in trainers)

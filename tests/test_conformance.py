@@ -64,10 +64,13 @@ def trainer_state(trainer) -> Dict[str, Tuple[str, np.ndarray]]:
     """Every variable the trainer holds, read eagerly: "attribute[i]" -> (path, value).
 
     Models and layers (all their variables), keras.metrics, optimizers, seed generators and
-    variables held as public attributes (tapekit's global step and generator included). The
+    variables held as public attributes, and tapekit's global step and generator (read
+    through the trainer's properties: tapekit keeps them in its engine, not in `vars`). The
     keys do not depend on Keras' layer name numbering, so two trainers compare by key.
     """
-    state, seen = {}, set()
+    state = {"tapekit global_step": ("global_step", np.array(trainer.global_step.numpy())),
+             "tapekit rng": ("rng", np.array(trainer.rng.state.numpy()))}
+    seen = {id(trainer.global_step), id(trainer.rng.state)}
     for name, value in vars(trainer).items():
         if name.startswith("_"):
             continue
