@@ -149,14 +149,14 @@ def _train(program: str, trainer_class: Type[Trainer], own_flags: List[str], arg
             check_export_dir(FLAGS.export_dir)
         trainer = trainer_class(**trainer_kwargs(own_flags))
         controller.kill_on_second_interrupt()
-        record.set_command_line(command, flags_text(own_flags))
         fit_arguments = {name: FLAGS[name].value
                          for name in options_lib.names(options_lib.FIT_OPTIONS)}
         if FLAGS.mode == "train_and_evaluate" and not fit_arguments["eval_every_steps"]:
             fit_arguments["eval_every_steps"] = (FLAGS.checkpoint_every_steps
                                                  or FLAGS.steps_per_loop)
         try:
-            trainer.fit(callbacks=callbacks, **fit_arguments)
+            with record.command_line(command, flags_text(own_flags)):
+                trainer.fit(callbacks=callbacks, **fit_arguments)
         except KeyboardInterrupt:  # Ctrl-C: the loop finished and was saved (and logged)
             sys.exit(130)
         if trainer.preempted:  # exit 0 so that the scheduler's requeue resumes the run

@@ -14,6 +14,8 @@ from a checkpoint, its settings are compared with the record before anything is 
 Only the chief writes. Eager, once per `fit` that starts or resumes a run.
 """
 
+import contextlib
+import contextvars
 import datetime
 import json
 import os
@@ -32,13 +34,21 @@ REFUSED = ("trainer", "global_batch_size", "seed", "precision")
 # Where the run is written or restored from: never a change of the run itself.
 IGNORED = ("model_dir", "restore_from", "allow_changes")
 
-_command_line: Dict[str, Any] = {}
+# The command line's argv and flags while it runs its trainer (`command_line`); outside it
+# (the Python API, even later in the same process) the record has sys.argv and no flags.
+_COMMAND_LINE: contextvars.ContextVar = contextvars.ContextVar("tapekit_command_line",
+                                                               default={})
 
 
-def set_command_line(argv: Sequence[str], flags_text: Optional[str]) -> None:
-    """Called by the command line: its argv, and every flag it used in flagfile format
-    (written to MODEL_DIR/flags.txt with the record)."""
-    _command_line.update(argv=list(argv), flags=flags_text)
+@contextlib.contextmanager
+def command_line(argv: Sequence[str], flags_text: Optional[str]):
+    """Used by the command line around its run: its argv, and every flag it used in
+    flagfile format (written to MODEL_DIR/flags.txt with the record)."""
+    token = _COMMAND_LINE.set({"argv": list(argv), "flags": flags_text})
+    try:
+        yield
+    finally:
+        _COMMAND_LINE.reset(token)
 
 
 def make_record(trainer_class: type, arguments: Dict[str, Any], settings: Dict[str, Any],
@@ -64,7 +74,7 @@ def make_record(trainer_class: type, arguments: Dict[str, Any], settings: Dict[s
         "workers": distribute.num_workers(strategy),
         "precision": settings.get("precision"),
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": _command_line.get("argv", list(sys.argv)),
+        "command": _COMMAND_LINE.get().get("argv", list(sys.argv)),
         "settings": _jsonable(settings),
         "resumes": [],
     }
@@ -89,9 +99,10 @@ def write(model_dir: str, record: Dict[str, Any]) -> None:
         json.dump(record, stream, indent=1)
         stream.write("\n")
     os.replace(path + ".tmp", path)
-    if _command_line.get("flags") is not None:
+    flags_text = _COMMAND_LINE.get().get("flags")
+    if flags_text is not None:
         with open(os.path.join(model_dir, FLAGS_FILE + ".tmp"), "w") as stream:
-            stream.write(_command_line["flags"])
+            stream.write(flags_text)
         os.replace(os.path.join(model_dir, FLAGS_FILE + ".tmp"),
                    os.path.join(model_dir, FLAGS_FILE))
 

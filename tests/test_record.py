@@ -103,3 +103,20 @@ def test_flags_txt_starts_the_same_run_again_and_the_command_line_refuses_change
                     cwd=TESTS)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert reported_weights(rerun.stdout) == reported_weights(result.stdout)
+
+
+def test_a_python_api_run_after_a_command_line_run_records_its_own_command(tmp_path):
+    """The command line's argv and flags belong to the run it starts, not to the process."""
+    import sys
+    from tapekit import record
+
+    by_command, by_python = tmp_path / "command", tmp_path / "python"
+    with record.command_line(["tapekit-train", "--trainer=regression"], "--trainer=regression\n"):
+        RegressionTrainer(model_dir=str(by_command), progress="none").fit(train_steps=10,
+                                                                          steps_per_loop=10)
+    RegressionTrainer(model_dir=str(by_python), progress="none").fit(train_steps=10,
+                                                                     steps_per_loop=10)
+    assert _record(by_command)["command"] == ["tapekit-train", "--trainer=regression"]
+    assert (by_command / "flags.txt").read_text() == "--trainer=regression\n"
+    assert _record(by_python)["command"] == list(sys.argv)
+    assert not (by_python / "flags.txt").exists()
