@@ -77,9 +77,11 @@ def test_a_learning_rate_given_on_resume_replaces_the_checkpoints(tmp_path, capl
     with caplog.at_level("INFO", logger="absl"):
         frozen.fit(train_steps=31, steps_per_loop=1)
     weights = frozen.model.w.numpy().copy()
+    updates = int(frozen.optimizer.iterations.numpy())
     frozen.fit(train_steps=60, steps_per_loop=10)
     assert float(frozen.optimizer.learning_rate.numpy()) == pytest.approx(1e-9)
-    assert abs(float(frozen.model.w.numpy()[0, 0] - weights[0, 0])) < 1e-6  # it really trains at 1e-9
+    assert int(frozen.optimizer.iterations.numpy()) == updates + 29  # every step updated...
+    assert abs(float(frozen.model.w.numpy()[0, 0] - weights[0, 0])) < 1e-6  # ...at 1e-9
     assert "learning rate [0.1, 1e-09] given for this resumed run replaces" not in caplog.text
     assert "learning rate 1e-09 given for this resumed run replaces the checkpoint's 0.1" in caplog.text
 

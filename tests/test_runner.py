@@ -2,7 +2,10 @@
 
 import inspect
 
+import numpy as np
+
 from tapekit import runner
+from tapekit.trainers import RegressionTrainer
 from tapekit.engine import Engine
 
 
@@ -20,9 +23,13 @@ def test_the_engine_implements_the_runner_interface_as_declared():
     assert runner.Runner.__annotations__ == {"status": runner.RunStatus}
 
 
-def test_a_run_status_starts_cleared_and_a_loop_result_names_its_fields():
+def test_a_run_status_starts_cleared_and_a_loop_reports_what_it_ran():
     status = runner.RunStatus()
     assert (status.stop_training, status.preempted, status.interrupted) == (False, False, False)
-    result = runner.LoopResult({"loss": 0.5}, 10, 0, None, None)
-    assert result._asdict() == {"metrics": {"loss": 0.5}, "steps_run": 10, "nonfinite_steps": 0,
-                                "first_nonfinite_offset": None, "first_nonfinite_metric": None}
+    trainer = RegressionTrainer(progress="none")
+    trainer.fit(train_steps=10, steps_per_loop=5)
+    result = trainer._engine.run_train_loop(3)  # what the controller calls, once per loop
+    assert isinstance(result, runner.LoopResult)
+    assert result.steps_run == 3 and trainer.current_step == 13
+    assert sorted(result.metrics) == ["loss"] and np.isfinite(result.metrics["loss"])
+    assert (result.nonfinite_steps, result.first_nonfinite_offset) == (0, None)
