@@ -194,11 +194,17 @@ def num_workers(strategy: tf.distribute.Strategy) -> int:
     return sum(len(cluster.get(kind, [])) for kind in ("chief", "worker"))
 
 
-def stopped_workers(error: BaseException) -> Optional[str]:
+def stopped_workers(error: BaseException, strategy: Optional[tf.distribute.Strategy] = None
+                    ) -> Optional[str]:
     """'worker 1' (or 'chief 0, worker 2') when `error` is TensorFlow's report that other
-    tasks of a multi-worker job stopped sending heartbeats (a collective aborted), else None."""
+    tasks of a multi-worker job stopped sending heartbeats (a collective aborted), else None.
+    The task running `strategy` is never named (TensorFlow 2.16 lists it with the others)."""
     text = str(error)
     if "unhealthy" not in text and "Collective ops is aborted" not in text:
         return None
-    tasks = sorted(set(re.findall(r"/job:(\w+)/replica:\d+/task:(\d+)", text.split("unhealthy", 1)[-1])))
+    resolver = getattr(strategy, "cluster_resolver", None)
+    this_task = ((resolver.task_type, str(resolver.task_id or 0))
+                 if resolver is not None and resolver.task_type else None)
+    tasks = sorted(set(re.findall(r"/job:(\w+)/replica:\d+/task:(\d+)",
+                                  text.split("unhealthy", 1)[-1])) - {this_task})
     return ", ".join(f"{job} {task}" for job, task in tasks) or "another worker"

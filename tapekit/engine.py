@@ -178,7 +178,7 @@ class Engine:
             history = controller.train(int(train_steps), int(steps_per_loop))
         except (tf.errors.UnavailableError, tf.errors.AbortedError,
                 tf.errors.CancelledError, tf.errors.InternalError) as error:
-            stopped = distribute.stopped_workers(error)
+            stopped = distribute.stopped_workers(error, self.strategy)
             if stopped is None:
                 raise
             latest = self.latest_checkpoint

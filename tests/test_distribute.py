@@ -135,3 +135,18 @@ def test_global_batch_not_divisible_by_replicas(tmp_path):
 def test_one_device_naming_a_missing_device():
     with pytest.raises(tapekit.TapekitError, match="device '/gpu:0' does not exist.*available"):
         RegressionTrainer(strategy="one_device", device="/gpu:0")
+
+
+def test_a_stopped_worker_is_named_and_this_worker_never_is():
+    """TensorFlow 2.16 lists the reporting task among the unhealthy ones; 2.21 does not."""
+    import types
+
+    from tapekit import distribute
+    report = RuntimeError(
+        "Collective ops is aborted by: ... The following tasks are unhealthy (stopped sending "
+        "heartbeats): /job:worker/replica:0/task:1 and /job:worker/replica:0/task:0")
+    this = types.SimpleNamespace(cluster_resolver=types.SimpleNamespace(task_type="worker",
+                                                                        task_id=0))
+    assert distribute.stopped_workers(report, this) == "worker 1"
+    assert distribute.stopped_workers(report) == "worker 0, worker 1"  # no strategy given
+    assert distribute.stopped_workers(RuntimeError("out of memory"), this) is None
