@@ -6,7 +6,13 @@ STAMP := $(VENV)/.tapekit-installed
 DEMO_DIR ?= demo_runs
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench bench-quick install wheel clean
+# The lowest TensorFlow/Keras pair tapekit claims (BUILD.md, "Supported versions"), tested
+# in a virtualenv of its own by `make test-oldest` (CI runs it after `make test`).
+OLDEST_VENV ?= .venv-oldest
+OLDEST_PINS ?= tensorflow==2.16.2 keras==3.10.0
+OLDEST_STAMP := $(OLDEST_VENV)/.tapekit-installed
+
+.PHONY: demo test test-oldest bench bench-quick install wheel clean
 
 install: $(STAMP)
 
@@ -36,6 +42,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+$(OLDEST_STAMP): setup.cfg pyproject.toml Makefile
+	test -x $(OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(OLDEST_VENV)/bin/python -m pip install --quiet $(OLDEST_PINS) -e '.[test]'
+	touch $(OLDEST_STAMP)
+
+test-oldest: $(OLDEST_STAMP)
+	$(OLDEST_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py --readme README.md
 
@@ -46,4 +61,4 @@ wheel: $(STAMP)
 	$(PY) -m pip wheel --no-deps -w dist .
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info $(DEMO_DIR)
+	rm -rf $(VENV) $(OLDEST_VENV) build dist *.egg-info $(DEMO_DIR)

@@ -112,7 +112,7 @@ def gradients_already_summed(optimizer):
         raise TapekitError(
             f"{type(optimizer).__name__} has no _all_reduce_sum_gradients: this Keras version "
             "sums gradients over replicas differently from the ones tapekit supports "
-            "(Keras 3.3 and later); upgrade Keras.")
+            "(Keras 3.10 and later); upgrade Keras.")
     with instance_attributes([(optimizer, {"_all_reduce_sum_gradients": list})]):
         yield  # list: the (gradient, variable) pairs as they are
 

@@ -109,9 +109,11 @@ def test_a_worker_killed_stops_the_other_with_one_line_and_a_restart_resumes(tmp
     _, stderr = processes[0].communicate(timeout=120)  # a guard against a hang, not a check
     processes[1].wait()
     assert processes[0].returncode != 0
-    last = stderr.strip().splitlines()[-1]
+    # The last line tapekit writes (TensorFlow 2.16 then prints a multiprocessing pool's
+    # "Exception ignored" traceback as the interpreter exits).
+    last = [line for line in stderr.splitlines() if line.startswith("tapekit-train:")][-1]
     assert last.startswith("tapekit-train: error: worker 1 stopped (no more heartbeats) while "
-                           "this worker was at step "), last
+                           "this worker was at step "), stderr[-3000:]
     assert "the last checkpoint is " in last and "Restart all workers to resume from it." in last
     saved = int(last.split("/ckpt-")[1].split(".")[0])
     outputs = _finish(_launch(tmp_path, cli_env, flags))  # both restarted: resume, then finish
