@@ -16,7 +16,6 @@ An exception from the user's step becomes one `TapekitError` naming the user's l
 the data is blamed only when its shape or dtype is the cause.
 """
 
-import contextvars
 import functools
 import os
 import re
@@ -29,21 +28,18 @@ import tensorflow as tf
 
 from tapekit import compat
 from tapekit import means
-from tapekit import randomness
+from tapekit import tracing
 from tapekit.errors import TapekitError, summarize
 
-# The (optimizer, variables) list of the build trace in progress, set by each replica's
-# function: MirroredStrategy traces each replica in a thread of its own, which starts with
-# a fresh context, so two trainers building at once (two threads) never share one.
-_BUILD_UPDATES: contextvars.ContextVar = contextvars.ContextVar("tapekit_build_updates",
-                                                                default=None)
 
-
-class StepTrace(NamedTuple):
+class BuildReport(NamedTuple):
+    """What the build trace of a step found; the compiled loop is planned from it."""
     metric_names: List[str]  # the keys of the dict the step returns
     updates: List[Tuple[Any, List]]  # (optimizer, variables) in call order, once per replica
     keras_metrics: List[keras.metrics.Metric]  # the ones the step updates
-    static_weights: bool = True  # every returned value's weight is a constant (tapekit.means)
+    static_weights: bool  # on batches of `spec`, every value's weight is a constant (means)
+    reads_step_counter: bool  # the step reads the step counter it was given
+    spec: Any  # one replica's batch, as traced
 
 
 def autographed(step_fn):
@@ -62,15 +58,16 @@ def autographed(step_fn):
 
 def record_update(optimizer, variables) -> bool:
     """Called by `apply_gradients`: True (and recorded) while a step is traced for building."""
-    updates = _BUILD_UPDATES.get()
-    if updates is None:
+    trace = tracing.current()
+    if trace is None or not trace.building:
         return False
-    updates.append((optimizer, list(variables)))
+    trace.updates.append((optimizer, list(variables)))
     return True
 
 
 def trace_step(strategy: tf.distribute.Strategy, step_fn, element_spec,
-               optimizers: Sequence = (), keras_metrics: Sequence = ()) -> StepTrace:
+               optimizers: Sequence = (), keras_metrics: Sequence = (),
+               step_counter: Optional[tf.Variable] = None) -> BuildReport:
     """Traces `step_fn` once on one replica's batch of `element_spec`. Eager, in the
     strategy's cross-replica context. Raises a TapekitError if the step fails."""
     spec = per_replica_spec(element_spec)
@@ -79,29 +76,23 @@ def trace_step(strategy: tf.distribute.Strategy, step_fn, element_spec,
     step_name = getattr(step_fn, "__name__", "step")
     outputs = []
     static_weights = []
-    used_metrics = {}
-
     converted_step = autographed(step_fn)
-
-    updates: List[Tuple[Any, List]] = []
+    trace = tracing.StepTrace("build")  # one for every replica: they record into one list
 
     def replica_fn(batch):
-        token = _BUILD_UPDATES.set(updates)
-        try:
-            with tf.variable_creator_scope(_create_eagerly), means.recording(), \
-                    randomness.per_replica_seeds():
-                result = converted_step(batch)
-                if isinstance(result, dict):
-                    static_weights.append(means.static_weights(result, list(result), batch))
-        finally:
-            _BUILD_UPDATES.reset(token)
+        with tracing.step(trace), tf.variable_creator_scope(_create_eagerly):
+            result = converted_step(batch)
+            if isinstance(result, dict):
+                static_weights.append(means.static_weights(result, list(result), batch))
         outputs.append(result)
 
     def record_direct(optimizer, grads_and_vars, *args, **kwargs):
-        updates.append((optimizer, [v for _, v in grads_and_vars]))
+        record_update(optimizer, [v for _, v in grads_and_vars])
 
     def record_metric(metric, original, *args, **kwargs):
-        used_metrics[id(metric)] = metric
+        current = tracing.current()
+        if current is not None and current.building:
+            current.keras_metrics[id(metric)] = metric
         return original(*args, **kwargs)
 
     recorders = [(optimizer, {"apply_gradients": functools.partial(record_direct, optimizer)})
@@ -113,13 +104,14 @@ def trace_step(strategy: tf.distribute.Strategy, step_fn, element_spec,
         traced = tf.function(lambda batch: strategy.run(replica_fn, args=(batch,)),
                              autograph=False)
         with strategy.scope(), compat.instance_attributes(recorders):
-            traced.get_concrete_function(tf.nest.map_structure(_placeholder_spec, spec))
+            graph = traced.get_concrete_function(
+                tf.nest.map_structure(_placeholder_spec, spec)).graph
     except TapekitError:
         raise
     except Exception as error:  # from the user's step (or the model it calls)
         raise TapekitError(explain(error, step_name, spec)) from None
     names = metric_names(outputs[0] if outputs else None, step_name)
-    used = [m for m in keras_metrics if id(m) in used_metrics]
+    used = [m for m in keras_metrics if id(m) in trace.keras_metrics]
     clashes = sorted(set(names) & {m.name for m in used})
     if clashes:
         raise TapekitError(
@@ -127,7 +119,17 @@ def trace_step(strategy: tf.distribute.Strategy, step_fn, element_spec,
             "name; rename one (keras.metrics.X(name=...)) or stop returning it.")
     for metric in used:
         _check_metric_placement(metric, strategy)
-    return StepTrace(names, updates, used, all(static_weights))
+    return BuildReport(names, trace.updates, used, all(static_weights),
+                       reads_variable(graph, strategy, step_counter), spec)
+
+
+def reads_variable(graph, strategy, variable: Optional[tf.Variable]) -> bool:
+    """Whether the traced `graph` reads `variable` (captures one of its replicas' handles)."""
+    if variable is None:
+        return False
+    handles = [v.handle for v in strategy.experimental_local_results(variable)]
+    return any(captured is handle for captured in compat.captured_tensors(graph)
+               for handle in handles)
 
 
 def _create_eagerly(next_creator, **kwargs):

@@ -29,7 +29,7 @@ def autograph_converted(function: Callable) -> Callable:
 
     `tf.__internal__.autograph.tf_convert` is the hook TensorFlow offers library code for
     converting one function inside a trace that is itself not converted. Checked on
-    TensorFlow 2.21.
+    TensorFlow 2.16 and 2.21.
     """
     return tf.__internal__.autograph.tf_convert(function, _AUTOGRAPH_CONTEXT,
                                                 convert_by_default=True, user_requested=True)
@@ -40,33 +40,27 @@ def autograph_converted(function: Callable) -> Callable:
 
 def one_replica_spec(spec):
     """The spec of one replica's value for a `PerReplicaSpec` (its `_value_specs`), else
-    `spec` itself. Checked on TensorFlow 2.21."""
+    `spec` itself. Checked on TensorFlow 2.16 and 2.21."""
     value_specs = getattr(spec, "_value_specs", None)
     return value_specs[0] if value_specs else spec
 
 
-def graph_being_traced():
-    """The graph a `tf.function` is being traced into (TF 2 has no public name for it:
-    `tf.compat.v1.get_default_graph`). Checked on TensorFlow 2.21."""
-    return tf.compat.v1.get_default_graph()
-
-
 def captured_tensors(graph) -> List:
     """The outer tensors a `FuncGraph` being traced captures (`FuncGraph.captures`).
-    Checked on TensorFlow 2.21."""
+    Checked on TensorFlow 2.16 and 2.21."""
     return [external for external, _ in graph.captures]
 
 
 def is_trackable(value) -> bool:
     """Whether `tf.train.Checkpoint` can hold `value` as it is (`tf.__internal__.tracking.
-    Trackable`). Checked on TensorFlow 2.21."""
+    Trackable`). Checked on TensorFlow 2.16 and 2.21."""
     return isinstance(value, tf.__internal__.tracking.Trackable)
 
 
 def write_checkpoint_state(directory: str, latest: str, all_paths: Sequence[str]) -> None:
     """Rewrites `directory/checkpoint` (TensorFlow's checkpoint state file) to list
     `all_paths`, `latest` last; TF 2 offers no API for it (`tf.compat.v1.train.
-    update_checkpoint_state`). Checked on TensorFlow 2.21."""
+    update_checkpoint_state`). Checked on TensorFlow 2.16 and 2.21."""
     tf.compat.v1.train.update_checkpoint_state(directory, latest,
                                                all_model_checkpoint_paths=list(all_paths))
 
@@ -74,7 +68,7 @@ def write_checkpoint_state(directory: str, latest: str, all_paths: Sequence[str]
 def summary_metadata(plugin: str, data_class: str):
     """The `SummaryMetadata` proto TensorBoard's `plugin` reads, for `data_class` "scalar",
     "blob_sequence" or "tensor" (`tensorflow.core.framework.summary_pb2`, which
-    `tf.summary.write` takes but does not export). Checked on TensorFlow 2.21."""
+    `tf.summary.write` takes but does not export). Checked on TensorFlow 2.16 and 2.21."""
     from tensorflow.core.framework import summary_pb2
     classes = {"scalar": summary_pb2.DATA_CLASS_SCALAR,
                "blob_sequence": summary_pb2.DATA_CLASS_BLOB_SEQUENCE,
@@ -90,7 +84,7 @@ def summary_metadata(plugin: str, data_class: str):
 def learning_rate_schedule(optimizer) -> Optional[LearningRateSchedule]:
     """The optimizer's schedule when its learning rate is one (Keras keeps it in
     `_learning_rate`; the public `learning_rate` is its current value), else None.
-    Checked on Keras 3.15."""
+    Checked on Keras 3.10 and 3.15."""
     rate = getattr(optimizer, "_learning_rate", None)
     return rate if isinstance(rate, LearningRateSchedule) else None
 
@@ -157,7 +151,7 @@ def seeds_transformed(transform: Callable[[tf.Tensor], tf.Tensor]) -> Iterator[N
     `keras.random.SeedGenerator` when the first user enters, removed when the last leaves
     (MirroredStrategy traces each replica in a thread of its own, so replicas enter and
     leave it one by one). Keras draws every seed of Dropout, `keras.random.*` and the
-    augmentation layers through `next`. Checked on Keras 3.15."""
+    augmentation layers through `next`. Checked on Keras 3.10 and 3.15."""
     klass = keras.random.SeedGenerator
     with _SeedPatch.lock:
         if _SeedPatch.users == 0:
@@ -179,3 +173,27 @@ def seeds_transformed(transform: Callable[[tf.Tensor], tf.Tensor]) -> Iterator[N
             if _SeedPatch.users == 0:
                 klass.next = _SeedPatch.original
                 _SeedPatch.original = _SeedPatch.transform = None
+
+
+def op_determinism_enabled() -> bool:
+    """Whether TensorFlow's op determinism is on (`tensorflow.python.framework.config.
+    is_op_determinism_enabled`; the public API can only turn it on). Checked on
+    TensorFlow 2.16 and 2.21."""
+    from tensorflow.python.framework import config
+    return bool(config.is_op_determinism_enabled())
+
+
+@contextlib.contextmanager
+def op_determinism(enabled: bool) -> Iterator[None]:
+    """While open, op determinism is on if `enabled` (otherwise as it was); on exit it is as
+    it was (`disable_op_determinism` of the same private module, as `enable_op_determinism`
+    has no public inverse). Checked on TensorFlow 2.16 and 2.21."""
+    from tensorflow.python.framework import config
+    was_enabled = op_determinism_enabled()
+    if enabled and not was_enabled:
+        tf.config.experimental.enable_op_determinism()
+    try:
+        yield
+    finally:
+        if enabled and not was_enabled:
+            config.disable_op_determinism()

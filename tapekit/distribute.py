@@ -4,6 +4,7 @@ tapekit has no distribution machinery of its own: every name maps to TensorFlow'
 strategy, and several machines go through `MultiWorkerMirroredStrategy` + `TF_CONFIG`.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -208,3 +209,22 @@ def stopped_workers(error: BaseException, strategy: Optional[tf.distribute.Strat
     tasks = sorted(set(re.findall(r"/job:(\w+)/replica:\d+/task:(\d+)",
                                   text.split("unhealthy", 1)[-1])) - {this_task})
     return ", ".join(f"{job} {task}" for job, task in tasks) or "another worker"
+
+
+@contextlib.contextmanager
+def peers_stopping_explained(runner):
+    """Turns TensorFlow's error for workers that stopped sending heartbeats, raised while
+    `runner` (the engine) trains, into one line naming them, the step this worker reached
+    and the checkpoint to resume from. Other errors pass through."""
+    try:
+        yield
+    except (tf.errors.UnavailableError, tf.errors.AbortedError,
+            tf.errors.CancelledError, tf.errors.InternalError) as error:
+        stopped = stopped_workers(error, runner.strategy)
+        if stopped is None:
+            raise
+        raise TapekitError(
+            f"{stopped} stopped (no more heartbeats) while this worker was at step "
+            f"{runner.current_step}; the last checkpoint is "
+            f"{runner.latest_checkpoint or 'none (none was saved)'}. "
+            "Restart all workers to resume from it.") from None

@@ -84,22 +84,56 @@ def skip(dataset: tf.data.Dataset, context, steps: int) -> tf.data.Dataset:
     return dataset.skip(steps * local_replicas)
 
 
-class InMemoryCache:
-    """The device-resident copy of in-memory examples, made once per set of arrays."""
+class RunInput:
+    """A trainer's input for one run: its distributed datasets, the device-resident copy of
+    in-memory examples (made once per set of arrays), and whether the training data
+    provably never ends. `global_batch_size()` is read when the input is made."""
 
-    def __init__(self):
+    def __init__(self, strategy, trainer, global_batch_size: Callable[[], int], seed: int):
+        self.strategy, self.trainer, self.seed = strategy, trainer, seed
+        self._global_batch_size = global_batch_size
+        self.train_endless = False  # see train_iterator
         self._examples: Optional[data_lib.InMemoryExamples] = None
         self._key = None
 
-    def get(self, strategy, arrays, global_batch_size: int, seed: int):
-        """`InMemoryExamples` of `arrays` (copied to the devices on first use), or None."""
+    def distribute(self, dataset, dataset_fn, **kwargs):
+        """A distributed dataset of `dataset`, or of `dataset_fn` (see `distribute`)."""
+        return distribute(self.strategy, dataset, dataset_fn, self._global_batch_size(),
+                          self.seed, **kwargs)
+
+    def evaluation(self, dataset=None, must_end: bool = False):
+        """The distributed evaluation input: `dataset`, else the trainer's `eval_dataset`."""
+        return self.distribute(dataset, self.trainer.eval_dataset, evaluation=True,
+                               must_end=must_end)
+
+    def in_memory_examples(self, dataset) -> Optional[data_lib.InMemoryExamples]:
+        """The device-resident input for `dataset` arrays (or `train_arrays()`), else None."""
+        arrays = dataset if data_lib.is_arrays(dataset) else (
+            self.trainer.train_arrays() if dataset is None else None)
         if arrays is None:
             return None
         key = tuple(id(a) for a in tf.nest.flatten(arrays))
         if self._examples is None or self._key != key:
-            self._examples = data_lib.InMemoryExamples(strategy, arrays, global_batch_size, seed)
+            self._examples = data_lib.InMemoryExamples(self.strategy, arrays,
+                                                       self._global_batch_size(), self.seed)
             self._key = key
         return self._examples
+
+    def train_spec(self, dataset, in_memory):
+        """The element spec of the training input."""
+        return (in_memory.element_spec if in_memory is not None
+                else self.distribute(dataset, self.trainer.train_dataset).element_spec)
+
+    def train_iterator(self, dataset, skip_steps: int):
+        """The training iterator, `skip_steps` steps in; notes whether its data provably
+        never ends (every pipeline's dataset has infinite cardinality), which lets the
+        loop skip the per-step end-of-data check."""
+        pipelines = []
+        iterator = iter(self.distribute(dataset, self.trainer.train_dataset,
+                                        skip_steps=skip_steps, on_dataset=pipelines.append))
+        self.train_endless = bool(pipelines) and all(
+            d.cardinality() == tf.data.INFINITE_CARDINALITY for d in pipelines)
+        return iterator
 
 
 def positioned_iterator(make_iterator: Callable[[int], object], checkpointer,

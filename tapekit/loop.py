@@ -11,12 +11,14 @@ Per step the loop adds to the user's step only a stack and an add (the sums). A 
 infinity keeps a sum non-finite, so with `nan_policy=stop` the loop checks its sums once,
 as it ends; `skip_step` checks every step (it must leave bad values out). The step counter
 is advanced once per loop unless the step reads it; per-step counts are carried only when
-some weight is known only at run time (`static_weights`). The loop's own code is traced
+some weight is known only at run time. Both are decided before the loop is traced, from
+what the build trace found (`LoopPlan`). The loop's own code is traced
 without AutoGraph; the user's step is converted by AutoGraph as a `tf.function` would
 (`tapekit.build.autographed`).
 """
 
-from typing import Callable, Optional, Sequence
+import dataclasses
+from typing import Any, Callable, Optional, Sequence
 
 import tensorflow as tf
 from absl import logging
@@ -24,7 +26,7 @@ from absl import logging
 from tapekit import build
 from tapekit import compat
 from tapekit import means
-from tapekit import randomness
+from tapekit import tracing
 from tapekit.errors import TapekitError
 from tapekit.runner import LoopResult
 
@@ -34,14 +36,42 @@ NO_BAD_STEP = tf.int64.max
 SHORT_EPOCH = 8
 
 
+@dataclasses.dataclass(frozen=True)
+class LoopPlan:
+    """How a `CompiledLoop` runs its step: what the step's build trace found
+    (`tapekit.build.BuildReport`) and the run's options that change the loop."""
+
+    metric_names: Sequence[str]  # the keys of the dict the step returns
+    keras_metrics: Sequence = ()  # keras.metrics the step updates
+    # Every metric's weight is a constant on batches of `spec` (one replica's batch): plain
+    # sums, no per-step counts. Batches of any other spec carry counts (exact either way).
+    static_weights: bool = False
+    spec: Any = None
+    reads_step_counter: bool = False  # the step reads the counter: count every step
+    finite_means: bool = False  # nan_policy=skip_step: non-finite values are left out
+    jit_compile: bool = False  # the step (not the loop) is compiled with XLA
+    max_retraces: Optional[int] = None  # more retraces raise
+    name: str = "train_loop"
+
+    @classmethod
+    def from_build(cls, report, **options) -> "LoopPlan":
+        """The plan for a step whose build trace gave `report`, with the run's `options`."""
+        return cls(tuple(report.metric_names), tuple(report.keras_metrics),
+                   report.static_weights, report.spec, report.reads_step_counter, **options)
+
+    def static_weights_for(self, spec) -> bool:
+        """Whether batches of `spec` (one replica's) have constant weights, as traced."""
+        return self.static_weights and _same_spec(spec, self.spec)
+
+
 class CompiledLoop:
     """Runs up to `num_steps` calls of `replica_step` under `strategy` in one `tf.function`.
 
     The contract of `replica_step(batch) -> dict[str, scalar tensor]`: it is traced (never
     run eagerly), runs once per replica per step, and returns replica-local values. Each is
     averaged over the loop weighted by the examples behind it (see `tapekit.means`).
-    `keras_metrics` are `keras.metrics.Metric`s the step updates: reset as the loop starts,
-    their `result()` reported under their names as it ends.
+    `plan.keras_metrics` are `keras.metrics.Metric`s the step updates: reset as the loop
+    starts, their `result()` reported under their names as it ends.
 
     The loop reads the iterator with `get_next_as_optional` and stops early, cleanly, when
     it runs out (`num_steps=None`: run to the end of the data); with `endless` (data that
@@ -50,53 +80,40 @@ class CompiledLoop:
     check it.
     """
 
-    def __init__(
-        self,
-        strategy: tf.distribute.Strategy,
-        replica_step: Callable,
-        metric_names: Sequence[str],
-        step_counter: Optional[tf.Variable] = None,
-        jit_compile: bool = False,
-        name: str = "train_loop",
-        in_memory=None,
-        max_retraces: Optional[int] = None,
-        finite_means: bool = False,
-        keras_metrics: Sequence = (),
-        endless: bool = False,
-        static_weights: bool = True,
-    ):
+    def __init__(self, strategy: tf.distribute.Strategy, replica_step: Callable, plan: LoopPlan,
+                 step_counter: Optional[tf.Variable] = None, in_memory=None,
+                 endless: bool = False):
         self.strategy = strategy
-        self.step_metric_names = tuple(metric_names)
-        self.keras_metrics = tuple(keras_metrics)
+        self.plan = plan
+        self.step_metric_names = tuple(plan.metric_names)
+        self.keras_metrics = tuple(plan.keras_metrics)
         self.metric_names = self.step_metric_names + tuple(m.name for m in self.keras_metrics)
         self.step_counter = step_counter
-        self.name = name
+        self.name = plan.name
         self.in_memory = in_memory  # a tapekit.data.InMemoryExamples, or None: read an iterator
-        self.max_retraces = max_retraces
-        self.finite_means = finite_means  # skip_step: non-finite values are left out of means
         self.endless = endless  # the iterator never runs out: no per-step end-of-data check
         self.trace_count = 0
         self._traced_spec = None
         self._concrete = None
-        self._counts_each_step = False  # the traced step reads step_counter: count each step
+        self._carries_counts = plan.finite_means  # decided as each trace starts (_loop)
         self._user_step = build.autographed(replica_step)
-        # Every metric's weight is a constant (static shapes): plain sums, no per-step counts.
-        # A hint (from the build trace); a trace that finds otherwise traces again with counts.
-        self.static_weights = static_weights
         self._measured_step = (tf.function(self._measure, jit_compile=True, autograph=False)
-                               if jit_compile else self._measure)
+                               if plan.jit_compile else self._measure)
         self._function = tf.function(self._loop, autograph=False)
 
-    def _carries_counts(self) -> bool:
-        return self.finite_means or not self.static_weights
+    @property
+    def carries_counts(self) -> bool:
+        """Whether the last trace carries per-step counts (some weight known only at run
+        time, or skip_step), rather than plain sums."""
+        return self._carries_counts
 
     def _initial_state(self):
         # Only what this loop needs: each value carried through the loop costs every step.
         count = len(self.step_metric_names)
         state = {"sums": tf.zeros([count], tf.float32)}
-        if self._carries_counts():
+        if self._carries_counts:
             state["counts"] = tf.zeros([count], tf.float32)
-        if self.finite_means:
+        if self.plan.finite_means:
             state["first_bad"] = tf.constant(NO_BAD_STEP, tf.int64)
             state["bad_steps"] = tf.zeros([], tf.float32)
         return state
@@ -104,16 +121,18 @@ class CompiledLoop:
     def _measure(self, batch):
         """Runs the step on one replica's batch. Returns its metric values [k] and, unless
         every weight is a constant, their weighted sums [k] and weights [k]."""
-        with means.recording(), randomness.per_replica_seeds():
+        with tracing.step(tracing.StepTrace("loop")):
             outputs = self._user_step(batch) or {}
             recorded = [means.recorded(outputs[name]) for name in self.step_metric_names]
         if not self.step_metric_names:
             return tf.zeros([0]), None, None
         values = [tf.cast(outputs[name], tf.float32) for name in self.step_metric_names]
         weights = means.weights(recorded, batch)
-        if not self._carries_counts():
-            if not means.constant(weights):
-                raise _NeedsCounts()
+        if not self._carries_counts:
+            if not means.constant(weights):  # the build trace said otherwise for this spec
+                raise TapekitError(
+                    f"internal: {self.name} was planned with constant weights, but "
+                    f"{self.step_metric_names} have weights known only at run time.")
             return tf.stack(values), None, None
         weights = [tf.cast(w, tf.float32) for w in weights]
         totals = [tf.cast(entry[0], tf.float32) if entry and entry[0] is not None
@@ -132,7 +151,7 @@ class CompiledLoop:
         if not self.step_metric_names:
             return state
         state = dict(state)
-        if not self.finite_means:
+        if not self.plan.finite_means:
             # nan_policy=stop: every value goes into the sums, where a NaN or infinity stays
             # (NaN + x is NaN, inf + x is inf or NaN): the loop checks them once, as it ends.
             if weights is None:
@@ -162,8 +181,9 @@ class CompiledLoop:
     def _loop(self, iterator, num_steps):
         # Traced without AutoGraph (its conversion of tapekit's own code cost ~1 s of start-up);
         # the user's step is converted on its own (`autographed`).
-        self._count_trace(iterator)  # Python side effects: run only while tracing
-        self._counts_each_step = False  # set while tracing the step (`_count_step`)
+        spec = self._count_trace(iterator)  # Python side effects: run only while tracing
+        self._carries_counts = self.plan.finite_means or not self.plan.static_weights_for(
+            self._delivered(build.per_replica_spec(spec)))
         strategy = self.strategy
         for metric in self.keras_metrics:
             metric.reset_state()
@@ -177,41 +197,47 @@ class CompiledLoop:
             state, steps_run = self._steps_until_the_end(iterator, state, num_steps)
         self._count_steps(steps_run)
         sums = strategy.reduce(tf.distribute.ReduceOp.SUM, state["sums"], axis=None)
-        if self._carries_counts():
+        if self._carries_counts:
             counts = strategy.reduce(tf.distribute.ReduceOp.SUM, state["counts"], axis=None)
         else:
             counts = tf.cast(steps_run, tf.float32) * strategy.num_replicas_in_sync
         means = tf.concat([tf.math.divide_no_nan(sums, counts),
                            self._keras_metric_results()], 0)
-        if self.finite_means:
+        if self.plan.finite_means:
             first_bad = _min_over_replicas(strategy, state["first_bad"])
             bad_steps = _max_over_replicas(strategy, state["bad_steps"])
             first_bad = tf.where(first_bad == NO_BAD_STEP, tf.constant(-1, tf.int64), first_bad)
         else:  # a sum that is not finite had a bad value in it; which step is not tracked
             bad_steps = 1.0 - tf.cast(tf.reduce_all(tf.math.is_finite(sums)), tf.float32)
             first_bad = tf.constant(-1, tf.int64)
-        # One float64 vector, so reading the results back is one copy, not four.
-        return tf.concat([tf.cast(means, tf.float64),
-                          tf.cast(tf.stack([steps_run, first_bad]), tf.float64),
-                          tf.cast(tf.reshape(bad_steps, [1]), tf.float64)], 0)
+        return {"means": means, "steps_run": steps_run, "first_bad": first_bad,
+                "bad_steps": bad_steps}
+
+    def _delivered(self, spec):
+        """The spec of the batches the step is handed, from one replica's input `spec`: read
+        with `get_next_as_optional` on several replicas, each replica's batch has an
+        unknown size (one may get a partial or empty batch as the data ends)."""
+        if self.in_memory is not None or self.endless or self.strategy.num_replicas_in_sync == 1:
+            return spec
+        leaves = tf.nest.flatten(spec)
+        if not all(isinstance(leaf, tf.TensorSpec) for leaf in leaves):
+            return None  # counts are carried: exact for any input
+        return tf.nest.pack_sequence_as(spec, [
+            tf.TensorSpec([None] + leaf.shape[1:].as_list(), leaf.dtype)
+            if leaf.shape.rank else leaf for leaf in leaves])
+
+    def _counts_each_step(self) -> bool:
+        return self.step_counter is not None and self.plan.reads_step_counter
 
     def _count_step(self) -> None:
-        """Counts a step from inside the loop if the step just traced reads the counter (it
-        then sees the steps done before it); otherwise the loop counts its steps once, as it
-        ends (`_count_steps`): a variable update every step costs a few ops a step."""
-        if self.step_counter is None:
-            return
-        if self._step_reads_counter(compat.graph_being_traced()):
-            self._counts_each_step = True
+        """Counts a step from inside the loop if the step reads the counter (it then sees
+        the steps done before it); otherwise the loop counts its steps once, as it ends
+        (`_count_steps`): a variable update every step costs a few ops a step."""
+        if self._counts_each_step():
             self.step_counter.assign_add(1)
 
-    def _step_reads_counter(self, graph) -> bool:
-        handles = [v.handle for v in self.strategy.experimental_local_results(self.step_counter)]
-        return any(external is handle for external in compat.captured_tensors(graph)
-                   for handle in handles)
-
     def _count_steps(self, steps_run) -> None:
-        if self.step_counter is not None and not self._counts_each_step:
+        if self.step_counter is not None and not self._counts_each_step():
             self.step_counter.assign_add(steps_run)
 
     def _steps(self, start, stop, state, replica_fn, arguments):
@@ -286,39 +312,35 @@ class CompiledLoop:
             results.append(tf.cast(result, tf.float32))
         return tf.stack(results) if results else tf.zeros([0])
 
-    def _count_trace(self, iterator) -> None:
-        """Counts traces; a retrace logs which input changed, and too many raise."""
-        spec = None if iterator is None else iterator.element_spec
+    def _count_trace(self, iterator):
+        """Counts traces; a retrace logs which input changed, and too many raise. Returns
+        the spec of the input traced."""
+        spec = (iterator.element_spec if iterator is not None
+                else self.in_memory.element_spec if self.in_memory is not None else None)
         self.trace_count += 1
         previous, self._traced_spec = self._traced_spec, spec
         if self.trace_count == 1:
-            return
+            return spec
         changes = describe_spec_changes(previous, spec)
         logging.warning("%s traced again (%d traces): %s. Each retrace rebuilds the graph; feed "
                         "batches of one shape and dtype (drop_remainder=True).", self.name,
                         self.trace_count, changes)
-        if self.max_retraces is not None and self.trace_count - 1 > self.max_retraces:
+        max_retraces = self.plan.max_retraces
+        if max_retraces is not None and self.trace_count - 1 > max_retraces:
             raise TapekitError(
                 f"{self.name} was traced {self.trace_count} times (more than max_retraces="
-                f"{self.max_retraces} retraces); last change: {changes}. Give every batch the same "
+                f"{max_retraces} retraces); last change: {changes}. Give every batch the same "
                 "shape and dtype (e.g. drop_remainder=True), or raise --max_retraces.")
+        return spec
 
     def __call__(self, iterator, num_steps: Optional[int]) -> LoopResult:
         """Runs up to `num_steps` steps (None: until the iterator runs out). Eager."""
         num_steps = tf.constant(NO_BAD_STEP if num_steps is None else num_steps, tf.int64)
-        traces, spec = self.trace_count, self._traced_spec
-        try:
-            packed = self._call(iterator, num_steps).numpy()
-        except _NeedsCounts:
-            # The step's metrics have weights known only when it runs (a partial batch,
-            # compute_mean with sample weights, ...): trace again, keeping per-step counts.
-            self.trace_count, self._traced_spec = traces, spec
-            self.static_weights = False
-            self._function, self._concrete = tf.function(self._loop, autograph=False), None
-            packed = self._call(iterator, num_steps).numpy()
-        count = len(self.metric_names)
-        means = [float(value) for value in packed[:count]]
-        steps_run, first_bad, bad_steps = (int(value) for value in packed[count:])
+        results = {name: value.numpy() for name, value in
+                   self._call(iterator, num_steps).items()}
+        means = [float(value) for value in results["means"]]
+        steps_run, first_bad = int(results["steps_run"]), int(results["first_bad"])
+        bad_steps = int(results["bad_steps"])
         offset = metric = None
         if bad_steps:
             offset = first_bad if first_bad >= 0 else None  # known with skip_step
@@ -338,8 +360,12 @@ class CompiledLoop:
         return concrete(num_steps) if iterator is None else concrete(iterator, num_steps)
 
 
-class _NeedsCounts(Exception):
-    """Raised while tracing a loop told its weights are constants when they are not."""
+def _same_spec(a, b) -> bool:
+    try:
+        tf.nest.assert_same_structure(a, b)
+    except (TypeError, ValueError):
+        return False
+    return all(x == y for x, y in zip(tf.nest.flatten(a), tf.nest.flatten(b)))
 
 
 def describe_spec_changes(old, new) -> str:

@@ -3,51 +3,35 @@
 A compiled loop reports, for each metric a step returns, sum(value × weight) / sum(weight)
 over every step on every replica. The weight of a value that `Trainer.compute_loss` or
 `Trainer.compute_mean` returned is the number of examples (or the total sample weight)
-behind it, which they record here while the step is traced; any other value is weighted
+behind it, which they record in the step's trace (`tapekit.tracing`); any other value is weighted
 by the size of the replica's batch. So a partial last batch, or an empty batch that
 tf.distribute hands a replica at the end of the data, counts for exactly what it holds.
 When every weight is a constant (static batch shapes) the loop keeps plain sums instead.
 """
 
-import contextlib
-import contextvars
 from typing import Optional, Tuple
 
 import tensorflow as tf
 
+from tapekit import tracing
 from tapekit.errors import TapekitError
-
-# tensor.ref() -> (sum of per-example values, number of examples), per context: under
-# MirroredStrategy each replica's step is traced in a thread of its own (a context of its
-# own), and the threads take turns at every merge_call, so each replica records and looks
-# up in its own table.
-_TABLE: contextvars.ContextVar = contextvars.ContextVar("tapekit_means", default=None)
 
 
 def record(value: tf.Tensor, total, count) -> None:
-    """Remembers that `value` (a scalar the step may return) stands for total / count
-    (`total` None: value × count, computed only if the loop needs it)."""
-    table = _TABLE.get()
-    if table is not None:
-        table[value.ref()] = (total, count)
+    """Remembers, in the step's trace (`tapekit.tracing`), that `value` (a scalar the step
+    may return) stands for total / count (`total` None: value × count, computed only if the
+    loop needs it). Outside a step's trace there is nothing to remember it for."""
+    trace = tracing.current()
+    if trace is not None:
+        trace.means[value.ref()] = (total, count)
 
 
 def recorded(value) -> Optional[Tuple]:
-    table = _TABLE.get()
-    if table is None or not isinstance(value, tf.Tensor):
+    """The (total, count) `record` noted for `value` in the current step's trace, or None."""
+    trace = tracing.current()
+    if trace is None or not isinstance(value, tf.Tensor):
         return None
-    return table.get(value.ref())
-
-
-@contextlib.contextmanager
-def recording():
-    """Collects the `record` calls this context makes while a step is traced."""
-    previous = _TABLE.get()
-    token = _TABLE.set({} if previous is None else previous)
-    try:
-        yield
-    finally:
-        _TABLE.reset(token)
+    return trace.means.get(value.ref())
 
 
 def weights(entries, batch) -> list:
@@ -63,7 +47,7 @@ def constant(weights_) -> bool:
 
 
 def static_weights(outputs, names, batch) -> bool:
-    """`constant` weights for the values `names` of `outputs`. Call inside `recording()`."""
+    """`constant` weights for the values `names` of `outputs`, inside the step's trace."""
     return constant(weights([recorded(outputs[name]) for name in names], batch))
 
 

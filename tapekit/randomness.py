@@ -13,15 +13,14 @@ replica nothing changes. `tf.random.Generator`s created in a strategy scope (the
 `rng`) already draw per replica (TensorFlow folds the replica id in itself).
 
 Outside tapekit's steps (e.g. Keras `fit` in the same process) Keras behaves as it always
-has: the patch of `SeedGenerator.next` is installed only while a step is traced.
+has: the patch of `SeedGenerator.next` is installed only while a step's trace is open
+(`tapekit.tracing.step`), and folds only seeds drawn inside one.
 """
 
 import tensorflow as tf
 
-from tapekit import compat
 
-
-def _per_replica(seed):
+def fold_in_replica(seed):
     """`seed` folded with this replica's id when traced on N > 1 replicas, else `seed`."""
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
@@ -30,8 +29,3 @@ def _per_replica(seed):
     folded = tf.random.experimental.stateless_fold_in(seed, replica)
     return tf.cast(folded, seed.dtype)
 
-
-def per_replica_seeds():
-    """A context: while open (at trace time), SeedGenerators draw a different seed on each
-    replica (`tapekit.compat.seeds_transformed`; Keras is unpatched again once it closes)."""
-    return compat.seeds_transformed(_per_replica)

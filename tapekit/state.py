@@ -35,6 +35,19 @@ def owned_state(attributes: Dict[str, Any]) -> Dict[str, Any]:
             if not name.startswith("_") and _holds_state(value)}
 
 
+def run_state(global_step, rng, attributes: Dict[str, Any],
+              updaters: Dict[str, Any]) -> Dict[str, Any]:
+    """Everything a run's checkpoint holds: the global step, the random generator, every
+    model, optimizer, metric, variable and module the trainer holds in a public attribute
+    (`attributes`; see `owned_state`), and tapekit's per-optimizer update state (loss
+    scales, gradient accumulators: `updaters`, by name)."""
+    owned: Dict[str, Any] = {"global_step": global_step, "rng": rng}
+    for name, value in owned_state(attributes).items():
+        owned.setdefault(name, value)
+    owned.update(updaters)
+    return owned
+
+
 def owned_leaves(attributes: Dict[str, Any]) -> List[Any]:
     """The objects inside the owned public attributes (containers flattened)."""
     return [leaf for value in owned_state(attributes).values() for leaf in _leaves(value)]

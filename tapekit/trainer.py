@@ -21,8 +21,9 @@ import tensorflow as tf
 from tapekit import callbacks as callbacks_lib
 from tapekit import means
 from tapekit import options as options_lib
-from tapekit.engine import TAPEKIT_ATTRIBUTES, Engine
+from tapekit.engine import Engine
 from tapekit.errors import TapekitError
+from tapekit.namespace import TAPEKIT_ATTRIBUTES
 
 _OPTION_NAMES = frozenset(options_lib.names(options_lib.TRAINER_OPTIONS))
 ModelsOrVariables = Union[keras.Model, keras.Layer, tf.Variable, Sequence[Any]]

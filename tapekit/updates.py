@@ -33,11 +33,12 @@ The optimizer's own `gradient_accumulation_steps` and `loss_scale_factor`, and a
 tapekit's options do the same exactly.
 """
 
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import keras
 import tensorflow as tf
 
+from tapekit import build
 from tapekit import compat
 from tapekit.errors import TapekitError
 from tapekit.precision import DynamicLossScale
@@ -286,3 +287,56 @@ def apply_from_tape(updater: GradientUpdater, tape: tf.GradientTape, loss, varia
 
 def _variable_path(variable) -> str:
     return getattr(variable, "path", None) or getattr(variable, "name", repr(variable))
+
+
+class Updaters:
+    """The run's `GradientUpdater`s, one per optimizer/variables pair the step updates.
+
+    Added eagerly, in the strategy scope, after the build trace recorded the pairs
+    (`tapekit.build.BuildReport.updates`); each optimizer is built on its variables here
+    (building one in a replica context fails under MirroredStrategy, keras-team/keras#19246).
+    """
+
+    def __init__(self, options):
+        self._options = options
+        self._by_key: Dict[tuple, GradientUpdater] = {}
+
+    def add(self, optimizer, variables) -> None:
+        key = updater_key(optimizer, variables)
+        if key in self._by_key:
+            return
+        if not optimizer.built:
+            optimizer.build(variables)
+        options = self._options
+        loss_scale = DynamicLossScale() if options.precision == "mixed_float16" else None
+        self._by_key[key] = GradientUpdater(
+            optimizer, variables, loss_scale=loss_scale, clip_global_norm=options.clip_global_norm,
+            accumulation_steps=options.gradient_accumulation_steps,
+            skip_nonfinite=options.nan_policy == "skip_step", name=f"updater_{len(self._by_key)}")
+
+    def apply(self, tape, loss, models_or_variables, optimizer, allow_none_gradients: bool) -> None:
+        """`Trainer.apply_gradients` (traced, per replica): recorded while the step is traced
+        to build the trainer (`tapekit.tracing`), applied by the pair's updater otherwise."""
+        variables = trainable_variables(models_or_variables)
+        if not variables:
+            raise TapekitError(
+                f"apply_gradients got no trainable variables from {models_or_variables!r}; "
+                "pass the model (or its variables) that the loss should update.")
+        check_optimizer(optimizer, self._options.clip_global_norm)
+        if build.record_update(optimizer, variables):  # building: remember what updates what
+            return
+        updater = self._by_key.get(updater_key(optimizer, variables))
+        if updater is None:
+            raise TapekitError(
+                "apply_gradients was called with an optimizer/variables pair that train_step did "
+                "not use when tapekit built the trainer; call apply_gradients the same way every step.")
+        apply_from_tape(updater, tape, loss, variables, allow_none_gradients)
+
+    @property
+    def loss_scales(self) -> List[DynamicLossScale]:
+        return [u.loss_scale for u in self._by_key.values() if u.loss_scale is not None]
+
+    def checkpointed(self) -> Dict[str, GradientUpdater]:
+        """The updaters that hold state (loss scales, accumulators), by checkpoint name."""
+        return {f"updater_{index}": updater
+                for index, updater in enumerate(self._by_key.values()) if not updater.is_plain}

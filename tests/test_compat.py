@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO
-from tapekit import compat, distribute, randomness
+from tapekit import compat, distribute, tracing
 
 # What reaching into TensorFlow/Keras looks like in a line of source.
 PRIVATE = {
@@ -90,8 +90,8 @@ def test_instance_attributes_are_restored_or_removed_on_exit():
 
 def test_the_seed_generator_patch_is_installed_only_while_a_step_is_traced():
     original = keras.random.SeedGenerator.next
-    with randomness.per_replica_seeds():
-        with randomness.per_replica_seeds():  # replicas enter one by one
+    with tracing.step(tracing.StepTrace("loop")):
+        with tracing.step(tracing.StepTrace("loop")):  # replicas enter one by one
             assert keras.random.SeedGenerator.next is not original
         assert keras.random.SeedGenerator.next is not original
     assert keras.random.SeedGenerator.next is original
@@ -100,15 +100,29 @@ def test_the_seed_generator_patch_is_installed_only_while_a_step_is_traced():
         generator = keras.random.SeedGenerator(3)
 
     @tf.function
-    def seeds():
+    def seeds(in_a_step):
         def replica():
-            with randomness.per_replica_seeds():
+            if not in_a_step:
+                return generator.next()
+            with tracing.step(tracing.StepTrace("loop")):
                 return generator.next()
         return strategy.run(replica)
 
-    first, second = strategy.experimental_local_results(seeds())
+    first, second = strategy.experimental_local_results(seeds(True))
     assert not np.array_equal(first.numpy(), second.numpy())  # each replica its own seed
     assert keras.random.SeedGenerator.next is original
+    # Outside a step's trace (Keras fit, say) the seeds are Keras's own: the same on both.
+    first, second = strategy.experimental_local_results(seeds(False))
+    assert np.array_equal(first.numpy(), second.numpy())
+
+
+def test_op_determinism_is_on_inside_the_context_and_as_it_was_after():
+    assert not compat.op_determinism_enabled()
+    with compat.op_determinism(True):
+        assert compat.op_determinism_enabled()
+        with compat.op_determinism(False):  # not asked: left as it is
+            assert compat.op_determinism_enabled()
+    assert not compat.op_determinism_enabled()
 
 
 def test_gradients_already_summed_leaves_the_optimizer_as_it_was():

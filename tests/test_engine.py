@@ -7,7 +7,8 @@ import tensorflow as tf
 
 import tapekit
 from tapekit import runner as runner_lib
-from tapekit.engine import TAPEKIT_ATTRIBUTES, Engine
+from tapekit.engine import Engine
+from tapekit.namespace import TAPEKIT_ATTRIBUTES
 
 
 class Line(tapekit.Trainer):
@@ -134,3 +135,56 @@ def test_data_that_never_ends_is_read_without_a_per_step_end_check():
     history = trainer.fit(train_steps=100, steps_per_loop=4, dataset=finite)
     assert not trainer._engine.train_loop.endless and trainer.current_step == 12
     assert [h["step"] for h in history] == [12]  # 4 batches of 64 examples, then it ran out
+
+
+class CountedEvaluation(Line):
+    """Line, evaluated on a tf.data pipeline that counts how often it is made."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.eval_pipelines_made = 0
+
+    def eval_dataset(self, input_context):
+        self.eval_pipelines_made += 1
+        x, y = self.arrays
+        return tf.data.Dataset.from_tensor_slices((x, y)).batch(8, drop_remainder=True)
+
+    def eval_step(self, batch):
+        x, y = batch
+        return {"eval_loss": self.compute_loss(tf.square(self.model(x) - y))}
+
+
+def test_a_fit_makes_its_evaluation_input_once_for_every_evaluation(tmp_path):
+    trainer = CountedEvaluation(progress="none", cpu_replicas=1, model_dir=str(tmp_path),
+                                best_metric="eval_loss")
+    evaluations = []
+    seen = tapekit.Callback()
+    seen.on_eval_end = lambda step, logs: evaluations.append(dict(logs))
+    trainer.fit(train_steps=6, steps_per_loop=2, eval_every_steps=2, callbacks=[seen])
+    assert [logs["best_step"] for logs in evaluations] == [2, 4, 6]  # best/ kept from them
+    assert trainer.eval_pipelines_made == 1
+    assert evaluations[0]["eval_loss"] > evaluations[-1]["eval_loss"]  # it did evaluate anew
+    trainer.evaluate()  # outside fit: its own input
+    assert trainer.eval_pipelines_made == 2
+
+
+class DeterminismSeen(tapekit.Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_loop_end(self, step, logs):
+        from tapekit import compat
+        self.seen.append(compat.op_determinism_enabled())
+
+
+def test_op_determinism_is_on_while_a_deterministic_trainer_runs_and_off_after():
+    from tapekit import compat
+    assert not compat.op_determinism_enabled()
+    seen = DeterminismSeen()
+    trainer = Line(progress="none", deterministic=True)
+    assert not compat.op_determinism_enabled()  # constructing it turns nothing on
+    trainer.fit(train_steps=4, steps_per_loop=2, callbacks=[seen])
+    assert seen.seen == [True, True]
+    assert not compat.op_determinism_enabled()  # the process is as it was
+    Line(progress="none").fit(train_steps=2, steps_per_loop=2, callbacks=[seen])
+    assert seen.seen == [True, True, False]

@@ -63,13 +63,19 @@ def test_what_cannot_be_read_is_one_clear_error():
         inputs.distribute(mirrored, distributed, None, 2, 0, skip_steps=1)
 
 
+class _NoArrays:
+    def train_arrays(self):
+        return None
+
+
 def test_in_memory_examples_are_copied_to_the_devices_once_per_set_of_arrays():
-    cache = inputs.InMemoryCache()
+    run_input = inputs.RunInput(STRATEGY, _NoArrays(), lambda: 4, 0)
     x, y = np.zeros([8, 2], np.float32), np.ones([8, 1], np.float32)
-    first = cache.get(STRATEGY, (x, y), 4, 0)
-    assert cache.get(STRATEGY, (x, y), 4, 0) is first
-    assert cache.get(STRATEGY, (x, y.copy()), 4, 0) is not first
-    assert cache.get(STRATEGY, None, 4, 0) is None
+    first = run_input.in_memory_examples((x, y))
+    assert run_input.in_memory_examples((x, y)) is first
+    assert run_input.in_memory_examples((x, y.copy())) is not first
+    assert run_input.in_memory_examples(tf.data.Dataset.range(4)) is None  # not arrays
+    assert run_input.in_memory_examples(None) is None  # and train_arrays() gives none
 
 
 def _checkpoint_at(tmp_path, step, iterator=None):

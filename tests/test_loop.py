@@ -3,10 +3,22 @@
 import pytest
 import tensorflow as tf
 
+from tapekit import build
 from tapekit.errors import TapekitError
-from tapekit.loop import CompiledLoop, describe_spec_changes
+from tapekit.loop import CompiledLoop, LoopPlan, describe_spec_changes
 
 STRATEGY = tf.distribute.get_strategy()
+
+
+def planned(step, batches, step_counter=None, **options) -> LoopPlan:
+    """The plan the engine makes: from a build trace of `step` on `batches`' spec."""
+    report = build.trace_step(STRATEGY, step, batches.element_spec, step_counter=step_counter)
+    return LoopPlan.from_build(report, **options)
+
+
+def loop_of(step, batches, step_counter=None, endless=False, **options) -> CompiledLoop:
+    return CompiledLoop(STRATEGY, step, planned(step, batches, step_counter, **options),
+                        step_counter=step_counter, endless=endless)
 
 
 def mean_of_batch(batch):
@@ -20,8 +32,8 @@ def iterator(values, batch_size=2):
 
 def test_a_loop_reports_the_mean_over_its_steps_and_counts_them():
     counter = tf.Variable(0, dtype=tf.int64)
-    loop = CompiledLoop(STRATEGY, mean_of_batch, ["value"], step_counter=counter)
     batches = iterator([1, 3, 5, 7, 9, 11, 13, 15])  # step means 2, 6, 10, 14
+    loop = loop_of(mean_of_batch, batches, counter)
     first = loop(batches, 3)
     assert first.metrics == {"value": pytest.approx(6.0)} and first.steps_run == 3
     second = loop(batches, 3)  # only one batch is left
@@ -38,40 +50,50 @@ def _counter_updates_inside_the_loop(loop) -> int:
 
 def test_the_step_counter_is_updated_once_per_loop_unless_the_step_reads_it():
     counter = tf.Variable(0, dtype=tf.int64)
-    loop = CompiledLoop(STRATEGY, mean_of_batch, ["value"], step_counter=counter)
     batches = iterator([1, 3, 5, 7, 9, 11])
+    loop = loop_of(mean_of_batch, batches, counter)
+    assert not loop.plan.reads_step_counter
     assert loop(batches, 2).steps_run == 2 and int(counter.numpy()) == 2
     assert loop(batches, 2).steps_run == 1 and int(counter.numpy()) == 3  # the data ended
     assert _counter_updates_inside_the_loop(loop) == 0  # counted once, after the loop
 
     reading = tf.Variable(10, dtype=tf.int64)
-    loop = CompiledLoop(STRATEGY, lambda batch: {"seen": tf.cast(reading, tf.float32)},
-                        ["seen"], step_counter=reading, endless=True)
-    result = loop(iter(tf.data.Dataset.range(4).repeat()), 4)
+    endless = iter(tf.data.Dataset.range(4).repeat())
+    loop = loop_of(lambda batch: {"seen": tf.cast(reading, tf.float32)}, endless, reading,
+                   endless=True)
+    assert loop.plan.reads_step_counter  # found by the build trace
+    result = loop(endless, 4)
     assert result.metrics["seen"] == pytest.approx(11.5)  # each step saw 10, 11, 12, 13
     assert int(reading.numpy()) == 14 and _counter_updates_inside_the_loop(loop) == 1
 
 
 def test_none_steps_runs_the_data_to_its_end_weighting_a_partial_batch():
-    loop = CompiledLoop(STRATEGY, mean_of_batch, ["value"])
-    result = loop(iterator([1, 2, 3, 4, 5], batch_size=2), None)  # batches of 2, 2 and 1
+    batches = iterator([1, 2, 3, 4, 5], batch_size=2)  # batches of 2, 2 and 1
+    result = loop_of(mean_of_batch, batches)(batches, None)
     assert result.steps_run == 3
     assert result.metrics["value"] == pytest.approx(3.0)  # the mean of every example
 
 
 def test_per_step_counts_are_carried_only_for_weights_known_when_the_step_runs():
     # Static batches: plain sums (no counts carried through the loop, which costs every step).
-    static = CompiledLoop(STRATEGY, mean_of_batch, ["value"])
     batches = iter(tf.data.Dataset.from_tensor_slices(tf.constant([1.0, 3, 5, 7])).batch(
         2, drop_remainder=True))
+    static = loop_of(mean_of_batch, batches)
+    assert static.plan.static_weights
     assert static(batches, None).metrics["value"] == pytest.approx(4.0)
-    assert static.static_weights and static.trace_count == 1
-    # Batches of unknown size, told otherwise by the hint: traced once more with counts (the
-    # failed trace is not counted), and the mean is still exact.
-    dynamic = CompiledLoop(STRATEGY, mean_of_batch, ["value"], static_weights=True)
-    result = dynamic(iterator([1, 2, 3, 4, 5, 6, 7], batch_size=3), None)  # 3, 3 and 1
+    assert not static.carries_counts and static.trace_count == 1
+    # Batches of unknown size: the build trace finds it, and the loop carries counts.
+    partial = iterator([1, 2, 3, 4, 5, 6, 7], batch_size=3)  # 3, 3 and 1
+    dynamic = loop_of(mean_of_batch, partial)
+    assert not dynamic.plan.static_weights
+    result = dynamic(partial, None)
     assert result.metrics["value"] == pytest.approx(4.0) and result.steps_run == 3
-    assert not dynamic.static_weights and dynamic.trace_count == 1
+    assert dynamic.carries_counts
+    # A loop planned on static batches, then given batches of another spec, carries counts
+    # for those (no failed trace, no exception): the mean is still exact.
+    result = static(iterator([1, 2, 3, 4, 5, 6, 7], batch_size=3), None)
+    assert result.metrics["value"] == pytest.approx(4.0) and result.steps_run == 3
+    assert static.carries_counts and static.trace_count == 2
 
 
 def test_the_first_non_finite_step_and_metric_are_reported():
@@ -81,13 +103,13 @@ def test_the_first_non_finite_step_and_metric_are_reported():
 
     batches = [1, 2, 3, 4, -1, 1, 0, 1]  # step 2 has log(-1), step 3 log(0)
     # stop: the loop's sums are checked once; the loop is bad, its first bad step not tracked
-    result = CompiledLoop(STRATEGY, step, ["fine", "log"])(iterator(batches), 4)
+    result = loop_of(step, iterator(batches))(iterator(batches), 4)
     assert result.nonfinite_steps == 1 and result.first_nonfinite_offset is None
     assert result.first_nonfinite_metric == "log"
-    fine = CompiledLoop(STRATEGY, step, ["fine", "log"])(iterator(batches), 2)
+    fine = loop_of(step, iterator(batches))(iterator(batches), 2)
     assert fine.nonfinite_steps == 0 and fine.first_nonfinite_metric is None
     # skip_step checks every step: the first bad one is known
-    result = CompiledLoop(STRATEGY, step, ["fine", "log"], finite_means=True)(iterator(batches), 4)
+    result = loop_of(step, iterator(batches), finite_means=True)(iterator(batches), 4)
     assert result.nonfinite_steps == 2 and result.first_nonfinite_offset == 2
     assert result.first_nonfinite_metric == "fine"  # means of the finite values: all finite
 
@@ -96,13 +118,13 @@ def test_skip_step_means_leave_non_finite_values_out_and_count_them():
     def step(batch):
         return {"log": tf.reduce_mean(tf.math.log(tf.cast(batch, tf.float32)))}
 
-    loop = CompiledLoop(STRATEGY, step, ["log"], finite_means=True)
-    result = loop(iterator([1, 1, -1, 1, 1, 1, 0, 0]), 4)
+    batches = iterator([1, 1, -1, 1, 1, 1, 0, 0])
+    result = loop_of(step, batches, finite_means=True)(batches, 4)
     assert result.nonfinite_steps == 2 and result.metrics["log"] == pytest.approx(0.0)
 
 
 def test_a_retrace_names_the_input_that_changed_and_too_many_raise():
-    loop = CompiledLoop(STRATEGY, mean_of_batch, ["value"], max_retraces=0)
+    loop = loop_of(mean_of_batch, iterator([1, 2, 3, 4]), max_retraces=0)
     loop(iterator([1, 2, 3, 4]), 1)
     wide = iter(STRATEGY.experimental_distribute_dataset(
         tf.data.Dataset.from_tensor_slices(tf.zeros([4, 3])).batch(2)))

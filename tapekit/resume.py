@@ -1,0 +1,102 @@
+"""Starting a run where it left off: the run record, the checkpoint, the input's position.
+
+Called by the engine once, on a trainer's first `fit` (`start`), and by `Trainer.restore`
+and the evaluator (`restore_read_only`). Eager, on every worker; only the chief writes.
+"""
+
+from typing import Any, Dict, Optional
+
+import tensorflow as tf
+from absl import logging
+
+from tapekit import checkpointing
+from tapekit import compat
+from tapekit import distribute
+from tapekit import inputs
+from tapekit import options as options_lib
+from tapekit import record as record_lib
+from tapekit import state as state_lib
+from tapekit.checkpointing import Checkpointer
+
+
+def start(engine, dataset, in_memory, fit_settings: Dict[str, Any]):
+    """Checks and writes the run record (`tapekit.record`), restores `restore_from` or the
+    latest checkpoint, and returns the training iterator positioned where the run left off
+    (None for in-memory input, which is a function of the step). A learning rate given
+    explicitly for a resumed run replaces the checkpoint's."""
+    learning_rate_change = record_run(engine, fit_settings)
+    iterator = _restore_and_position(engine, dataset, in_memory)
+    if learning_rate_change:
+        _override_learning_rates(engine, *learning_rate_change)
+    return iterator
+
+
+def restore_path(engine) -> Optional[str]:
+    """`restore_from`, else the latest checkpoint of the run's model_dir, else None."""
+    checkpointer = engine.checkpointer
+    return engine.options.restore_from or (checkpointer.latest if checkpointer else None)
+
+
+def restore_read_only(engine, path: str) -> None:
+    """Restores `path` with a checkpointer that can never write (checked, see Checkpointer)."""
+    Checkpointer(engine.checkpoint_objects(), None, True).restore(path)
+    logging.info("restored checkpoint %s at step %d", path, engine.current_step)
+
+
+def built_learning_rates(trainer):
+    """(optimizer, its learning rate) for each optimizer without a schedule, as `build()`
+    left it: what `_override_learning_rates` puts back."""
+    return [(optimizer, float(tf.convert_to_tensor(optimizer.learning_rate)))
+            for optimizer in state_lib.optimizers(vars(trainer)).values()
+            if compat.learning_rate_schedule(optimizer) is None]
+
+
+def record_run(engine, fit_settings: Dict[str, Any]):
+    """Writes MODEL_DIR/run.json (the chief), or, when resuming a recorded run, first
+    refuses settings that would silently change it. Returns (old, new) learning rates
+    when one was given explicitly and differs from the record's, else None."""
+    if engine.model_dir is None:
+        return None
+    options = engine.options
+    settings = {name: getattr(options, name)
+                for name in options_lib.names(options_lib.TRAINER_OPTIONS)}
+    settings.update(global_batch_size=engine.global_batch_size,
+                    learning_rate=engine.learning_rate, **fit_settings)
+    new = record_lib.make_record(type(engine.trainer), engine.arguments, settings, engine.strategy)
+    old = record_lib.read(engine.model_dir)
+    path = restore_path(engine)
+    change = None
+    if old is not None and path is not None:
+        step = checkpointing.saved_step(path)
+        changes = record_lib.check_resume(
+            old, new, options.allow_changes or (), engine.model_dir, step,
+            safe=getattr(engine.trainer, "arguments_safe_to_change", ()))
+        change = record_lib.explicit_learning_rate_change(old, options.learning_rate)
+        new = record_lib.resumed(old, new, step, changes)
+    if distribute.is_chief(engine.strategy):
+        record_lib.write(engine.model_dir, new)
+    return change
+
+
+def _restore_and_position(engine, dataset, in_memory):
+    checkpointer = engine.checkpointer
+    path = restore_path(engine)
+    if checkpointer is None:
+        if path:  # no model_dir: restore the state, nothing is saved later
+            restore_read_only(engine, path)
+        return None if in_memory else engine.input.train_iterator(dataset, engine.current_step)
+    iterator = None if in_memory is not None else inputs.positioned_iterator(
+        lambda skip_steps: engine.input.train_iterator(dataset, skip_steps), checkpointer, path)
+    if path:
+        checkpointer.restore(path)
+        if engine.options.restore_from:  # restarted from an older checkpoint: newer ones go aside
+            checkpointer.set_aside_checkpoints_after(engine.current_step)
+        logging.info("resumed from checkpoint %s at step %d", path, engine.current_step)
+    return iterator
+
+
+def _override_learning_rates(engine, old, new) -> None:
+    for optimizer, rate in engine.built_learning_rates:
+        optimizer.learning_rate = rate
+    logging.info("learning rate %s given for this resumed run replaces the checkpoint's %s",
+                 new, old)
