@@ -81,11 +81,40 @@ def test_regression_trains_from_tfrecord_shards_on_two_replicas(tmp_path):
     assert trainer.evaluate()["loss"] < 0.05
 
 
+def _gaussian_records(tmp_path, name, mean):
+    """512 samples of N(mean, 1.25²) in two shards: a mean far from the GAN's default 0."""
+    samples = mean + 1.25 * np.random.default_rng(0).standard_normal((512, 1)).astype(np.float32)
+    tfrecords.write_shards({"x": samples}, str(tmp_path / name), 2)
+    return str(tmp_path / f"{name}-*"), samples
+
+
 def test_the_gan_reads_tfrecords_from_the_command_line(tmp_path, cli_env):
-    samples = 4.0 + 1.25 * np.random.default_rng(0).standard_normal((512, 1)).astype(np.float32)
-    tfrecords.write_shards({"x": samples}, str(tmp_path / "real"), 2)
-    result = run_cli(["--trainer=gan", f"--data={tmp_path / 'real-*'}", "--train_steps=50",
+    pattern, samples = _gaussian_records(tmp_path, "real", 4.0)
+    result = run_cli(["--trainer=gan", f"--data={pattern}", "--train_steps=50",
                       "--steps_per_loop=25", "--eval_every_steps=50"], cli_env)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "Wasserstein-1 to the real samples" in result.stdout
-    assert GANTrainer(data=str(tmp_path / "real-*")).evaluate()["w1"] > 0
+    # The summary's real data are the records' (the synthetic default is mean 0, stddev 1).
+    assert (f"(real data: mean {samples.mean():.3f}, stddev {samples.std():.3f}); "
+            "Wasserstein-1 to the real samples") in result.stdout
+
+
+def test_the_gan_evaluates_and_trains_on_the_records_samples(tmp_path):
+    from tapekit.trainers.gan import _EVAL_NOISE_SEED
+    pattern, samples = _gaussian_records(tmp_path, "real", 4.0)
+    trainer = GANTrainer(data=pattern)
+    np.testing.assert_array_equal(np.sort(trainer.arrays["x"], 0), np.sort(samples, 0))
+    # W1 of the untrained generator's output on the evaluation noise to exactly these samples.
+    w1 = trainer.evaluate()["w1"]
+    noise = tf.random.stateless_normal([len(samples), trainer.noise_dim], seed=_EVAL_NOISE_SEED)
+    fake = trainer.gan.generator(noise, training=False).numpy()
+    assert w1 == pytest.approx(np.abs(np.sort(samples, 0) - np.sort(fake, 0)).mean(), rel=1e-5)
+    # Trained on records around +4 or around -4 (same seed: same initial networks and noise),
+    # the discriminator learns to call the records' side of the line real.
+    negated, _ = _gaussian_records(tmp_path, "negated", -4.0)
+    preference = []
+    for data in (pattern, negated):
+        gan = GANTrainer(data=data, seed=0)
+        gan.fit(train_steps=20, steps_per_loop=20)
+        logits = gan.gan.discriminator(tf.constant([[4.0], [-4.0]]), training=False).numpy()
+        preference.append(float(logits[0, 0] - logits[1, 0]))
+    assert preference[0] > preference[1] + 0.2, preference
