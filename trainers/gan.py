@@ -245,7 +245,7 @@ class GANTrainer(tapekit.Trainer):
                 f"{count} real / {count} generated images: {(real_logits > 0).mean():.2f} / "
                 f"{(fake_logits < 0).mean():.2f} (0.50 / 0.50 when it cannot tell them apart); "
                 f"sliced Wasserstein-1 to held-out real images: {self.evaluate()['sliced_w1']:.3f} "
-                "(two held-out real sets: about 0.04; untrained: about 0.76)")
+                "(two held-out real sets: about 0.03; untrained: about 0.76)")
 
     def export_model(self):
         """The generator, served on noise [batch, noise_dim] float32. Eager."""
