@@ -201,7 +201,8 @@ class EarlyStopping(Callback):
 
     `metric` names a training metric ("loss", checked after every loop) or, with an "eval_"
     prefix, an evaluation metric ("eval_loss", checked after every evaluation). `mode` is
-    "min", "max" or "auto" (max for names containing "acc", else min).
+    "min", "max" or "auto" (`resolve_mode`: max for names with acc, auc, precision or recall
+    in them, else min).
     """
 
     def __init__(self, metric: str = "loss", patience: int = 5, min_delta: float = 0.0,

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 import tapekit
 from helpers import TESTS, run_cli, start_cli
+from small_trainers import Unshuffled
 from tapekit.trainers import RegressionTrainer
 
 
@@ -80,6 +81,53 @@ def test_best_checkpoint_and_model_follow_the_best_evaluation(tmp_path):
     restored = RegressionTrainer(model="mlp", progress="none")
     restored.restore(tf.train.latest_checkpoint(tmp_path / "best"))
     assert restored.evaluate()["loss"] == pytest.approx(best["value"], rel=1e-5)
+
+
+class _Scripted(Unshuffled):
+    """Evaluation reports one value under each name in `metric_names`, scripted by the step:
+    at steps 10, 20, ..., 60 it is 3, 5, 9, 4, 1, 6 (highest at 30, lowest at 50)."""
+
+    def __init__(self, metric_names=("score",), **kwargs):
+        super().__init__(**kwargs)
+        self.metric_names = tuple(metric_names)
+
+    def eval_step(self, batch):
+        value = tf.gather(tf.constant([0.0, 3.0, 5.0, 9.0, 4.0, 1.0, 6.0]),
+                          self.global_step // 10)
+        return {name: value for name in self.metric_names}
+
+
+@pytest.mark.parametrize("metric, mode, best_step", [
+    ("score", "max", 30), ("score", "min", 50),
+    # auto: max for names with acc, auc, precision or recall in them, else min
+    ("loss", "auto", 50), ("val_accuracy", "auto", 30), ("recall", "auto", 30)])
+def test_best_mode_decides_which_evaluation_best_keeps(tmp_path, metric, mode, best_step):
+    trainer = _Scripted(metric_names=[metric], model_dir=str(tmp_path), best_metric=metric,
+                        best_mode=mode, progress="none")
+    trainer.fit(train_steps=60, steps_per_loop=10, eval_every_steps=10, eval_steps=1)
+    evals = [row for row in _rows(tmp_path / "metrics.jsonl") if row["split"] == "eval"]
+    assert [row[metric] for row in evals] == [3.0, 5.0, 9.0, 4.0, 1.0, 6.0]
+    best = json.loads((tmp_path / "best" / "best.json").read_text())
+    assert (best["step"], best["value"]) == (best_step, {30: 9.0, 50: 1.0}[best_step])
+    assert evals[-1][f"best_{metric}"] == best["value"] and evals[-1]["best_step"] == best_step
+    path = tf.train.latest_checkpoint(tmp_path / "best")
+    assert path.endswith(f"ckpt-{best_step}")
+    # The checkpoint holds the trainer at that step (not the last one).
+    assert _Scripted(metric_names=[metric]).restore(path) == best_step
+
+
+def test_the_best_mode_flag_reaches_best(tmp_path, cli_env):
+    model_dir = tmp_path / "run"
+    result = run_cli(["--trainer=regression", "--mode=train_and_evaluate", "--train_steps=60",
+                      "--steps_per_loop=10", "--checkpoint_every_steps=20", "--best_metric=loss",
+                      "--best_mode=max", f"--model_dir={model_dir}"], cli_env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    evals = [row for row in _rows(model_dir / "metrics.jsonl") if row["split"] == "eval"]
+    assert [row["step"] for row in evals] == [20, 40, 60] and evals[0]["loss"] > evals[1]["loss"]
+    # The loss falls as the line is learned: the "best" under max is the first evaluation.
+    best = json.loads((model_dir / "best" / "best.json").read_text())
+    assert (best["step"], best["value"]) == (20, max(row["loss"] for row in evals))
+    assert tf.train.latest_checkpoint(model_dir / "best").endswith("ckpt-20")
 
 
 def test_a_best_metric_the_evaluation_does_not_report_is_refused_before_training(tmp_path):

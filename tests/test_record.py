@@ -49,6 +49,39 @@ def test_a_resume_that_would_change_the_run_is_refused_listing_each_change(tmp_p
     assert _snapshot(tmp_path / "checkpoints") == before and _record(tmp_path) == record
 
 
+class _OtherRegression(RegressionTrainer):
+    """RegressionTrainer's model, data and arguments under another class."""
+
+
+def _tree(directory):
+    """Every file under `directory`: relative path → bytes."""
+    return {str(path.relative_to(directory)): path.read_bytes()
+            for path in sorted(directory.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.parametrize("change, listed", [
+    ("trainer", "trainer \"tapekit.trainers.regression:RegressionTrainer\" → "
+                "\"test_record:_OtherRegression\""),
+    ("precision", "precision \"float32\" → \"mixed_float16\"")], ids=["trainer", "precision"])
+def test_a_resume_with_another_trainer_class_or_precision_is_refused(tmp_path, change, listed):
+    RegressionTrainer(model_dir=str(tmp_path), progress="none").fit(train_steps=20, steps_per_loop=10)
+    saved = _tree(tmp_path)
+    assert "run.json" in saved and "checkpoints/ckpt-20.index" in saved
+    if change == "trainer":
+        resumed = _OtherRegression(model_dir=str(tmp_path), progress="none")
+    else:
+        resumed = RegressionTrainer(model_dir=str(tmp_path), precision="mixed_float16",
+                                    progress="none")
+    with pytest.raises(tapekit.TapekitError) as error:
+        resumed.fit(train_steps=40, steps_per_loop=10)
+    message = str(error.value)
+    # This one change, and only it, is named; the way to allow it is given.
+    assert f"resuming would silently change it: {listed}. Resume with the old values" in message
+    assert f"--allow_changes={change}. Nothing was restored" in message and "\n" not in message
+    assert resumed.current_step == 0
+    assert _tree(tmp_path) == saved  # checkpoints, run.json, metrics and summaries untouched
+
+
 def test_changes_allowed_on_purpose_resume_and_are_recorded(tmp_path, caplog):
     RegressionTrainer(model_dir=str(tmp_path), progress="none").fit(train_steps=20, steps_per_loop=10)
     with caplog.at_level("INFO", logger="absl"):

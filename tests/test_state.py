@@ -148,6 +148,19 @@ def test_batchnorm_statistics_stay_one_value_on_two_replicas(tmp_path):
         first, second = trainer.strategy.experimental_local_results(variable.value)
         np.testing.assert_array_equal(second.numpy(), first.numpy())
     assert float(batch_norm.moving_mean.numpy().std()) > 0  # it did move
-    before = trainer.evaluate()
-    trainer.restore()  # the checkpoint it just wrote
-    assert trainer.evaluate() == before
+    saved_path = tf.train.latest_checkpoint(str(tmp_path / "checkpoints"))
+    saved_statistics = [v.numpy() for v in (batch_norm.moving_mean, batch_norm.moving_variance)]
+    saved_evaluation = trainer.evaluate()
+    trainer.fit(train_steps=16, steps_per_loop=8)  # moves on past the checkpoint at step 8
+    assert not np.array_equal(batch_norm.moving_mean.numpy(), saved_statistics[0])
+    assert trainer.evaluate()["loss"] != saved_evaluation["loss"]
+    # A fresh trainer (other initial weights) restored from step 8 holds step 8's statistics,
+    # one value on both replicas, and evaluates as the trainer did then.
+    restored = UnsynchronizedBatchNorm(strategy="mirrored", cpu_replicas=2, seed=1)
+    assert restored.restore(saved_path) == 8
+    restored_norm = restored.model.layers[1]
+    for variable, saved in zip((restored_norm.moving_mean, restored_norm.moving_variance),
+                               saved_statistics):
+        for local in restored.strategy.experimental_local_results(variable.value):
+            np.testing.assert_array_equal(local.numpy(), saved)
+    assert restored.evaluate() == saved_evaluation

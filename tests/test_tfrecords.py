@@ -81,11 +81,84 @@ def test_regression_trains_from_tfrecord_shards_on_two_replicas(tmp_path):
     assert trainer.evaluate()["loss"] < 0.05
 
 
+def _gaussian_records(tmp_path, name, mean):
+    """512 samples of N(mean, 1.25²) in two shards: a mean far from the GAN's default 0."""
+    samples = mean + 1.25 * np.random.default_rng(0).standard_normal((512, 1)).astype(np.float32)
+    tfrecords.write_shards({"x": samples}, str(tmp_path / name), 2)
+    return str(tmp_path / f"{name}-*"), samples
+
+
 def test_the_gan_reads_tfrecords_from_the_command_line(tmp_path, cli_env):
-    samples = 4.0 + 1.25 * np.random.default_rng(0).standard_normal((512, 1)).astype(np.float32)
-    tfrecords.write_shards({"x": samples}, str(tmp_path / "real"), 2)
-    result = run_cli(["--trainer=gan", f"--data={tmp_path / 'real-*'}", "--train_steps=50",
+    pattern, samples = _gaussian_records(tmp_path, "real", 4.0)
+    result = run_cli(["--trainer=gan", f"--data={pattern}", "--train_steps=50",
                       "--steps_per_loop=25", "--eval_every_steps=50"], cli_env)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "Wasserstein-1 to the real samples" in result.stdout
-    assert GANTrainer(data=str(tmp_path / "real-*")).evaluate()["w1"] > 0
+    # The summary's real data are the records' (the synthetic default is mean 0, stddev 1).
+    assert (f"(real data: mean {samples.mean():.3f}, stddev {samples.std():.3f}); "
+            "Wasserstein-1 to the real samples") in result.stdout
+
+
+def test_the_gan_evaluates_and_trains_on_the_records_samples(tmp_path):
+    from tapekit.trainers.gan import _EVAL_NOISE_SEED
+    pattern, samples = _gaussian_records(tmp_path, "real", 4.0)
+    trainer = GANTrainer(data=pattern)
+    np.testing.assert_array_equal(np.sort(trainer.arrays["x"], 0), np.sort(samples, 0))
+    # W1 of the untrained generator's output on the evaluation noise to exactly these samples.
+    w1 = trainer.evaluate()["w1"]
+    noise = tf.random.stateless_normal([len(samples), trainer.noise_dim], seed=_EVAL_NOISE_SEED)
+    fake = trainer.gan.generator(noise, training=False).numpy()
+    assert w1 == pytest.approx(np.abs(np.sort(samples, 0) - np.sort(fake, 0)).mean(), rel=1e-5)
+    # Trained on records around +4 or around -4 (same seed: same initial networks and noise),
+    # the discriminator learns to call the records' side of the line real.
+    negated, _ = _gaussian_records(tmp_path, "negated", -4.0)
+    preference = []
+    for data in (pattern, negated):
+        gan = GANTrainer(data=data, seed=0)
+        gan.fit(train_steps=20, steps_per_loop=20)
+        logits = gan.gan.discriminator(tf.constant([[4.0], [-4.0]]), training=False).numpy()
+        preference.append(float(logits[0, 0] - logits[1, 0]))
+    assert preference[0] > preference[1] + 0.2, preference
+
+
+def _tapekit_data(tmp_path, name, images):
+    """Writes `images` as x in NAME.npz, then tapekit-data's main (in this process: the
+    subprocess is tested above) turns it into two shards."""
+    np.savez(tmp_path / f"{name}.npz", x=images)
+    tfrecords.main(["tapekit-data", "npz-to-tfrecord", f"--input={tmp_path / name}.npz",
+                    f"--output_pattern={tmp_path / name / 'part'}", "--num_shards=2"])
+    return str(tmp_path / name / "part-*")
+
+
+def test_the_dcgan_trains_on_image_records_written_by_tapekit_data(tmp_path):
+    from tapekit.trainers.datasets import shapes_images
+    from tapekit.trainers.gan import _EVAL_NOISE_SEED, sliced_wasserstein_1
+    images = shapes_images(seed=5, num_examples=128)["x"]  # [128, 28, 28, 1] in {-1, 1}
+    trainer = GANTrainer(model="dcgan", data=_tapekit_data(tmp_path, "shapes", images), seed=0)
+    order = np.r_[0:128:2, 1:128:2]  # example i is in shard i mod 2, read file by file
+    np.testing.assert_array_equal(trainer.arrays["x"], images[order])
+    # Evaluated against the records' images: the distance computed here by hand.
+    sliced_w1 = trainer.evaluate()["sliced_w1"]
+    noise = tf.random.stateless_normal([128, trainer.noise_dim], seed=_EVAL_NOISE_SEED)
+    generated = trainer.gan.generator(noise, training=False)
+    assert sliced_w1 == pytest.approx(float(sliced_wasserstein_1(
+        tf.reshape(images, [128, -1]), tf.reshape(generated, [128, -1]))), rel=1e-5)
+    # Trained on the shapes or on their negatives (same seed: same networks and noise), the
+    # discriminator rates the images it was shown as the more real.
+    inverted = _tapekit_data(tmp_path, "inverted", -images)
+    preference = []
+    for data in (trainer.data_path, inverted):
+        gan = GANTrainer(model="dcgan", data=data, seed=0)
+        history = gan.fit(train_steps=2, steps_per_loop=2)
+        assert np.isfinite(history[-1]["discriminator_loss"])
+        logits = gan.gan.discriminator(tf.concat([images, -images], 0), training=False).numpy()
+        preference.append(float(logits[:128].mean() - logits[128:].mean()))
+    assert preference[0] > preference[1] + 0.2, preference
+
+
+def test_dcgan_records_of_unscaled_pixels_are_refused_before_training(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 28, 28, 1), dtype=np.uint8)
+    data = _tapekit_data(tmp_path, "pixels", pixels)  # tapekit-data keeps the values 0-255
+    with pytest.raises(tapekit.TapekitError, match=r"the first 64 images have values in \[0, 255\]; "
+                                                   r"the dcgan reads TFRecord images unscaled"):
+        GANTrainer(model="dcgan", data=data)
+    GANTrainer(data=data)  # the dense GAN takes samples of any range

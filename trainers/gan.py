@@ -36,7 +36,8 @@ class GANTrainer(tapekit.Trainer):
     dense: the seed's 10-unit networks on N(real_mean, real_stddev²) samples (or `data`'s
     array `x` [n, d]), noise_dim 10, Adam 1e-3. dcgan: `DCGANGenerator`/`DCGANDiscriminator`
     on procedural shape images (`datasets.shapes_images`, or `data`'s `x` [n, 28, 28(, C)]
-    images), noise_dim 64, Adam 2e-4 with beta_1 0.5 (the DCGAN paper's settings).
+    images: an .npz is scaled to [-1, 1], TFRecords must hold [28, 28, C] in [-1, 1]
+    already), noise_dim 64, Adam 2e-4 with beta_1 0.5 (the DCGAN paper's settings).
 
     Each step updates the generator and the discriminator simultaneously from one forward
     pass, each with its own tape and Adam optimizer (binary cross-entropy on logits). The
@@ -71,6 +72,14 @@ class GANTrainer(tapekit.Trainer):
                 raise tapekit.TapekitError(f"--data={data!r}: feature x has shape {shape}; the "
                                            "dcgan needs images [28, 28, C] with values in [-1, 1].")
             self.arrays = {"x": self.files.head(EVAL_EXAMPLES)["x"]}  # for evaluation, summaries
+            low, high = float(self.arrays["x"].min()), float(self.arrays["x"].max())
+            if model == "dcgan" and (low < -1.0 or high > 1.0):
+                # Records are streamed as they are (an .npz is scaled whole by as_gan_images).
+                raise tapekit.TapekitError(
+                    f"--data={data!r}: the first {len(self.arrays['x'])} images have values in "
+                    f"[{low:g}, {high:g}]; the dcgan reads TFRecord images unscaled, so they "
+                    "must be in [-1, 1]: write datasets.as_gan_images(x) to the records, or "
+                    "give the .npz (which is scaled).")
             return
         if model == "dense":
             self.arrays = (datasets.load_npz(data, ("x",)) if data else
@@ -188,9 +197,7 @@ class GANTrainer(tapekit.Trainer):
         fake = context.all_gather(tf.reshape(fake, [-1, width]), 0)
         if self.model_name == "dense":
             return {"w1": wasserstein_1(real, fake)}
-        directions = tf.random.stateless_normal([width, 64], seed=_EVAL_NOISE_SEED)
-        directions /= tf.norm(directions, axis=0, keepdims=True)
-        return {"sliced_w1": wasserstein_1(real @ directions, fake @ directions)}
+        return {"sliced_w1": sliced_wasserstein_1(real, fake)}
 
     def _eval_real(self) -> np.ndarray:
         """Real samples for evaluation: fresh ones from the synthetic target (another seed),
@@ -281,3 +288,13 @@ def wasserstein_1(real, fake):
     real = tf.sort(real, axis=0)
     fake = tf.sort(fake, axis=0)
     return tf.reduce_mean(tf.abs(real - fake))
+
+
+def sliced_wasserstein_1(real, fake, num_directions: int = 64):
+    """The sliced Wasserstein-1 distance between `real` and `fake` ([n, width] each, n
+    equal): `wasserstein_1` of their projections on `num_directions` random unit vectors
+    of pixel space, fixed by a stateless seed (the same in every call), averaged."""
+    width = real.shape[-1]
+    directions = tf.random.stateless_normal([width, num_directions], seed=_EVAL_NOISE_SEED)
+    directions /= tf.norm(directions, axis=0, keepdims=True)
+    return wasserstein_1(real @ directions, fake @ directions)
