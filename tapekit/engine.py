@@ -60,7 +60,7 @@ class Engine:
             cluster_resolver=options.cluster_resolver, slurm_port_base=options.slurm_port_base)
         precision_lib.check_precision(options.precision, self.strategy)
         if options.global_batch_size is not None:
-            self._check_global_batch_size(options.global_batch_size)
+            options_lib.check_global_batch_size(options.global_batch_size, self.strategy)
         if options.restore_from is not None:
             checkpointing.check_restorable(options.restore_from)
         # Last of the checks, and the first thing written.
@@ -99,7 +99,7 @@ class Engine:
         value = self.options.global_batch_size
         if value is None:
             value = self.trainer.default_global_batch_size
-            self._check_global_batch_size(value)
+            options_lib.check_global_batch_size(value, self.strategy)
         return int(value)
 
     @property
@@ -107,14 +107,6 @@ class Engine:
         """The option, else the trainer class's `default_learning_rate` (read lazily)."""
         value = self.options.learning_rate
         return float(value if value is not None else self.trainer.default_learning_rate)
-
-    def _check_global_batch_size(self, value) -> None:
-        options_lib.check("global_batch_size", value)
-        replicas = self.strategy.num_replicas_in_sync
-        if value % replicas:
-            raise TapekitError(
-                f"global_batch_size={value} is not divisible by the {replicas} replicas in "
-                f"sync; use a multiple of {replicas}.")
 
     # ------------------------------------------------------------------ what the controller uses
 
@@ -197,16 +189,8 @@ class Engine:
         loop = self.train_loop
         if loop is None or loop.in_memory is not in_memory or loop.endless != endless:
             self.train_loop = CompiledLoop(
-                self.strategy, self.trainer.train_step, self._plan(self._train_report, training=True),
+                self.strategy, self.trainer.train_step, LoopPlan.for_training(self._train_report, self.options),
                 step_counter=self.global_step, in_memory=in_memory, endless=endless)
-
-    def _plan(self, report: build_lib.BuildReport, training: bool) -> LoopPlan:
-        options = self.options
-        if not training:  # evaluation: no skipped steps, no retrace limit
-            return LoopPlan.from_build(report, jit_compile=options.jit_compile, name="eval_loop")
-        return LoopPlan.from_build(report, finite_means=options.nan_policy == "skip_step",
-                                   jit_compile=options.jit_compile,
-                                   max_retraces=options.max_retraces, name="train_loop")
 
     def evaluate(self, steps: Optional[int] = None, dataset=None) -> Dict[str, float]:
         """`Trainer.evaluate` (arguments validated there); inside `fit`, on its input."""
@@ -222,7 +206,7 @@ class Engine:
         if self._eval_loop is None:
             report = self.trace(self.trainer.eval_step, element_spec)
             self._eval_loop = CompiledLoop(self.strategy, self.trainer.eval_step,
-                                           self._plan(report, training=False))
+                                           LoopPlan.for_evaluation(report, self.options))
         return self._eval_loop
 
     def keep_best(self) -> Optional[Any]:

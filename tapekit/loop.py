@@ -59,6 +59,18 @@ class LoopPlan:
         return cls(tuple(report.metric_names), tuple(report.keras_metrics),
                    report.static_weights, report.spec, report.reads_step_counter, **options)
 
+    @classmethod
+    def for_training(cls, report, options) -> "LoopPlan":
+        """The training loop's plan, with the run's `nan_policy`, `jit_compile`, `max_retraces`."""
+        return cls.from_build(report, finite_means=options.nan_policy == "skip_step",
+                              jit_compile=options.jit_compile, max_retraces=options.max_retraces,
+                              name="train_loop")
+
+    @classmethod
+    def for_evaluation(cls, report, options) -> "LoopPlan":
+        """The evaluation loop's plan: no skipped steps, no retrace limit."""
+        return cls.from_build(report, jit_compile=options.jit_compile, name="eval_loop")
+
     def static_weights_for(self, spec) -> bool:
         """Whether batches of `spec` (one replica's) have constant weights, as traced."""
         return self.static_weights and _same_spec(spec, self.spec)

@@ -160,6 +160,16 @@ def check(name: str, value) -> None:
     _BY_NAME[name].check(value)
 
 
+def check_global_batch_size(value, strategy) -> None:
+    """Validates a global batch size, which must split evenly over `strategy`'s replicas."""
+    check("global_batch_size", value)
+    replicas = strategy.num_replicas_in_sync
+    if value % replicas:
+        raise TapekitError(
+            f"global_batch_size={value} is not divisible by the {replicas} replicas in "
+            f"sync; use a multiple of {replicas}.")
+
+
 def resolve(arguments: Dict[str, Any]) -> "Options":
     """Validates `Trainer(...)`'s keyword arguments and returns them as `Options`.
 
