@@ -16,7 +16,7 @@ import tapekit
 from tapekit.trainers import GANTrainer, RegressionTrainer
 
 # A guard against a test that died without killing its process; never reached otherwise.
-_HANDSHAKE_TIMEOUT_SECS = 300
+_HANDSHAKE_TIMEOUT_SECS = 120
 
 
 def _wait_until(done, what):
