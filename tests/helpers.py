@@ -32,6 +32,18 @@ def wait_for(path, process, timeout=120, containing=None):
         time.sleep(0.02)
 
 
+def wait_for_pause(pause_file, process, timeout=120):
+    """Waits until a `resumable` trainer run with --pause_file=PAUSE_FILE has paused (at the
+    end of the loop that reached --pause_at_step, its checkpoint saved); returns that step."""
+    wait_for(pause_file, process, timeout)
+    return int(open(pause_file).read())
+
+
+def let_go(pause_file):
+    """Lets a trainer paused by `wait_for_pause` go on."""
+    open(f"{pause_file}.go", "w").close()
+
+
 def reported_weights(stdout):
     """The WEIGHTS line a `resumable` trainer prints at the end: {"step", "weights"}."""
     line = next(l for l in stdout.splitlines() if l.startswith("WEIGHTS "))

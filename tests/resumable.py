@@ -1,12 +1,30 @@
-"""Trainers for the subprocess fault-tolerance tests: print final weights; can run slowly."""
+"""Trainers for the subprocess fault-tolerance tests: print final weights; can pause for the
+test at a chosen step, wait for an evaluator, or run slowly.
+
+The pause and the wait are handshakes through files, so a test acts on a state it has seen
+(a checkpoint saved, a loop paused) instead of racing a running process.
+"""
 
 import json
+import os
 import time
 
+import tensorflow as tf
 from absl import flags
 
 import tapekit
 from tapekit.trainers import GANTrainer, RegressionTrainer
+
+# A guard against a test that died without killing its process; never reached otherwise.
+_HANDSHAKE_TIMEOUT_SECS = 120
+
+
+def _wait_until(done, what):
+    deadline = time.monotonic() + _HANDSHAKE_TIMEOUT_SECS
+    while not done():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"resumable: gave up waiting for {what}")
+        time.sleep(0.02)
 
 
 class _Sleep(tapekit.Callback):
@@ -17,22 +35,71 @@ class _Sleep(tapekit.Callback):
         time.sleep(self.seconds)
 
 
-class _Reporting:
-    """Mixin: --sleep_per_loop slows the run down so a test can kill it mid-way."""
+class _PauseAt(tapekit.Callback):
+    """At the end of the loop that reaches `step` (after tapekit's own callbacks, so a
+    checkpoint due there is saved), writes the step to `path`, then waits until `path`.go
+    exists; a signal that arrives meanwhile is handled as during a loop."""
 
-    arguments_safe_to_change = ("sleep_per_loop",)  # a resumed run may sleep differently
+    def __init__(self, step, path):
+        self.step, self.path = step, path
+
+    def on_loop_end(self, step, logs):
+        if step != self.step:
+            return
+        with open(self.path + ".tmp", "w") as file:
+            file.write(str(step))
+        os.replace(self.path + ".tmp", self.path)  # the test never reads a half-written file
+        _wait_until(lambda: os.path.exists(self.path + ".go"), f"{self.path}.go")
+
+
+class _WaitForEvaluation(tapekit.Callback):
+    """After each loop end that saved a checkpoint, waits until an evaluator process has
+    written that step's row to MODEL_DIR/eval_metrics.jsonl (so none is deleted unseen)."""
+
+    def on_loop_end(self, step, logs):
+        model_dir = self.trainer.model_dir
+        latest = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+        if latest is None or not latest.endswith(f"ckpt-{step}"):
+            return
+        rows = os.path.join(model_dir, "eval_metrics.jsonl")
+        _wait_until(lambda: os.path.exists(rows) and any(
+            json.loads(line)["step"] == step for line in open(rows).read().splitlines()
+            if line.endswith("}")), f"the evaluation of step {step} in {rows}")
+
+
+class _Reporting:
+    """Mixin: prints the final weights; --pause_at_step, --wait_for_evaluation and
+    --sleep_per_loop let a test act on a run in progress."""
+
+    # a resumed run need not pause, wait or sleep as the first one did
+    arguments_safe_to_change = ("sleep_per_loop", "pause_at_step", "pause_file",
+                                "wait_for_evaluation")
 
     @classmethod
     def define_flags(cls):
         super().define_flags()
         flags.DEFINE_float("sleep_per_loop", 0.0, "Seconds to sleep after each loop.")
+        flags.DEFINE_integer("pause_at_step", 0, "Pause at the end of the loop that reaches this "
+                             "step (0: never): write --pause_file, wait for PAUSE_FILE.go.")
+        flags.DEFINE_string("pause_file", None, "Written (holding the step) when paused.")
+        flags.DEFINE_bool("wait_for_evaluation", False, "After each checkpoint, wait until "
+                          "MODEL_DIR/eval_metrics.jsonl has its step.")
 
-    def __init__(self, sleep_per_loop=0.0, **kwargs):
+    def __init__(self, sleep_per_loop=0.0, pause_at_step=0, pause_file=None,
+                 wait_for_evaluation=False, **kwargs):
+        if pause_at_step and not pause_file:
+            raise tapekit.TapekitError("--pause_at_step needs --pause_file.")
         self.sleep_per_loop = sleep_per_loop
+        self.pause_at_step, self.pause_file = pause_at_step, pause_file
+        self.wait_for_evaluation = wait_for_evaluation
         super().__init__(**kwargs)
 
     def fit(self, *args, callbacks=(), **kwargs):
         extra = [_Sleep(self.sleep_per_loop)] if self.sleep_per_loop else []
+        if self.pause_at_step:
+            extra.append(_PauseAt(self.pause_at_step, self.pause_file))
+        if self.wait_for_evaluation:
+            extra.append(_WaitForEvaluation())
         return super().fit(*args, callbacks=list(callbacks) + extra, **kwargs)
 
     def results_summary(self):

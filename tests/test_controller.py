@@ -6,6 +6,7 @@ worker's vote), the non-finite stop before anything records a loop, and the orde
 tapekit's default callbacks.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -173,22 +174,36 @@ def test_skip_step_warns_and_reports_how_many_steps_were_skipped(caplog):
 
 
 @pytest.mark.parametrize("signum, flag", [(signal.SIGTERM, "preempted"),
-                                          (signal.SIGINT, "interrupted")])
-def test_a_signal_during_a_loop_stops_after_it_without_evaluating(signum, flag, caplog):
-    previous = signal.getsignal(signum)
+                                          (signal.SIGINT, "interrupted")],
+                         ids=["SIGTERM", "SIGINT"])
+def test_a_signal_during_a_loop_stops_after_it_without_evaluating(signum, flag):
+    # In a child process: a signal sent to pytest's own process would reach the test runner.
+    script = textwrap.dedent(f"""
+        import json, os, signal, sys
+        sys.path.insert(0, {TESTS!r})
+        from test_controller import FakeRunner, Recorder, controller
+        previous = signal.getsignal({int(signum)})
 
-    def signal_in_second(index, num_steps):
-        if index == 1:
-            os.kill(os.getpid(), signum)
+        def signal_in_second(index, num_steps):
+            if index == 1:
+                os.kill(os.getpid(), {int(signum)})
 
-    recorder = Recorder()
-    runner = FakeRunner(script=signal_in_second, latest="run/checkpoints/ckpt-20")
-    controller(runner, [recorder], eval_every_steps=20).train(100, 10)
-    assert runner.loops == [10, 10] and runner.evaluations == []
-    assert getattr(runner.status, flag) and runner.status.stop_training
-    assert recorder.calls[-1] == ("end", 20)
-    assert f"{flag} at step 20, checkpoint run/checkpoints/ckpt-20 saved" in caplog.text
-    assert signal.getsignal(signum) is previous  # the handler is put back
+        recorder = Recorder()
+        runner = FakeRunner(script=signal_in_second, latest="run/checkpoints/ckpt-20")
+        controller(runner, [recorder], eval_every_steps=20).train(100, 10)
+        print(json.dumps({{"loops": runner.loops, "evaluations": runner.evaluations,
+                          "flag": runner.status.{flag}, "stop": runner.status.stop_training,
+                          "last_call": recorder.calls[-1],
+                          "handler_put_back": signal.getsignal({int(signum)}) is previous}}))
+    """)
+    env = {**os.environ, "PYTHONPATH": REPO}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=env, timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout) == {"loops": [10, 10], "evaluations": [], "flag": True,
+                                         "stop": True, "last_call": ["end", 20],
+                                         "handler_put_back": True}
+    assert f"{flag} at step 20, checkpoint run/checkpoints/ckpt-20 saved" in result.stderr
 
 
 def test_another_workers_signal_stops_every_worker_at_the_same_step():

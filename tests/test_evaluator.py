@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 import tapekit
+from tapekit import checkpointing
 from helpers import TESTS, run_cli, start_cli
 from small_trainers import Unshuffled
 from tapekit.trainers import RegressionTrainer
@@ -17,24 +18,28 @@ def _rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_an_evaluator_process_evaluates_a_training_process_checkpoints(tmp_path, cli_env):
+def test_an_evaluator_process_evaluates_every_checkpoint_of_a_training_process(tmp_path, cli_env):
     model_dir = tmp_path / "run"
     common = ["--trainer=resumable:Regression", "--model=mlp", "--train_steps=600",
               "--steps_per_loop=100", f"--model_dir={model_dir}", "--progress=log"]
     evaluator = start_cli(common + ["--mode=continuous_evaluate", "--eval_timeout_secs=120",
                                     "--best_metric=loss"], cli_env, cwd=TESTS)
+    # The trainer waits for each checkpoint's evaluation before the next save deletes it
+    # (max_checkpoints_to_keep=1), so the evaluator sees every one however slow it is.
     trainer = start_cli(common + ["--checkpoint_every_steps=100", "--max_checkpoints_to_keep=1",
-                                  "--sleep_per_loop=0.8"], cli_env, cwd=TESTS)
-    _, train_err = trainer.communicate(timeout=300)
-    _, eval_err = evaluator.communicate(timeout=300)
+                                  "--wait_for_evaluation"], cli_env, cwd=TESTS)
+    try:
+        _, train_err = trainer.communicate(timeout=300)
+        _, eval_err = evaluator.communicate(timeout=300)
+    finally:
+        trainer.kill()
+        evaluator.kill()
     assert trainer.returncode == 0, train_err[-2000:]
     assert evaluator.returncode == 0, eval_err[-2000:]
 
     evaluated = _rows(model_dir / "eval_metrics.jsonl")
-    steps = [row["step"] for row in evaluated]
-    assert len(steps) >= 2 and steps == sorted(set(steps)) and steps[-1] == 600
-    assert all(step % 100 == 0 and row["split"] == "eval" and np.isfinite(row["loss"])
-               for step, row in zip(steps, evaluated))
+    assert [row["step"] for row in evaluated] == [100, 200, 300, 400, 500, 600]
+    assert all(row["split"] == "eval" and np.isfinite(row["loss"]) for row in evaluated)
     # The training process evaluated nothing; the evaluator kept best/ and left checkpoints/ alone.
     assert {row["split"] for row in _rows(model_dir / "metrics.jsonl")} == {"train"}
     best = json.loads((model_dir / "best" / "best.json").read_text())
@@ -45,18 +50,45 @@ def test_an_evaluator_process_evaluates_a_training_process_checkpoints(tmp_path,
         "checkpoint", "ckpt-600.data-00000-of-00001", "ckpt-600.index"]
 
 
-def test_a_checkpoint_deleted_under_the_evaluator_is_skipped(tmp_path, monkeypatch):
-    RegressionTrainer(model_dir=str(tmp_path), checkpoint_every_steps=10, progress="none").fit(
-        train_steps=30, steps_per_loop=10)
-    checkpoints = tmp_path / "checkpoints"
-    for name in os.listdir(checkpoints):
-        if name.startswith("ckpt-20."):
-            os.remove(checkpoints / name)  # as max_checkpoints_to_keep would
-    paths = [str(checkpoints / "ckpt-20"), str(checkpoints / "ckpt-30")]
-    monkeypatch.setattr(tf.train, "checkpoints_iterator", lambda *args, **kwargs: iter(paths))
-    evaluator = RegressionTrainer(model_dir=str(tmp_path), progress="none")
-    assert evaluator.evaluate_checkpoints(until_step=30) == 1
-    assert [row["step"] for row in _rows(tmp_path / "eval_metrics.jsonl")] == [30]
+@pytest.mark.parametrize("deleted", ["before_its_restore", "during_its_restore"])
+def test_a_checkpoint_deleted_under_the_evaluator_is_skipped(deleted, tmp_path, monkeypatch,
+                                                            caplog):
+    """The real `tf.train.checkpoints_iterator` over a real trainer's checkpoints. The trainer
+    runs when the evaluator checks a checkpoint: at ckpt-10 it saves ckpt-20; at ckpt-20 it
+    saves ckpt-30 and ckpt-40, and max_checkpoints_to_keep=2 deletes ckpt-20 after the
+    iterator yielded it, before the evaluator checks that it exists or just after."""
+    trainer = RegressionTrainer(model="mlp", model_dir=str(tmp_path), checkpoint_every_steps=10,
+                                max_checkpoints_to_keep=2, progress="none")
+    trainer.fit(train_steps=10, steps_per_loop=10)
+    losses = {10: trainer.evaluate()["loss"]}  # the trainer's own evaluations, by step
+    real_check = checkpointing.check_restorable
+
+    def train_on_to(steps):
+        trainer.fit(train_steps=steps, steps_per_loop=10)
+        losses[steps] = trainer.evaluate()["loss"]
+
+    def check_restorable(path):
+        step = int(path.rsplit("-", 1)[1])
+        if step == 10:
+            train_on_to(20)
+        if step == 20 and deleted == "before_its_restore":
+            train_on_to(40)
+        real_check(path)  # raises when ckpt-20.index is gone
+        if step == 20 and deleted == "during_its_restore":
+            train_on_to(40)
+
+    monkeypatch.setattr(checkpointing, "check_restorable", check_restorable)
+    evaluator = RegressionTrainer(model="mlp", model_dir=str(tmp_path), progress="none")
+    with caplog.at_level("WARNING"):
+        count = evaluator.evaluate_checkpoints(until_step=40, timeout_secs=60)
+
+    rows = _rows(tmp_path / "eval_metrics.jsonl")
+    assert count == 2 and [row["step"] for row in rows] == [10, 40]
+    assert [row["loss"] for row in rows] == pytest.approx([losses[10], losses[40]], rel=1e-6)
+    assert losses[40] < losses[10] / 2  # ckpt-40 is not ckpt-10 again: the two are told apart
+    assert (f"checkpoint {tmp_path / 'checkpoints' / 'ckpt-20'} was deleted before it could be "
+            "evaluated") in caplog.text
+    assert not (tmp_path / "checkpoints" / "ckpt-20.index").exists()
 
 
 def test_the_evaluator_exits_after_its_timeout_without_a_new_checkpoint(tmp_path):

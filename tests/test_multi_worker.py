@@ -6,7 +6,9 @@ import socket
 import signal
 import time
 
-from helpers import TESTS, run_cli, start_cli
+import tensorflow as tf
+
+from helpers import TESTS, let_go, run_cli, start_cli, wait_for_pause
 
 
 def _free_ports(count):
@@ -26,8 +28,9 @@ def _weights(stdout):
     return json.loads(line[len("WEIGHTS "):])
 
 
-def _launch(tmp_path, env, flags):
-    """Starts two workers on loopback ports, each with its own TF_CONFIG and TMPDIR."""
+def _launch(tmp_path, env, flags, worker_flags=None):
+    """Starts two workers on loopback ports, each with its own TF_CONFIG and TMPDIR;
+    `worker_flags` maps a worker index to flags for that worker only."""
     workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
     processes = []
     for index in range(2):
@@ -38,7 +41,8 @@ def _launch(tmp_path, env, flags):
         os.makedirs(worker_env["TMPDIR"], exist_ok=True)
         processes.append(start_cli(
             ["--trainer=resumable:Regression", "--model=linear", "--strategy=multi_worker",
-             "--global_batch_size=100"] + flags, worker_env, cwd=TESTS))
+             "--global_batch_size=100"] + flags + (worker_flags or {}).get(index, []),
+            worker_env, cwd=TESTS))
     return processes
 
 
@@ -80,44 +84,54 @@ def test_two_workers_train_in_sync_and_only_the_chief_writes(tmp_path, cli_env):
     assert os.listdir(tmp_path / "tmp1") == []
 
 
+def _kill_all(processes):
+    for process in processes:
+        process.kill()
+        process.wait()
+
+
 def test_sigterm_to_one_worker_stops_both_at_the_same_step_with_a_checkpoint(tmp_path, cli_env):
-    model_dir = tmp_path / "run"
+    model_dir, pause = tmp_path / "run", str(tmp_path / "paused")
+    # Worker 1 pauses at step 20; the chief waits for it in the stop vote of that loop end.
     processes = _launch(tmp_path, cli_env, [
-        "--train_steps=5000", "--steps_per_loop=10", "--sleep_per_loop=0.1",
-        f"--model_dir={model_dir}"])
-    deadline = time.monotonic() + 120
-    while not (model_dir / "metrics.jsonl").exists():
-        assert all(p.poll() is None for p in processes) and time.monotonic() < deadline
-        time.sleep(0.05)
-    processes[1].send_signal(signal.SIGTERM)  # the non-chief worker is preempted
+        "--train_steps=5000", "--steps_per_loop=10", f"--model_dir={model_dir}"],
+        {1: ["--pause_at_step=20", f"--pause_file={pause}"]})
+    try:
+        assert wait_for_pause(pause, processes[1]) == 20
+        processes[1].send_signal(signal.SIGTERM)  # the non-chief worker is preempted
+        let_go(pause)
+    except BaseException:
+        _kill_all(processes)
+        raise
     outputs = _finish(processes)
     steps = [int(stderr.split("preempted at step ")[1].split(",")[0]) for _, stderr in outputs]
-    assert steps[0] == steps[1] and 0 < steps[0] < 5000
-    assert (model_dir / "checkpoints" / f"ckpt-{steps[0]}.index").exists()
+    assert steps == [20, 20]
+    assert tf.train.latest_checkpoint(str(model_dir / "checkpoints")).endswith("ckpt-20")
 
 
 def test_a_worker_killed_stops_the_other_with_one_line_and_a_restart_resumes(tmp_path, cli_env):
-    model_dir = tmp_path / "run"
+    model_dir, pause = tmp_path / "run", str(tmp_path / "paused")
     flags = ["--train_steps=120", "--steps_per_loop=10", "--checkpoint_every_steps=20",
              f"--model_dir={model_dir}"]
-    processes = _launch(tmp_path, cli_env, flags + ["--sleep_per_loop=0.2"])
-    deadline = time.monotonic() + 120
-    while not (model_dir / "checkpoints" / "checkpoint").exists():
-        assert all(p.poll() is None for p in processes) and time.monotonic() < deadline
-        time.sleep(0.05)
-    processes[1].kill()  # SIGKILL: no handler, no checkpoint, no goodbye
-    _, stderr = processes[0].communicate(timeout=120)  # a guard against a hang, not a check
-    processes[1].wait()
+    # Worker 1 pauses at step 30, after ckpt-20 was saved (collectively, before that loop).
+    processes = _launch(tmp_path, cli_env, flags,
+                        {1: ["--pause_at_step=30", f"--pause_file={pause}"]})
+    try:
+        assert wait_for_pause(pause, processes[1]) == 30
+        processes[1].kill()  # SIGKILL: no handler, no checkpoint, no goodbye
+        _, stderr = processes[0].communicate(timeout=120)  # a guard against a hang, not a check
+    finally:
+        _kill_all(processes)
     assert processes[0].returncode != 0
     # The last line tapekit writes (TensorFlow 2.16 then prints a multiprocessing pool's
     # "Exception ignored" traceback as the interpreter exits).
     last = [line for line in stderr.splitlines() if line.startswith("tapekit-train:")][-1]
     assert last.startswith("tapekit-train: error: worker 1 stopped (no more heartbeats) while "
-                           "this worker was at step "), stderr[-3000:]
-    assert "the last checkpoint is " in last and "Restart all workers to resume from it." in last
-    saved = int(last.split("/ckpt-")[1].split(".")[0])
+                           "this worker was at step 30"), stderr[-3000:]
+    assert f"the last checkpoint is {model_dir / 'checkpoints' / 'ckpt-20'}" in last, last
+    assert "Restart all workers to resume from it." in last
     outputs = _finish(_launch(tmp_path, cli_env, flags))  # both restarted: resume, then finish
-    assert all(f"resumed from checkpoint {model_dir / 'checkpoints' / f'ckpt-{saved}'}" in err
+    assert all(f"resumed from checkpoint {model_dir / 'checkpoints' / 'ckpt-20'} at step 20" in err
                for _, err in outputs)
     assert _weights(outputs[0][0])["step"] == 120
 

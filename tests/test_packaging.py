@@ -1,6 +1,8 @@
 """Installed, the repository's models/ and trainers/ live under tapekit., never at the top level."""
 
+import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -21,15 +23,24 @@ def test_installed_names_are_under_tapekit(tmp_path):
 
 
 def test_wheel_maps_models_and_trainers_under_tapekit(tmp_path):
+    # Built from a copy, so that no build/ or *.egg-info is written into the repository and
+    # no stale build/lib from an earlier build lands in the wheel.
+    source = tmp_path / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv*", "build", "dist", "*.egg-info", "__pycache__", "runs", "demo_runs"))
+    for needed in ("setuptools", "wheel"):  # the build backend, used from this environment
+        assert importlib.util.find_spec(needed), f"{needed} is missing: pip install -e '.[test]'"
+    # Without build isolation and without an index: works offline.
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(tmp_path), REPO],
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-build-isolation", "--no-deps",
+         "--no-index", "-w", str(tmp_path / "dist"), str(source)],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    (wheel,) = [name for name in os.listdir(tmp_path) if name.endswith(".whl")]
-    names = zipfile.ZipFile(tmp_path / wheel).namelist()
+    (wheel,) = [name for name in os.listdir(tmp_path / "dist") if name.endswith(".whl")]
+    names = zipfile.ZipFile(tmp_path / "dist" / wheel).namelist()
     top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top_level == {"tapekit"}
     assert "tapekit/models/mlp.py" in names and "tapekit/trainers/main.py" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "tapekit-train = tapekit.trainers.main:run" in zipfile.ZipFile(
-        tmp_path / wheel).read(entry_points).decode()
+        tmp_path / "dist" / wheel).read(entry_points).decode()

@@ -1,38 +1,51 @@
 """Exact resume: a run killed with SIGKILL and started again ends bitwise equal to an
-uninterrupted one; a distributed input is replayed to the restored step."""
+uninterrupted one, on 1 and on 2 replicas; a distributed input is replayed to the restored
+step."""
 
+import json
 import signal
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from helpers import TESTS, reported_weights, run_cli, start_cli, wait_for
+from helpers import TESTS, reported_weights, run_cli, start_cli, wait_for_pause
 from tapekit.trainers import GANTrainer
 
 
+@pytest.mark.parametrize("replicas", [1, 2])
 @pytest.mark.parametrize("trainer", ["resumable:Regression", "resumable:GAN"])
-def test_sigkill_then_resume_is_bitwise_equal_to_an_uninterrupted_run(trainer, tmp_path, cli_env):
+def test_sigkill_then_resume_is_bitwise_equal_to_an_uninterrupted_run(trainer, replicas, tmp_path,
+                                                                      cli_env):
     # 35 steps is mid-epoch for both (1000 examples / 100 per step; 1024 / 64).
     common = [f"--trainer={trainer}", "--deterministic", "--seed=5", "--train_steps=120",
               "--steps_per_loop=5", "--checkpoint_every_steps=35"]
+    if replicas > 1:
+        common += ["--strategy=mirrored", f"--cpu_replicas={replicas}"]
     whole = run_cli(common + [f"--model_dir={tmp_path / 'whole'}"], cli_env, cwd=TESTS)
     assert whole.returncode == 0, whole.stderr[-3000:]
 
-    model_dir = tmp_path / "killed"
-    process = start_cli(common + [f"--model_dir={model_dir}", "--sleep_per_loop=0.25"], cli_env, cwd=TESTS)
+    model_dir, pause = tmp_path / "killed", str(tmp_path / "paused")
+    # Paused at step 50, past ckpt-35 and short of ckpt-70: the kill loses 15 steps of work.
+    process = start_cli(common + [f"--model_dir={model_dir}", "--pause_at_step=50",
+                                  f"--pause_file={pause}"], cli_env, cwd=TESTS)
     try:
-        # the manager's state file names ckpt-35 once that checkpoint is complete
-        wait_for(model_dir / "checkpoints" / "checkpoint", process, containing="ckpt-35")
+        assert wait_for_pause(pause, process) == 50
+        latest = tf.train.latest_checkpoint(str(model_dir / "checkpoints"))
         process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
     finally:
         process.kill()
         process.wait()
     assert process.returncode == -signal.SIGKILL
+    assert latest == str(model_dir / "checkpoints" / "ckpt-35")
     resumed = run_cli(common + [f"--model_dir={model_dir}"], cli_env, cwd=TESTS)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from checkpoint" in resumed.stderr
-    assert "at step 120" not in resumed.stderr.split("resumed from checkpoint")[1].splitlines()[0]
+    assert f"resumed from checkpoint {latest} at step 35" in resumed.stderr
+    for run in ("whole", "killed"):
+        assert json.loads((tmp_path / run / "run.json").read_text())["replicas"] == replicas
     assert reported_weights(resumed.stdout) == reported_weights(whole.stdout)  # every float, bit for bit
+    assert reported_weights(resumed.stdout)["step"] == 120
 
 
 def test_resume_under_mirrored_replays_the_input_exactly(tmp_path):
