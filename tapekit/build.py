@@ -67,20 +67,31 @@ def record_update(optimizer, variables) -> bool:
 
 def trace_step(strategy: tf.distribute.Strategy, step_fn, element_spec,
                optimizers: Sequence = (), keras_metrics: Sequence = (),
-               step_counter: Optional[tf.Variable] = None) -> BuildReport:
+               step_counter: Optional[tf.Variable] = None, first_batch=None,
+               variables: Sequence = ()) -> BuildReport:
     """Traces `step_fn` once on one replica's batch of `element_spec`. Eager, in the
-    strategy's cross-replica context. Raises a TapekitError if the step fails."""
+    strategy's cross-replica context. Raises a TapekitError if the step fails.
+
+    With `first_batch` (a distributed batch: `run_eagerly`, for a step that only runs
+    eagerly, e.g. one calling `.numpy()`), the step is instead called once, eagerly, on it:
+    its updates are recorded, not applied, and every variable it changes gets its value
+    back (`variables`, the trainer's, and those the call creates), so the run starts from
+    the same state as when the build is traced.
+    """
     spec = per_replica_spec(element_spec)
     optimizers = list({id(o): o for o in optimizers}.values())
     keras_metrics = list({id(m): m for m in keras_metrics}.values())
     step_name = getattr(step_fn, "__name__", "step")
     outputs = []
     static_weights = []
-    converted_step = autographed(step_fn)
+    eagerly = first_batch is not None
+    converted_step = step_fn if eagerly else autographed(step_fn)
     trace = tracing.StepTrace("build")  # one for every replica: they record into one list
+    created: List[Tuple[Any, Any]] = []  # eagerly: (variable, its value when created)
 
     def replica_fn(batch):
-        with tracing.step(trace), tf.variable_creator_scope(_create_eagerly):
+        creator = functools.partial(_create_noted, created) if eagerly else _create_eagerly
+        with tracing.step(trace), tf.variable_creator_scope(creator):
             result = converted_step(batch)
             if isinstance(result, dict):
                 static_weights.append(means.static_weights(result, list(result), batch))
@@ -104,8 +115,14 @@ def trace_step(strategy: tf.distribute.Strategy, step_fn, element_spec,
         traced = tf.function(lambda batch: strategy.run(replica_fn, args=(batch,)),
                              autograph=False)
         with strategy.scope(), compat.instance_attributes(recorders):
-            graph = traced.get_concrete_function(
-                tf.nest.map_structure(_placeholder_spec, spec)).graph
+            if eagerly:
+                saved = [(v, tf.identity(v)) for v in variables]
+                strategy.run(replica_fn, args=(first_batch,))
+                for variable, value in saved + created:
+                    variable.assign(value)
+            else:
+                graph = traced.get_concrete_function(
+                    tf.nest.map_structure(_placeholder_spec, spec)).graph
     except TapekitError:
         raise
     except Exception as error:  # from the user's step (or the model it calls)
@@ -119,8 +136,12 @@ def trace_step(strategy: tf.distribute.Strategy, step_fn, element_spec,
             "name; rename one (keras.metrics.X(name=...)) or stop returning it.")
     for metric in used:
         _check_metric_placement(metric, strategy)
-    return BuildReport(names, trace.updates, used, all(static_weights),
-                       reads_variable(graph, strategy, step_counter), spec)
+    # Eagerly, whether the step reads the counter is not seen: counting every step is exact.
+    reads_counter = (step_counter is not None if eagerly
+                     else reads_variable(graph, strategy, step_counter))
+    # Nor whether weights are constants on `spec` (an eager batch's sizes are all known).
+    constant = all(static_weights) and not eagerly
+    return BuildReport(names, trace.updates, used, constant, reads_counter, spec)
 
 
 def reads_variable(graph, strategy, variable: Optional[tf.Variable]) -> bool:
@@ -138,6 +159,13 @@ def _create_eagerly(next_creator, **kwargs):
     they are created in the strategy scope."""
     with tf.init_scope():
         return same_on_every_replica(next_creator, **kwargs)
+
+
+def _create_noted(created, next_creator, **kwargs):
+    """A variable created while the step runs eagerly for building, noted with its value."""
+    variable = same_on_every_replica(next_creator, **kwargs)
+    created.append((variable, tf.identity(variable)))
+    return variable
 
 
 def same_on_every_replica(next_creator, **kwargs):

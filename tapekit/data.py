@@ -188,6 +188,14 @@ class InMemoryExamples:
         return tf.nest.map_structure(
             lambda v: tf.TensorSpec([self.per_replica_batch] + v.shape[1:], v.dtype), self._tensors)
 
+    def first_batch(self, strategy):
+        """The first examples, unshuffled, as a distributed batch (each replica its slice).
+        Eager."""
+        size = self.per_replica_batch
+        return strategy.experimental_distribute_values_from_function(
+            lambda context: tf.nest.map_structure(
+                lambda t: t[context.replica_id_in_sync_group * size:][:size], self._tensors))
+
     def prepare(self, epoch):
         """Caches epoch `epoch`'s permutation on this replica if not cached. Traced, per replica."""
         def refresh():

@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import keras
 import tensorflow as tf
+from absl import logging
 
 from tapekit import best
 from tapekit import build as build_lib
@@ -79,6 +80,7 @@ class Engine:
         self.checkpointer: Optional[Checkpointer] = None
         self.built = False
         self.built_learning_rates: List[tuple] = []  # (optimizer, its rate after build())
+        self.parameters: Dict[str, Any] = {}  # state.parameter_counts, once built
         self.train_loop: Optional[CompiledLoop] = None
         self._train_report: Optional[build_lib.BuildReport] = None
         self._eval_loop: Optional[CompiledLoop] = None
@@ -204,7 +206,8 @@ class Engine:
         """The compiled evaluation loop, planned from a build trace of `eval_step` (once)."""
         self.ensure_built()
         if self._eval_loop is None:
-            report = self.trace(self.trainer.eval_step, element_spec)
+            report = self.trace(self.trainer.eval_step, element_spec, None,
+                                lambda: next(iter(self._eval_data or self.input.evaluation())))
             self._eval_loop = CompiledLoop(self.strategy, self.trainer.eval_step,
                                            LoopPlan.for_evaluation(report, self.options))
         return self._eval_loop
@@ -248,11 +251,14 @@ class Engine:
         with self.strategy.scope(), precision_lib.dtype_policy(self.options.precision), \
                 tf.variable_creator_scope(build_lib.same_on_every_replica):
             self.trainer.build()
-        self._train_report = self.trace(self.trainer.train_step, element_spec, self.global_step)
+        self._train_report = self.trace(self.trainer.train_step, element_spec, self.global_step,
+                                        lambda: self.input.first_train_batch(dataset, in_memory))
         with self.strategy.scope():
             for optimizer, variables in self._train_report.updates:
                 self.updaters.add(optimizer, variables)
         self.built_learning_rates = resume.built_learning_rates(self.trainer)
+        self.parameters = state_lib.parameter_counts(vars(self.trainer))  # also in run.json
+        logging.info("%s", state_lib.describe_parameters(self.parameters, vars(self.trainer)))
         objects = self.checkpoint_objects()
         state_lib.check_coverage(self.owned_state(), objects)
         if self.model_dir:
@@ -262,11 +268,24 @@ class Engine:
                 task_id=distribute.task_id(self.strategy))
         self.built = True
 
-    def trace(self, step_fn, element_spec, step_counter=None) -> build_lib.BuildReport:
+    def trace(self, step_fn, element_spec, step_counter=None,
+              first_batch=None) -> build_lib.BuildReport:
+        """The build trace of `step_fn`; under `run_eagerly`, a step that cannot be traced
+        (it calls `.numpy()`, say) is built by one eager call on `first_batch()` instead."""
         attributes = vars(self.trainer)
-        return build_lib.trace_step(self.strategy, step_fn, element_spec,
-                                    list(state_lib.optimizers(attributes).values()),
-                                    state_lib.keras_metrics(attributes), step_counter)
+        arguments = (self.strategy, step_fn, element_spec,
+                     list(state_lib.optimizers(attributes).values()),
+                     state_lib.keras_metrics(attributes), step_counter)
+        try:
+            return build_lib.trace_step(*arguments)
+        except TapekitError:
+            if not (self.options.run_eagerly or tf.config.functions_run_eagerly()):
+                raise
+        logging.info("%s cannot be traced; run_eagerly: built by one eager call on the first "
+                     "batch (its updates not applied, its variables restored)",
+                     getattr(step_fn, "__name__", "the step"))
+        return build_lib.trace_step(*arguments, first_batch=first_batch(),
+                                    variables=state_lib.variables_of(self.owned_state()))
 
     def apply_gradients(self, tape, loss, models_or_variables, optimizer,
                         allow_none_gradients: bool) -> None:

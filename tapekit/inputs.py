@@ -124,6 +124,12 @@ class RunInput:
         return (in_memory.element_spec if in_memory is not None
                 else self.distribute(dataset, self.trainer.train_dataset).element_spec)
 
+    def first_train_batch(self, dataset, in_memory):
+        """The first distributed batch of the training input (a pipeline of its own)."""
+        if in_memory is not None:
+            return in_memory.first_batch(self.strategy)
+        return next(iter(self.distribute(dataset, self.trainer.train_dataset)))
+
     def train_iterator(self, dataset, skip_steps: int):
         """The training iterator, `skip_steps` steps in; notes whether its data provably
         never ends (every pipeline's dataset has infinite cardinality), which lets the

@@ -50,6 +50,7 @@ class LoopPlan:
     reads_step_counter: bool = False  # the step reads the counter: count every step
     finite_means: bool = False  # nan_policy=skip_step: non-finite values are left out
     jit_compile: bool = False  # the step (not the loop) is compiled with XLA
+    run_eagerly: bool = False  # the loop runs as Python, op by op (also if TensorFlow's switch is on)
     max_retraces: Optional[int] = None  # more retraces raise
     name: str = "train_loop"
 
@@ -64,12 +65,13 @@ class LoopPlan:
         """The training loop's plan, with the run's `nan_policy`, `jit_compile`, `max_retraces`."""
         return cls.from_build(report, finite_means=options.nan_policy == "skip_step",
                               jit_compile=options.jit_compile, max_retraces=options.max_retraces,
-                              name="train_loop")
+                              run_eagerly=options.run_eagerly, name="train_loop")
 
     @classmethod
     def for_evaluation(cls, report, options) -> "LoopPlan":
         """The evaluation loop's plan: no skipped steps, no retrace limit."""
-        return cls.from_build(report, jit_compile=options.jit_compile, name="eval_loop")
+        return cls.from_build(report, jit_compile=options.jit_compile,
+                              run_eagerly=options.run_eagerly, name="eval_loop")
 
     def static_weights_for(self, spec) -> bool:
         """Whether batches of `spec` (one replica's) have constant weights, as traced."""
@@ -109,6 +111,9 @@ class CompiledLoop:
         self._concrete = None
         self._carries_counts = plan.finite_means  # decided as each trace starts (_loop)
         self._user_step = build.autographed(replica_step)
+        self._eager_step = replica_step  # as written: breakpoint() stops in the user's source
+        self._eager = False  # while a loop runs eagerly (`run_eagerly`)
+        self._eager_noted = False
         self._measured_step = (tf.function(self._measure, jit_compile=True, autograph=False)
                                if plan.jit_compile else self._measure)
         self._function = tf.function(self._loop, autograph=False)
@@ -133,8 +138,9 @@ class CompiledLoop:
     def _measure(self, batch):
         """Runs the step on one replica's batch. Returns its metric values [k] and, unless
         every weight is a constant, their weighted sums [k] and weights [k]."""
-        with tracing.step(tracing.StepTrace("loop")):
-            outputs = self._user_step(batch) or {}
+        step = self._eager_step if self._eager else self._user_step
+        with tracing.step(tracing.StepTrace("eager" if self._eager else "loop")):
+            outputs = step(batch) or {}
             recorded = [means.recorded(outputs[name]) for name in self.step_metric_names]
         if not self.step_metric_names:
             return tf.zeros([0]), None, None
@@ -159,7 +165,7 @@ class CompiledLoop:
 
     def _step_and_accumulate(self, batch, state, offset):
         # All metrics as one vector: a handful of ops per step, whatever their number.
-        values, totals, weights = self._measured_step(batch)
+        values, totals, weights = (self._measure if self._eager else self._measured_step)(batch)
         if not self.step_metric_names:
             return state
         state = dict(state)
@@ -196,6 +202,10 @@ class CompiledLoop:
         spec = self._count_trace(iterator)  # Python side effects: run only while tracing
         self._carries_counts = self.plan.finite_means or not self.plan.static_weights_for(
             self._delivered(build.per_replica_spec(spec)))
+        return self._run(iterator, num_steps)
+
+    def _run(self, iterator, num_steps):
+        """The loop itself: traced by `_loop`, or run as Python by `_run_eagerly`."""
         strategy = self.strategy
         for metric in self.keras_metrics:
             metric.reset_state()
@@ -345,11 +355,29 @@ class CompiledLoop:
                 "shape and dtype (e.g. drop_remainder=True), or raise --max_retraces.")
         return spec
 
+    @property
+    def runs_eagerly(self) -> bool:
+        """`plan.run_eagerly`, or TensorFlow's `tf.config.run_functions_eagerly(True)`."""
+        return self.plan.run_eagerly or tf.config.functions_run_eagerly()
+
+    def _run_eagerly(self, iterator, num_steps):
+        """The same loop as Python: `tf.while_loop` and `tf.cond` run their bodies eagerly,
+        so the user's step runs once per step (per replica) with eager tensors."""
+        if self.plan.jit_compile and not self._eager_noted:
+            logging.info("%s runs eagerly (run_eagerly): jit_compile is off while it does",
+                         self.name)
+            self._eager_noted = True
+        self._eager, self._carries_counts = True, True  # counts: exact for any input
+        try:
+            return self._run(iterator, num_steps)
+        finally:
+            self._eager = False
+
     def __call__(self, iterator, num_steps: Optional[int]) -> LoopResult:
         """Runs up to `num_steps` steps (None: until the iterator runs out). Eager."""
         num_steps = tf.constant(NO_BAD_STEP if num_steps is None else num_steps, tf.int64)
-        results = {name: value.numpy() for name, value in
-                   self._call(iterator, num_steps).items()}
+        run = self._run_eagerly if self.runs_eagerly else self._call
+        results = {name: value.numpy() for name, value in run(iterator, num_steps).items()}
         means = [float(value) for value in results["means"]]
         steps_run, first_bad = int(results["steps_run"]), int(results["first_bad"])
         bad_steps = int(results["bad_steps"])

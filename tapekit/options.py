@@ -76,6 +76,10 @@ TRAINER_OPTIONS = (
     Option("learning_rate", "float", None, "Unset: the trainer's default.", positive=True),
     Option("seed", "integer", 0, "Seeds Python, NumPy and TensorFlow (and synthetic data)."),
     Option("jit_compile", "bool", False, "Compile the per-replica step with XLA."),
+    Option("run_eagerly", "bool", False,
+           "Run each step eagerly, as Python, op by op: print, .numpy() and breakpoint() work in "
+           "train_step/eval_step (slow; for debugging). tf.config.run_functions_eagerly(True) "
+           "does the same. XLA is off while it is on."),
     Option("device", "string", None, "Device for --strategy=one_device, e.g. /gpu:0."),
     Option("cluster_resolver", "enum", "tf_config",
            "Where --strategy=multi_worker learns the cluster: the TF_CONFIG environment "

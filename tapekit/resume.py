@@ -63,6 +63,7 @@ def record_run(engine, fit_settings: Dict[str, Any]):
     settings.update(global_batch_size=engine.global_batch_size,
                     learning_rate=engine.learning_rate, **fit_settings)
     new = record_lib.make_record(type(engine.trainer), engine.arguments, settings, engine.strategy)
+    new["parameters"] = engine.parameters
     old = record_lib.read(engine.model_dir)
     path = restore_path(engine)
     change = None

@@ -17,6 +17,7 @@ then proves, before the first step, that every owned variable is saved.
 from typing import Any, Dict, List
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tapekit import compat
@@ -67,6 +68,60 @@ def optimizers(attributes: Dict[str, Any]) -> Dict[str, keras.optimizers.Optimiz
     return found
 
 
+def parameter_counts(attributes: Dict[str, Any]) -> Dict[str, Dict[str, Dict[str, int]]]:
+    """What the trainer's models and optimizers hold, by attribute name ("name/key" inside a
+    container): each model's (layer's) trainable and non-trainable parameters, and each
+    built optimizer's slot variables (its variables but the iteration count and learning
+    rate: moments, EMA copies, ...) and the parameters they hold. Eager."""
+    def size(variables) -> int:
+        return int(sum(np.prod(v.shape) for v in variables))
+
+    models, found_optimizers = {}, {}
+    for name, value in owned_state(attributes).items():
+        items = (value.items() if isinstance(value, dict) else enumerate(value)
+                 if isinstance(value, (list, tuple)) else [(None, value)])
+        for key, item in items:
+            label = name if key is None else f"{name}/{key}"
+            if isinstance(item, keras.layers.Layer) and not isinstance(item, keras.metrics.Metric):
+                models[label] = {"trainable": size(item.trainable_weights),
+                                 "non_trainable": size(item.non_trainable_weights)}
+    for label, optimizer in optimizers(attributes).items():
+        if not optimizer.built:
+            continue
+        excluded = {id(optimizer.iterations)}
+        rate = getattr(optimizer, "learning_rate", None)
+        if isinstance(rate, (tf.Variable, keras.Variable)):
+            excluded.add(id(rate))
+        slots = [v for v in optimizer.variables if id(v) not in excluded
+                 and not v.path.endswith("learning_rate")]
+        found_optimizers[label] = {"slot_variables": len(slots), "slot_parameters": size(slots)}
+    return {"models": models, "optimizers": found_optimizers}
+
+
+def describe_parameters(counts: Dict[str, Dict[str, Dict[str, int]]], attributes) -> str:
+    """The log block of `parameter_counts`: one line per model and optimizer."""
+    lines = ["models and optimizers:"]
+    for label, count in counts["models"].items():
+        lines.append(f"  {label} ({_type_name(attributes, label)}): {count['trainable']:,} "
+                     f"trainable + {count['non_trainable']:,} non-trainable parameters")
+    for label, count in counts["optimizers"].items():
+        lines.append(f"  {label} ({_type_name(attributes, label)}): {count['slot_variables']} "
+                     f"slot variables, {count['slot_parameters']:,} parameters")
+    total = sum(c["trainable"] + c["non_trainable"] for c in counts["models"].values())
+    lines.append(f"  total model parameters: {total:,}")
+    return "\n".join(lines)
+
+
+def _type_name(attributes, label: str) -> str:
+    name, _, key = label.partition("/")
+    value = attributes.get(name)
+    if key and isinstance(value, dict):
+        value = value.get(key)
+    elif key and isinstance(value, (list, tuple)):
+        value = value[int(key)]
+    return type(value).__name__
+
+
 def _holds_state(value) -> bool:
     return any(isinstance(leaf, STATE_TYPES) for leaf in _leaves(value))
 
@@ -77,6 +132,15 @@ def _leaves(value) -> List[Any]:
     if isinstance(value, (list, tuple)):
         return [leaf for item in value for leaf in _leaves(item)]
     return [value]
+
+
+def variables_of(state: Dict[str, Any]) -> List[Any]:
+    """Every variable of `state` (`owned_state`/`run_state`), without duplicates."""
+    found = {}
+    for value in state.values():
+        for variable in _variables_of(value):
+            found.setdefault(id(variable), variable)
+    return list(found.values())
 
 
 def _variables_of(value) -> List[Any]:

@@ -188,3 +188,25 @@ def test_op_determinism_is_on_while_a_deterministic_trainer_runs_and_off_after()
     assert not compat.op_determinism_enabled()  # the process is as it was
     Line(progress="none").fit(train_steps=2, steps_per_loop=2, callbacks=[seen])
     assert seen.seen == [True, True, False]
+
+
+def test_parameter_counts_are_logged_and_recorded_in_run_json(tmp_path, caplog):
+    import json
+    import logging as std_logging
+
+    class Counted(Line):
+        def build(self):
+            self.model = keras.Sequential([keras.layers.Dense(4), keras.layers.BatchNormalization(),
+                                           keras.layers.Dense(1)])
+            self.optimizer = keras.optimizers.Adam(self.learning_rate)
+
+    trainer = Counted(progress="none", model_dir=str(tmp_path))
+    with caplog.at_level(std_logging.INFO):
+        trainer.fit(train_steps=1, steps_per_loop=1)
+    # Dense(1->4): 8; BatchNorm(4): gamma, beta trainable 8, moving mean/variance 8; Dense(4->1): 5.
+    expected = {"models": {"model": {"trainable": 8 + 8 + 5, "non_trainable": 8}},
+                "optimizers": {"optimizer": {"slot_variables": 2 * 6, "slot_parameters": 2 * 21}}}
+    assert json.loads((tmp_path / "run.json").read_text())["parameters"] == expected
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "model (Sequential): 21 trainable + 8 non-trainable parameters" in logged
+    assert "optimizer (Adam): 12 slot variables, 42 parameters" in logged
