@@ -4,7 +4,7 @@ import os
 from typing import Optional
 
 from tapekit import distribute
-from tapekit.callbacks import KeepBest
+from tapekit.callbacks import KeepBest, evaluation_metric
 from tapekit.checkpointing import Checkpointer
 from tapekit.errors import TapekitError
 
@@ -17,7 +17,7 @@ def keep_best_of(engine, eval_data) -> Optional[KeepBest]:
     if not options.best_metric or engine.model_dir is None:
         return None
     names = engine.eval_loop(eval_data.element_spec).metric_names
-    if options.best_metric not in names:
+    if evaluation_metric(options.best_metric, names) is None:
         raise TapekitError(
             f"best_metric={options.best_metric!r} is not a metric of the evaluation, which "
             f"reports: {', '.join(names) or 'nothing'}. Name one of those (eval_step's keys "

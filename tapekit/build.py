@@ -270,6 +270,18 @@ def user_frame(error: BaseException) -> Optional[str]:
     return None
 
 
+def calling_user_frame() -> Optional[str]:
+    """'path/to/file.py:42 (`code`)' for the innermost line of user code calling tapekit now
+    (None inside AutoGraph's generated code, whose lines are not the user's)."""
+    frames = [frame for frame in traceback.extract_stack() if _is_user_code(frame.filename)]
+    if not frames:
+        return None
+    frame = frames[-1]
+    relative = os.path.relpath(frame.filename)
+    shown = frame.filename if relative.startswith("..") else relative
+    return f"{shown}:{frame.lineno}" + (f" (`{frame.line.strip()}`)" if frame.line else "")
+
+
 def _is_user_code(path: str) -> bool:
     return not (path.startswith("<") or os.path.basename(path).startswith("__autograph_generated")
                 or os.path.realpath(path).startswith(_framework_dirs()))

@@ -50,7 +50,9 @@ class MetricsFile(Callback):
 
     def _append(self, split: str, step: int, logs: Logs) -> None:
         record = {"split": split, "step": int(step)}
-        record.update({key: float(value) for key, value in logs.items()})
+        # Counts (best_step, epoch) stay integers; metrics are floats.
+        record.update({key: value if isinstance(value, int) and not isinstance(value, bool)
+                       else float(value) for key, value in logs.items()})
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         with open(self.path, "a") as stream:
             stream.write(json.dumps(record) + "\n")
@@ -154,7 +156,7 @@ class KeepBest(Callback):
                 self.best, self.best_step = saved["value"], saved["step"]
 
     def on_eval_end(self, step, logs):
-        value = logs.get(self.metric)
+        value = logs.get(evaluation_metric(self.metric, logs) or self.metric)
         if value is None:
             from tapekit.errors import TapekitError
             raise TapekitError(f"best_metric {self.metric!r} is not among the evaluation's "
@@ -163,7 +165,7 @@ class KeepBest(Callback):
             self._keep(step, float(value))
         if self.best is not None:
             logs[f"best_{self.metric}"] = self.best
-            logs["best_step"] = float(self.best_step)
+            logs["best_step"] = int(self.best_step)
 
     def _keep(self, step: int, value: float) -> None:
         self.checkpointer.save(step)
@@ -196,6 +198,18 @@ def resolve_mode(metric: str, mode: str) -> str:
     return "max" if any(word in name for word in ("acc", "auc", "precision", "recall")) else "min"
 
 
+def evaluation_metric(name: str, names) -> Optional[str]:
+    """The evaluation metric among `names` that `name` means, in the one convention of
+    `--best_metric` and `--early_stopping_metric`: "eval_X" is the evaluation's X (or its
+    "eval_X" when the evaluation reports that name itself); `--best_metric`, always an
+    evaluation metric, may also be written X. None if there is none."""
+    if name in names:
+        return name
+    if name.startswith("eval_") and name[len("eval_"):] in names:
+        return name[len("eval_"):]
+    return None
+
+
 class EarlyStopping(Callback):
     """Stops training when `metric` has not improved by `min_delta` for `patience` checks.
 
@@ -220,9 +234,8 @@ class EarlyStopping(Callback):
     def on_train_begin(self, step):
         self.best, self.wait, self.stopped_at = None, 0, None
 
-    def _check(self, step, logs, prefix):
-        name = self.metric[len(prefix):] if prefix else self.metric
-        if name not in logs:
+    def _check(self, step, logs, name):
+        if name is None or name not in logs:
             return
         value = self.sign * logs[name]
         if self.best is None or value < self.best - self.min_delta:
@@ -238,11 +251,11 @@ class EarlyStopping(Callback):
 
     def on_loop_end(self, step, logs):
         if not self.metric.startswith("eval_"):
-            self._check(step, logs, "")
+            self._check(step, logs, self.metric)
 
     def on_eval_end(self, step, logs):
         if self.metric.startswith("eval_"):
-            self._check(step, logs, "eval_")
+            self._check(step, logs, evaluation_metric(self.metric, logs))
 
 
 class LogProgress(Callback):

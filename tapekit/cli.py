@@ -155,7 +155,7 @@ def _train(program: str, trainer_class: Type[Trainer], own_flags: List[str], arg
             fit_arguments["eval_every_steps"] = (FLAGS.checkpoint_every_steps
                                                  or FLAGS.steps_per_loop)
         try:
-            with record.command_line(command, flags_text(own_flags)):
+            with record.command_line(command, flags_text(own_flags), FLAGS.mode):
                 trainer.fit(callbacks=callbacks, **fit_arguments)
         except KeyboardInterrupt:  # Ctrl-C: the loop finished and was saved (and logged)
             sys.exit(130)

@@ -76,7 +76,8 @@ class Engine:
             self.rng = tf.random.Generator.from_seed(options.seed)
         self.status = RunStatus()
         self.history: List[Dict[str, float]] = []
-        self.updaters = updates.Updaters(options)
+        self.updaters = updates.Updaters(
+            options, lambda value: state_lib.attribute_name(vars(trainer), value))
         self.checkpointer: Optional[Checkpointer] = None
         self.built = False
         self.built_learning_rates: List[tuple] = []  # (optimizer, its rate after build())

@@ -70,8 +70,9 @@ def checked(dataset, must_end: bool = False) -> tf.data.Dataset:
             "tapekit.per_replica_batches(..., repeat=False)).")
     if must_end and dataset.cardinality() == tf.data.UNKNOWN_CARDINALITY:
         logging.log_first_n(
-            logging.INFO, "evaluating to the end of data of unknown length (e.g. a Python "
-            "generator): it must end; otherwise give eval_steps (--eval_steps)", 1)
+            logging.INFO, "evaluating to the end of the data; TensorFlow does not know its "
+            "length (its pipeline has a filter, a generator or the like), so it must end by "
+            "itself; otherwise give eval_steps (--eval_steps)", 1)
     return dataset
 
 

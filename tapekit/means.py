@@ -12,6 +12,7 @@ When every weight is a constant (static batch shapes) the loop keeps plain sums 
 from typing import Optional, Tuple
 
 import tensorflow as tf
+from absl import logging
 
 from tapekit import tracing
 from tapekit.errors import TapekitError
@@ -78,6 +79,7 @@ def global_batch_mean(per_example_loss, regularization_losses, num_replicas: int
         raise TapekitError(
             "compute_loss needs one loss per example (shape [batch, ...]), got a scalar; "
             "pass the unreduced loss, e.g. tf.square(y - prediction).")
+    _warn_if_broadcast(losses.shape)
     replicas = num_replicas
     regularization = (tf.add_n([tf.cast(loss, tf.float32) for loss in regularization_losses])
                       if regularization_losses else None)
@@ -104,6 +106,21 @@ def global_batch_mean(per_example_loss, regularization_losses, num_replicas: int
     value = share if replicas == 1 else share + tf.stop_gradient(share * (replicas - 1))
     record(value, local_total, examples)
     return value
+
+
+def _warn_if_broadcast(shape: tf.TensorShape) -> None:
+    """Warns (once per trace) about per-example losses whose second axis is as long as the
+    batch: the classic y of shape [b] against a prediction of shape [b, 1], broadcast to
+    [b, b], which averages every pair. Seen when the batch size is known (static batches,
+    in-memory arrays, run_eagerly)."""
+    if (shape.rank is not None and shape.rank >= 2 and shape[0] is not None and shape[0] > 1
+            and shape[1] == shape[0]):
+        logging.warning(
+            "compute_loss got per-example losses of shape %s, whose second axis is as long as "
+            "the batch: if y has shape [%d] and the prediction [%d, 1] (or the reverse), their "
+            "difference broadcasts to [%d, %d] and averages every pair; give both the same "
+            "shape (e.g. y[:, None] or tf.squeeze(prediction, -1)).", shape.as_list(),
+            shape[0], shape[0], shape[0], shape[0])
 
 
 def weighted_mean(values, sample_weight=None) -> tf.Tensor:

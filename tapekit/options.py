@@ -132,10 +132,11 @@ TRAINER_OPTIONS = (
            "global_batch_size,seed; other changes that break exact resume are refused."),
     Option("best_metric", "string", None,
            "Keep MODEL_DIR/best/ (a checkpoint, and the exported model) at the best value of "
-           "this evaluation metric."),
+           "this evaluation metric, written as for --early_stopping_metric: eval_X for the "
+           "evaluation's X (X alone is accepted too)."),
     Option("best_mode", "enum", "auto",
            "Whether a lower (min) or higher (max) best_metric is better; auto: max for names "
-           "with acc or auc, else min.", choices=BEST_MODES),
+           "containing acc, auc, precision or recall, else min.", choices=BEST_MODES),
 )
 
 FIT_OPTIONS = (

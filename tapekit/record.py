@@ -41,10 +41,10 @@ _COMMAND_LINE: contextvars.ContextVar = contextvars.ContextVar("tapekit_command_
 
 
 @contextlib.contextmanager
-def command_line(argv: Sequence[str], flags_text: Optional[str]):
-    """Used by the command line around its run: its argv, and every flag it used in
-    flagfile format (written to MODEL_DIR/flags.txt with the record)."""
-    token = _COMMAND_LINE.set({"argv": list(argv), "flags": flags_text})
+def command_line(argv: Sequence[str], flags_text: Optional[str], mode: Optional[str] = None):
+    """Used by the command line around its run: its argv, every flag it used in flagfile
+    format (written to MODEL_DIR/flags.txt with the record), and its --mode."""
+    token = _COMMAND_LINE.set({"argv": list(argv), "flags": flags_text, "mode": mode})
     try:
         yield
     finally:
@@ -75,6 +75,7 @@ def make_record(trainer_class: type, arguments: Dict[str, Any], settings: Dict[s
         "precision": settings.get("precision"),
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": _COMMAND_LINE.get().get("argv", list(sys.argv)),
+        "mode": _COMMAND_LINE.get().get("mode"),  # the command line's --mode; None: Python
         "settings": _jsonable(settings),
         "resumes": [],
     }

@@ -14,7 +14,7 @@ auto-numbered paths, which differ between two trainers in one process). `check_c
 then proves, before the first step, that every owned variable is saved.
 """
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import keras
 import numpy as np
@@ -66,6 +66,19 @@ def optimizers(attributes: Dict[str, Any]) -> Dict[str, keras.optimizers.Optimiz
                 seen.add(id(item))
                 found[name if key is None else f"{name}/{key}"] = item
     return found
+
+
+def attribute_name(attributes: Dict[str, Any], value) -> Optional[str]:
+    """The name of the attribute ("name/key" inside a container) that holds `value`, or None."""
+    for name, held in attributes.items():
+        if held is value:
+            return name
+        items = (held.items() if isinstance(held, dict) else enumerate(held)
+                 if isinstance(held, (list, tuple)) else ())
+        for key, item in items:
+            if item is value:
+                return f"{name}/{key}"
+    return None
 
 
 def parameter_counts(attributes: Dict[str, Any]) -> Dict[str, Dict[str, Dict[str, int]]]:

@@ -103,7 +103,7 @@ class Trainer:
         return None
 
     def train_step(self, batch) -> Optional[Dict[str, tf.Tensor]]:
-        """One training step on one replica's batch. Traced, never run eagerly.
+        """One training step on one replica's batch. Traced (run as Python with `run_eagerly`).
 
         Returns a dict of scalar metrics; each is averaged over the loop's steps and over
         replicas. Use `compute_loss` for losses so that the reported value is the global
@@ -112,7 +112,12 @@ class Trainer:
         raise NotImplementedError(f"{type(self).__name__} must override train_step(batch).")
 
     def eval_dataset(self, input_context: tf.distribute.InputContext) -> tf.data.Dataset:
-        """Per-replica evaluation batches; by default the training pipeline."""
+        """Per-replica evaluation batches; by default the training pipeline (`train_dataset`)."""
+        if type(self).train_dataset is Trainer.train_dataset:
+            raise TapekitError(
+                f"{type(self).__name__} is evaluated but has no eval_dataset: override "
+                "eval_dataset(input_context) (train_arrays() feed training only), or pass "
+                "dataset= to evaluate().")
         return self.train_dataset(input_context)
 
     def eval_step(self, batch) -> Optional[Dict[str, tf.Tensor]]:

@@ -33,7 +33,7 @@ The optimizer's own `gradient_accumulation_steps` and `loss_scale_factor`, and a
 tapekit's options do the same exactly.
 """
 
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import keras
 import tensorflow as tf
@@ -268,17 +268,19 @@ def updater_key(optimizer, variables) -> tuple:
 
 
 def apply_from_tape(updater: GradientUpdater, tape: tf.GradientTape, loss, variables,
-                    allow_none_gradients: bool = False) -> None:
+                    allow_none_gradients: bool = False,
+                    describe: Callable[[], str] = lambda: "") -> None:
     """`Trainer.apply_gradients` once the updater is known: d(loss)/d(variables) from `tape`,
-    applied by `updater`. Traced, per replica. None gradients raise unless allowed."""
+    applied by `updater`. Traced, per replica. None gradients raise unless allowed; the
+    error names what `describe()` says (the model and the call)."""
     # Seeding backprop with the loss scale is differentiating loss × scale (the tape has closed).
     gradients = tape.gradient(loss, variables, output_gradients=updater.backprop_seed(loss.dtype))
     missing = [_variable_path(v) for g, v in zip(gradients, variables) if g is None]
     if missing and not allow_none_gradients:
         raise TapekitError(
-            f"no gradient for {len(missing)} variable(s): {', '.join(missing)}; the loss does "
-            "not depend on them. Run the forward pass inside the tape and pass only the models "
-            "that loss trains (or apply_gradients(..., allow_none_gradients=True)).")
+            f"no gradient for {len(missing)} variable(s){describe()}: {', '.join(missing)}; the "
+            "loss does not depend on them. Run the forward pass inside the tape and pass only "
+            "the models that loss trains (or apply_gradients(..., allow_none_gradients=True)).")
     # A variable without a gradient is left out, as Keras leaves it out: no momentum or
     # weight decay moves it (and its accumulator, if any, keeps its sum).
     pairs = [(g, v) for g, v in zip(gradients, variables) if g is not None]
@@ -297,8 +299,9 @@ class Updaters:
     (building one in a replica context fails under MirroredStrategy, keras-team/keras#19246).
     """
 
-    def __init__(self, options):
+    def __init__(self, options, attribute_name: Callable[[Any], Optional[str]] = lambda v: None):
         self._options = options
+        self._attribute_name = attribute_name  # the trainer attribute holding a model, if any
         self._by_key: Dict[tuple, GradientUpdater] = {}
 
     def add(self, optimizer, variables) -> None:
@@ -330,7 +333,17 @@ class Updaters:
             raise TapekitError(
                 "apply_gradients was called with an optimizer/variables pair that train_step did "
                 "not use when tapekit built the trainer; call apply_gradients the same way every step.")
-        apply_from_tape(updater, tape, loss, variables, allow_none_gradients)
+        apply_from_tape(updater, tape, loss, variables, allow_none_gradients,
+                        lambda: self._describe(models_or_variables))
+
+    def _describe(self, models_or_variables) -> str:
+        """' of self.generator (in apply_gradients at gan.py:40)' for the error of a call."""
+        held = models_or_variables if isinstance(models_or_variables, (list, tuple)) else [
+            models_or_variables]
+        names = [f"self.{name}" for name in map(self._attribute_name, held) if name]
+        where = build.calling_user_frame()
+        return ((f" of {', '.join(names)}" if names else "")
+                + (f" (in apply_gradients at {where})" if where else ""))
 
     @property
     def loss_scales(self) -> List[DynamicLossScale]:

@@ -1,0 +1,112 @@
+"""The first hour with a new step: errors that name the mistake, and one convention for names."""
+
+import json
+import logging as std_logging
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tapekit
+from tapekit.errors import TapekitError
+
+
+class Pair(tapekit.Trainer):
+    """Two models; the discriminator's loss is (wrongly) computed from the generator only."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.default_learning_rate = 0.01
+        self.default_global_batch_size = 8
+        x = np.linspace(-1, 1, 32, dtype=np.float32)[:, None]
+        self.arrays = (x, 2 * x)
+
+    def build(self):
+        self.generator = keras.Sequential([keras.layers.Dense(1)])
+        self.discriminator = keras.Sequential([keras.layers.Dense(1)])
+        self.optimizer = keras.optimizers.SGD(self.learning_rate)
+
+    def train_arrays(self):
+        return self.arrays
+
+    def train_step(self, batch):
+        x, y = batch
+        with tf.GradientTape() as tape:
+            self.discriminator(x)  # built, but the loss below ignores it
+            loss = self.compute_loss(tf.square(self.generator(x) - y))
+        self.apply_gradients(tape, loss, self.discriminator, self.optimizer)
+        return {"loss": loss}
+
+    def eval_step(self, batch):
+        x, y = batch
+        return {"loss": self.compute_loss(tf.square(self.generator(x) - y))}
+
+
+def test_a_missing_gradient_names_the_model_attribute_and_the_call():
+    with pytest.raises(TapekitError) as compiled:
+        Pair(progress="none").fit(train_steps=1, steps_per_loop=1)
+    assert "no gradient for 2 variable(s) of self.discriminator" in str(compiled.value)
+    with pytest.raises(TapekitError) as eager:
+        Pair(progress="none", run_eagerly=True).fit(train_steps=1, steps_per_loop=1)
+    message = str(eager.value)
+    assert "of self.discriminator (in apply_gradients at tests/test_debugging.py:" in message
+    assert "self.apply_gradients(tape, loss, self.discriminator, self.optimizer)" in message
+
+
+class NoEvalData(Pair):
+    def train_step(self, batch):
+        x, y = batch
+        with tf.GradientTape() as tape:
+            loss = self.compute_loss(tf.square(self.generator(x) - y))
+        self.apply_gradients(tape, loss, self.generator, self.optimizer)
+        return {"loss": loss}
+
+
+def test_evaluating_a_trainer_of_in_memory_arrays_without_eval_dataset_is_one_line():
+    trainer = NoEvalData(progress="none")
+    with pytest.raises(TapekitError, match=r"^NoEvalData is evaluated but has no eval_dataset: "
+                                           r"override eval_dataset\(input_context\)"):
+        trainer.fit(train_steps=2, steps_per_loop=1, eval_every_steps=1)
+    assert trainer.current_step == 0  # refused before training
+
+
+class Broadcast(NoEvalData):
+    def train_step(self, batch):
+        x, y = batch
+        y = tf.squeeze(y, -1)  # [b] against a prediction of [b, 1]: the classic mistake
+        with tf.GradientTape() as tape:
+            loss = self.compute_loss(tf.square(self.generator(x) - y))
+        self.apply_gradients(tape, loss, self.generator, self.optimizer)
+        return {"loss": loss}
+
+
+def test_a_loss_broadcast_to_batch_by_batch_is_warned_about(caplog):
+    with caplog.at_level(std_logging.WARNING):
+        Broadcast(progress="none").fit(train_steps=1, steps_per_loop=1)
+    warned = [r.getMessage() for r in caplog.records if "compute_loss got" in r.getMessage()]
+    assert warned and "shape [8, 8]" in warned[0] and "y[:, None]" in warned[0]
+    caplog.clear()
+    with caplog.at_level(std_logging.WARNING):
+        NoEvalData(progress="none").fit(train_steps=1, steps_per_loop=1)
+    assert not [r for r in caplog.records if "compute_loss got" in r.getMessage()]
+
+
+class Evaluated(NoEvalData):
+    def eval_dataset(self, input_context):
+        x, y = self.arrays
+        return tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+
+
+@pytest.mark.parametrize("written", ["eval_loss", "loss"])
+def test_best_metric_is_written_as_early_stopping_writes_it(tmp_path, written):
+    trainer = Evaluated(progress="none", model_dir=str(tmp_path), best_metric=written,
+                        cpu_replicas=1)
+    stopper = tapekit.callbacks.EarlyStopping("eval_loss", patience=100)
+    trainer.fit(train_steps=4, steps_per_loop=2, eval_every_steps=2, callbacks=[stopper])
+    best = json.loads((tmp_path / "best" / "best.json").read_text())
+    assert best["step"] == 4 and best["metric"] == written
+    assert stopper.best is not None  # early stopping read the evaluation's loss too
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    best_steps = [row["best_step"] for row in rows if "best_step" in row]
+    assert best_steps == [2, 4] and all(isinstance(step, int) for step in best_steps)
