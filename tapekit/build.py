@@ -261,7 +261,7 @@ def user_frame(error: BaseException) -> Optional[str]:
     raised = [(f.filename, f.lineno, (f.line or "").strip())
               for f in traceback.extract_tb(error.__traceback__)]
     for frames in (traced, raised):
-        mine = [frame for frame in frames if _is_user_code(frame[0])]
+        mine = [frame for frame in frames if is_user_code(frame[0])]
         if mine:
             path, line, code = mine[-1]
             relative = os.path.relpath(path)
@@ -273,7 +273,7 @@ def user_frame(error: BaseException) -> Optional[str]:
 def calling_user_frame() -> Optional[str]:
     """'path/to/file.py:42 (`code`)' for the innermost line of user code calling tapekit now
     (None inside AutoGraph's generated code, whose lines are not the user's)."""
-    frames = [frame for frame in traceback.extract_stack() if _is_user_code(frame.filename)]
+    frames = [frame for frame in traceback.extract_stack() if is_user_code(frame.filename)]
     if not frames:
         return None
     frame = frames[-1]
@@ -282,7 +282,7 @@ def calling_user_frame() -> Optional[str]:
     return f"{shown}:{frame.lineno}" + (f" (`{frame.line.strip()}`)" if frame.line else "")
 
 
-def _is_user_code(path: str) -> bool:
+def is_user_code(path: str) -> bool:
     return not (path.startswith("<") or os.path.basename(path).startswith("__autograph_generated")
                 or os.path.realpath(path).startswith(_framework_dirs()))
 
@@ -299,6 +299,21 @@ def explain(error: BaseException, step_name: str, spec) -> str:
     if blames_data(error):
         return (f"{step_name} cannot run on this data: batches are {describe_spec(spec)}; "
                 f"{type(error).__name__}{at}: {summarize(error)}")
+    hint = (f" {step_name} is compiled (traced into a graph), where tensors have no values: "
+            "to debug it step by step, run it eagerly with --run_eagerly (run_eagerly=True); "
+            "compiled, use tf.print and tf.cond/tf.where instead."
+            if needs_eager(error) else "")
     return (f"{step_name} raised {type(error).__name__}{at}: {summarize(error)}. The error is "
             f"in {step_name} or code it calls (traced once before step 1 to build the models; "
-            f"batches are {describe_spec(spec)}).")
+            f"batches are {describe_spec(spec)}).{hint}")
+
+
+_EAGER_ONLY = re.compile(r"object has no attribute 'numpy'|as a Python `bool` is not allowed|"
+                         r"iterating over `tf.Tensor` is not allowed|"
+                         r"Cannot convert a symbolic tf.Tensor|__array__\(\) on a symbolic")
+
+
+def needs_eager(error: BaseException) -> bool:
+    """Whether `error` is the classic compiled-mode mistake: a tensor's value (`.numpy()`,
+    NumPy on a tensor) or a Python `if`/`for` on one, in code AutoGraph does not convert."""
+    return bool(_EAGER_ONLY.search(str(error)))

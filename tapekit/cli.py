@@ -44,6 +44,9 @@ def define_common_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                       "continuous_evaluate (the evaluator beside a training job: each new "
                       "checkpoint once, until the one at --train_steps).",
                       flag_values=flag_values)
+    define("bool", "tensorflow_logs", False,
+           "Show TensorFlow's own INFO logs (device set-up, collectives, assets written), hidden "
+           "by default so that tapekit's lines stand out; absl's --verbosity=1 shows them too.")
     define("float", "eval_timeout_secs", 3600.0,
            "continuous_evaluate: exit after this long without a new checkpoint.", lower_bound=0.0)
     options_lib.define_flags(flag_values)
@@ -133,8 +136,16 @@ def flags_text(own_flags: Sequence[str]) -> str:
                    if FLAGS[name].value is not None)
 
 
+def quiet_tensorflow() -> None:
+    """TensorFlow's Python INFO logs off unless --tensorflow_logs or --verbosity >= 1 (its C++
+    ones are set before TensorFlow is imported: `tapekit.trainers.main`)."""
+    shown = FLAGS.tensorflow_logs or FLAGS.verbosity >= 1
+    tf.get_logger().setLevel("INFO" if shown else "WARNING")
+
+
 def _train(program: str, trainer_class: Type[Trainer], own_flags: List[str], argv,
            command: Sequence[str] = ()) -> None:
+    quiet_tensorflow()
     if len(argv) > 1:
         exit_with_error(program, TapekitError(f"unexpected arguments: {' '.join(argv[1:])}"))
     if FLAGS.mode in ("evaluate", "continuous_evaluate"):
@@ -147,7 +158,9 @@ def _train(program: str, trainer_class: Type[Trainer], own_flags: List[str], arg
     try:
         if FLAGS.export_dir:  # refuse before training, not after
             check_export_dir(FLAGS.export_dir)
-        trainer = trainer_class(**trainer_kwargs(own_flags))
+        # The debugger is most use where the step runs as Python, with values.
+        eager = {"run_eagerly": True} if FLAGS.pdb_post_mortem else {}
+        trainer = trainer_class(**trainer_kwargs(own_flags, **eager))
         controller.kill_on_second_interrupt()
         fit_arguments = {name: FLAGS[name].value
                          for name in options_lib.names(options_lib.FIT_OPTIONS)}
@@ -195,6 +208,7 @@ def export_main(builtins: Dict[str, str], argv: Optional[Sequence[str]] = None,
 
 
 def _export(program: str, trainer_class: Type[Trainer], own_flags: List[str], argv) -> None:
+    quiet_tensorflow()
     try:
         if len(argv) > 1:
             raise TapekitError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -215,9 +229,39 @@ def _export(program: str, trainer_class: Type[Trainer], own_flags: List[str], ar
 
 
 def exit_with_error(program: str, error: BaseException):
-    """Prints `program: error: <one line>` to stderr and exits with status 2."""
+    """Prints `program: error: <one line>` to stderr and exits with status 2; with absl's
+    --pdb_post_mortem, first opens the debugger where the user's code raised."""
     # A restore that failed half-way logs every unused checkpoint value when it is garbage
     # collected at exit: keep the error the last line.
     tf.get_logger().setLevel("ERROR")
     print(f"{program}: error: {user_message(error)}", file=sys.stderr, flush=True)
+    if "pdb_post_mortem" in FLAGS and FLAGS.is_parsed() and FLAGS.pdb_post_mortem:
+        post_mortem(error)
     sys.exit(2)
+
+
+def post_mortem(error: BaseException) -> None:
+    """The debugger on the exception behind tapekit's one-line `error` (its context), at
+    the innermost frame of user code."""
+    import pdb
+
+    from tapekit import build
+
+    while isinstance(error, TapekitError) and error.__context__ is not None:
+        error = error.__context__
+
+    class AtUserFrame(pdb.Pdb):
+        def setup(self, frame, traceback):
+            result = super().setup(frame, traceback)
+            for index in range(len(self.stack) - 1, -1, -1):
+                if build.is_user_code(self.stack[index][0].f_code.co_filename):
+                    self.curindex = index
+                    self.curframe = self.stack[index][0]
+                    self.curframe_locals = self.curframe.f_locals
+                    break
+            return result
+
+    print(f"{type(error).__name__}: {error}".splitlines()[0], flush=True)
+    debugger = AtUserFrame()
+    debugger.reset()
+    debugger.interaction(None, error.__traceback__)

@@ -110,3 +110,60 @@ def test_best_metric_is_written_as_early_stopping_writes_it(tmp_path, written):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     best_steps = [row["best_step"] for row in rows if "best_step" in row]
     assert best_steps == [2, 4] and all(isinstance(step, int) for step in best_steps)
+
+
+class CallsNumpy(NoEvalData):
+    def train_step(self, batch):
+        outputs = super().train_step(batch)
+        print("loss", outputs["loss"].numpy())  # works only eagerly
+        return outputs
+
+
+def test_numpy_in_a_compiled_step_suggests_run_eagerly_and_works_with_it(capsys):
+    with pytest.raises(TapekitError) as error:
+        CallsNumpy(progress="none").fit(train_steps=1, steps_per_loop=1)
+    message = str(error.value)
+    assert "test_debugging.py:" in message and ".numpy()" in message  # the user's line
+    assert "--run_eagerly" in message
+    CallsNumpy(progress="none", run_eagerly=True).fit(train_steps=2, steps_per_loop=2)
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("loss ")]
+    assert len(printed) == 1 + 2  # the eager build call, then one line per step
+
+
+BROKEN_TRAINER = '''
+import numpy as np
+import tensorflow as tf
+import keras
+import tapekit
+
+
+class Broken(tapekit.Trainer):
+    def build(self):
+        self.model = keras.layers.Dense(1)
+        self.optimizer = keras.optimizers.SGD(0.1)
+
+    def train_arrays(self):
+        x = np.ones([16, 2], np.float32)
+        return x, x[:, :1]
+
+    def train_step(self, batch):
+        x, y = batch
+        marker = float(tf.reduce_sum(x).numpy()) * 10  # a value: only eagerly
+        raise ValueError("step failed")
+'''
+
+
+def test_pdb_post_mortem_opens_the_debugger_in_the_users_step(tmp_path, cli_env):
+    import subprocess
+    from helpers import TAPEKIT_TRAIN
+    (tmp_path / "broken_trainer.py").write_text(BROKEN_TRAINER)
+    result = subprocess.run(
+        TAPEKIT_TRAIN + ["--trainer=broken_trainer:Broken", "--global_batch_size=8",
+                         "--train_steps=2", "--progress=none", "--pdb_post_mortem"],
+        input="p marker\nwhere\nq\n", cwd=tmp_path, env=cli_env, capture_output=True,
+        text=True, timeout=300)
+    assert result.returncode == 2
+    assert "tapekit-train: error: train_step raised ValueError" in result.stderr
+    assert "(Pdb)" in result.stdout
+    assert "160.0" in result.stdout  # `p marker` in the step's frame: 8 x 2 ones, x 10
+    assert "broken_trainer.py" in result.stdout and "train_step()" in result.stdout
