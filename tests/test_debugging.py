@@ -167,3 +167,17 @@ def test_pdb_post_mortem_opens_the_debugger_in_the_users_step(tmp_path, cli_env)
     assert "(Pdb)" in result.stdout
     assert "160.0" in result.stdout  # `p marker` in the step's frame: 8 x 2 ones, x 10
     assert "broken_trainer.py" in result.stdout and "train_step()" in result.stdout
+
+
+def test_tensorflow_info_lines_are_hidden_unless_asked_for(cli_env):
+    from helpers import run_cli
+    env = {k: v for k, v in cli_env.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    args = ["--trainer=regression", "--model=linear", "--train_steps=10", "--steps_per_loop=10",
+            "--progress=log"]
+    quiet = run_cli(args, env)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "oneDNN" not in quiet.stderr and not [
+        line for line in quiet.stderr.splitlines() if line.startswith("I0000")]
+    assert "step 10/10" in quiet.stderr  # tapekit's own lines stay
+    loud = run_cli(args + ["--tensorflow_logs"], env)
+    assert loud.returncode == 0 and "oneDNN" in loud.stderr
