@@ -58,7 +58,7 @@ bench-quick: $(STAMP)
 	$(PY) benchmarks/bench.py --quick --json benchmarks/results-quick.json
 
 wheel: $(STAMP)
-	$(PY) -m pip wheel --no-deps -w dist .
+	$(PY) -m pip wheel --no-deps --no-build-isolation -w dist .
 
 clean:
 	rm -rf $(VENV) $(OLDEST_VENV) build dist *.egg-info $(DEMO_DIR)
