@@ -62,6 +62,52 @@ def define_common_flags(flag_values: flags.FlagValues = FLAGS) -> None:
            "The least change that counts as an improvement.", lower_bound=0.0)
 
 
+# Flags a resumed run never takes from its flags.txt: where it is, one-off permissions and
+# restores, and outputs that must be new.
+NOT_RESUMED = ("model_dir", "restore_from", "allow_changes", "export_dir", "pdb_post_mortem")
+
+
+def recorded_flags(model_dir: Optional[str]) -> Dict[str, str]:
+    """name -> value (as written) of each flag in MODEL_DIR/flags.txt of a recorded run
+    (one with a run.json), else {}. Booleans are "true"/"false"."""
+    if not model_dir or record.read(model_dir) is None:
+        return {}
+    path = os.path.join(model_dir, record.FLAGS_FILE)
+    if not os.path.exists(path):
+        return {}
+    found = {}
+    with open(path) as stream:
+        for line in stream.read().splitlines():
+            if not line.startswith("--"):
+                continue
+            name, equals, value = line[2:].partition("=")
+            if not equals:  # a boolean: --name or --noname
+                name, value = ((name, "true") if name in FLAGS or not name.startswith("no")
+                               else (name[2:], "false"))
+            found[name] = value
+    return found
+
+
+def take_recorded_flags() -> List[str]:
+    """Gives every flag this command line leaves out its value from the run's flags.txt
+    when --model_dir holds a recorded run, so that `--trainer=X --model_dir=DIR` (or just
+    `--model_dir=DIR`) continues the same run; a flag given explicitly wins (and is checked
+    by the safe-resume rules). Logs and returns the flags taken, as "--name=value"."""
+    taken = []
+    for name, value in recorded_flags(FLAGS.model_dir).items():
+        if name in NOT_RESUMED or name not in FLAGS or FLAGS[name].present:
+            continue
+        if FLAGS[name].serialize() == (f"--{name}={value}" if FLAGS[name].flag_type() != "bool"
+                                       else f"--{'' if value == 'true' else 'no'}{name}"):
+            continue  # the default is what the run used
+        FLAGS[name].parse(value)
+        taken.append(f"--{name}={value}")
+    if taken:
+        logging.info("resuming the run in %s with the flags it was started with that this "
+                     "command does not give: %s", FLAGS.model_dir, " ".join(taken))
+    return taken
+
+
 def load_trainer_class(spec: str, builtins: Dict[str, str]) -> Type[Trainer]:
     """Resolves `--trainer`: a built-in name or 'package.module:ClassName'."""
     target = builtins.get(spec, spec)
@@ -98,6 +144,8 @@ def parse_trainer_class(argv: Sequence[str], builtins: Dict[str, str],
     try:
         FLAGS(list(argv), known_only=True)  # only to learn --trainer; app.run parses for real
         trainer_spec = FLAGS.trainer
+        if not FLAGS["trainer"].present:  # a resumed run's own, else the default
+            trainer_spec = recorded_flags(FLAGS.model_dir).get("trainer", trainer_spec)
     except flags.Error:
         trainer_spec = FLAGS["trainer"].default
     FLAGS.unparse_flags()
@@ -148,6 +196,10 @@ def _train(program: str, trainer_class: Type[Trainer], own_flags: List[str], arg
     quiet_tensorflow()
     if len(argv) > 1:
         exit_with_error(program, TapekitError(f"unexpected arguments: {' '.join(argv[1:])}"))
+    try:
+        take_recorded_flags()
+    except (TapekitError, flags.Error) as error:
+        exit_with_error(program, TapekitError(f"{FLAGS.model_dir}'s flags.txt: {error}"))
     if FLAGS.mode in ("evaluate", "continuous_evaluate"):
         return _evaluate(program, trainer_class, own_flags)
     callbacks = []

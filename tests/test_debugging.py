@@ -181,3 +181,37 @@ def test_tensorflow_info_lines_are_hidden_unless_asked_for(cli_env):
     assert "step 10/10" in quiet.stderr  # tapekit's own lines stay
     loud = run_cli(args + ["--tensorflow_logs"], env)
     assert loud.returncode == 0 and "oneDNN" in loud.stderr
+
+
+def test_a_resume_takes_the_flags_it_is_not_given_from_the_run(tmp_path, cli_env):
+    import json
+    from helpers import run_cli
+    model_dir = str(tmp_path / "run")
+    first = run_cli(["--trainer=regression", "--model=mlp", "--strategy=mirrored",
+                     "--cpu_replicas=2", "--global_batch_size=50", "--train_steps=20",
+                     "--steps_per_loop=10", "--progress=log", f"--model_dir={model_dir}"],
+                    cli_env)
+    assert first.returncode == 0, first.stderr
+    # No --trainer, --model, --strategy: the run's own; --train_steps given: it wins.
+    second = run_cli([f"--model_dir={model_dir}", "--train_steps=30", "--progress=log"], cli_env)
+    assert second.returncode == 0, second.stderr
+    assert "with the flags it was started with that this command does not give" in second.stderr
+    for taken in ("--model=mlp", "--strategy=mirrored",
+                  "--cpu_replicas=2", "--global_batch_size=50"):
+        assert taken in second.stderr
+    assert "--train_steps=20" not in second.stderr.split("does not give")[-1].splitlines()[0]
+    run = json.loads(open(f"{model_dir}/run.json").read())
+    assert run["replicas"] == 2 and run["resumes"][0]["step"] == 20
+    assert run["settings"]["train_steps"] == 30 and run["arguments"]["model"] == "mlp"
+    assert "trained RegressionTrainer to step 30" in second.stderr
+
+
+def test_a_resume_without_trainer_continues_the_runs_trainer(tmp_path, cli_env):
+    from helpers import run_cli
+    model_dir = str(tmp_path / "gan")
+    common = ["--steps_per_loop=5", "--progress=log", f"--model_dir={model_dir}"]
+    first = run_cli(["--trainer=gan", "--train_steps=5"] + common, cli_env)
+    assert first.returncode == 0, first.stderr
+    second = run_cli(["--train_steps=10"] + common, cli_env)
+    assert second.returncode == 0, second.stderr
+    assert "--trainer=gan" in second.stderr and "trained GANTrainer to step 10" in second.stderr
