@@ -34,6 +34,10 @@ class Callback:
     def on_eval_end(self, step: int, logs: Logs) -> None:
         """After each evaluation, with the evaluation's metrics."""
 
+    def on_epoch_end(self, step: int, epoch: int) -> None:
+        """Training by epochs (`train_epochs`): after the loop that ended epoch `epoch`
+        (1-based), before any evaluation of it."""
+
     def on_train_end(self, step: int, logs: Optional[Logs]) -> None:
         """After the last loop of `fit` (also when a callback stopped training)."""
 
@@ -106,8 +110,9 @@ class SaveCheckpoints(EveryNSteps):
     """
 
     def __init__(self, checkpointer, every_steps: Optional[int], every_secs: Optional[float] = None,
-                 vote: Callable[[bool], bool] = bool):
+                 vote: Callable[[bool], bool] = bool, every_epochs: Optional[int] = None):
         super().__init__(every_steps)
+        self.every_epochs = every_epochs  # also at the end of every this many epochs
         self.checkpointer = checkpointer
         self.every_secs = every_secs
         self.vote = vote  # True if any worker says True (`Runner.any_worker`)
@@ -124,6 +129,10 @@ class SaveCheckpoints(EveryNSteps):
                 self._run(step)
                 return
         super().on_loop_end(step, logs)
+
+    def on_epoch_end(self, step, epoch):
+        if self.every_epochs and epoch % self.every_epochs == 0 and step != self._last:
+            self._run(step)
 
     def act(self, step):
         self.checkpointer.save(step)
@@ -265,7 +274,10 @@ class LogProgress(Callback):
         self.train_steps = train_steps
 
     def on_loop_end(self, step, logs):
-        logging.info("step %d/%d: %s", step, self.train_steps, format_logs(logs))
+        if self.train_steps is None:  # by epochs: the length of a pass may be unknown
+            logging.info("step %d: %s", step, format_logs(logs))
+        else:
+            logging.info("step %d/%d: %s", step, self.train_steps, format_logs(logs))
 
     def on_eval_end(self, step, logs):
         logging.info("eval at step %d: %s", step, format_logs(logs))

@@ -216,7 +216,10 @@ def _train(program: str, trainer_class: Type[Trainer], own_flags: List[str], arg
         controller.kill_on_second_interrupt()
         fit_arguments = {name: FLAGS[name].value
                          for name in options_lib.names(options_lib.FIT_OPTIONS)}
-        if FLAGS.mode == "train_and_evaluate" and not fit_arguments["eval_every_steps"]:
+        if fit_arguments["train_epochs"] and not FLAGS["train_steps"].present:
+            fit_arguments["train_steps"] = None  # its default is not a choice made
+        if (FLAGS.mode == "train_and_evaluate" and not fit_arguments["eval_every_steps"]
+                and not fit_arguments["eval_every_epochs"]):
             fit_arguments["eval_every_steps"] = (FLAGS.checkpoint_every_steps
                                                  or FLAGS.steps_per_loop)
         try:

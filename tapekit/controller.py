@@ -24,8 +24,10 @@ from tapekit.errors import TapekitError
 from tapekit.runner import LoopResult, Runner
 
 
-def default_callbacks(runner: Runner, options, train_steps: int, write_dir: Optional[str],
-                      checkpointer=None, keep_best: Optional[Callback] = None) -> List[Callback]:
+def default_callbacks(runner: Runner, options, train_steps: Optional[int],
+                      write_dir: Optional[str], checkpointer=None,
+                      keep_best: Optional[Callback] = None,
+                      checkpoint_every_epochs: Optional[int] = None) -> List[Callback]:
     """tapekit's own callbacks for a `fit`, in the order they run (before the user's).
 
     Progress first, then `keep_best` (MODEL_DIR/best/, on every worker: it adds the best
@@ -55,7 +57,7 @@ def default_callbacks(runner: Runner, options, train_steps: int, write_dir: Opti
     if checkpointer is not None:  # every worker saves (the chief into model_dir)
         result.append(callbacks_lib.SaveCheckpoints(
             checkpointer, options.checkpoint_every_steps, options.checkpoint_every_secs,
-            vote=runner.any_worker))
+            vote=runner.any_worker, every_epochs=checkpoint_every_epochs))
     return result
 
 
@@ -87,7 +89,9 @@ class Controller:
         for callback in self.callbacks:
             callback.set_trainer(trainer)
 
-    def train(self, train_steps: int, steps_per_loop: int) -> List[Dict[str, float]]:
+    def train(self, train_steps: Optional[int], steps_per_loop: int,
+              train_epochs: Optional[int] = None,
+              eval_every_epochs: Optional[int] = None) -> List[Dict[str, float]]:
         """Runs loops of `steps_per_loop` steps (the last one clamped) up to `train_steps`.
 
         Stops early, after the loop in progress, when a callback sets
@@ -96,6 +100,11 @@ class Controller:
         Ctrl-C (SIGINT: a checkpoint is saved and `status.interrupted` is True; a second
         Ctrl-C aborts at once). Returns one dict per loop: the global `step` at its end, the
         loop's mean metrics, `steps_per_sec`, `examples_per_sec`.
+
+        With `train_epochs` (and `train_steps` None) it trains until the runner has finished
+        that many passes over the data (`runner.epochs_done`); rows then carry `epoch` (the
+        1-based epoch the loop ended in), callbacks get `on_epoch_end`, and evaluation also
+        follows each `eval_every_epochs`-th epoch.
         """
         runner, status = self.runner, self.runner.status
         step = runner.current_step
@@ -105,8 +114,9 @@ class Controller:
             callback.on_train_begin(step)
         logs = None
         with _StopSignals() as signals:
-            while step < train_steps and not status.stop_training:
-                num_steps = min(steps_per_loop, train_steps - step)
+            while self._more(step, train_steps, train_epochs) and not status.stop_training:
+                num_steps = (steps_per_loop if train_steps is None
+                             else min(steps_per_loop, train_steps - step))
                 if self.profiler:
                     num_steps = self.profiler.before_loop(step, num_steps)
                 start_step, start = step, time.perf_counter()
@@ -115,7 +125,11 @@ class Controller:
                 step += result.steps_run  # what the loop added to the global step
                 if self.profiler:
                     self.profiler.after_loop(step)
-                if result.steps_run < num_steps:
+                epoch_ended = train_epochs is not None and result.epoch_ended
+                if epoch_ended and result.steps_run == 0:  # the pass ended with the last loop
+                    self._end_epoch(step, start_step, train_epochs, eval_every_epochs)
+                    continue
+                if result.steps_run < num_steps and not epoch_ended:
                     logging.warning(
                         "the training data ran out: %d of this loop's %d steps ran, training "
                         "stops at step %d of train_steps=%d", result.steps_run, num_steps, step,
@@ -129,6 +143,8 @@ class Controller:
                     logs["nonfinite_steps"] = float(result.nonfinite_steps)
                 logs["steps_per_sec"] = result.steps_run / seconds
                 logs["examples_per_sec"] = result.steps_run * runner.examples_per_step / seconds
+                if train_epochs is not None:
+                    logs["epoch"] = runner.epochs_done + (0 if epoch_ended else 1)
                 history.append({"step": step, **logs})
                 for callback in self.callbacks:
                     callback.on_loop_end(step, logs)
@@ -136,11 +152,11 @@ class Controller:
                     status.stop_training = True
                     status.interrupted = signals.interrupted
                     status.preempted = not signals.interrupted
+                elif epoch_ended:
+                    self._end_epoch(step, start_step, train_epochs, eval_every_epochs)
                 elif self._evaluation_due(start_step, step, train_steps):
                     # (not when stopping on a signal: the grace period is for the checkpoint)
-                    eval_logs = runner.evaluate(self.eval_steps)
-                    for callback in self.callbacks:
-                        callback.on_eval_end(step, eval_logs)
+                    self._evaluate(step)
         if self.profiler:
             self.profiler.stop()
         for callback in self.callbacks:
@@ -152,6 +168,30 @@ class Controller:
         if status.interrupted:
             logging.warning("interrupted at step %d, %s", step, saved)
         return history
+
+    def _more(self, step: int, train_steps: Optional[int], train_epochs: Optional[int]) -> bool:
+        if train_epochs is not None:
+            return self.runner.epochs_done < train_epochs
+        return step < train_steps
+
+    def _evaluate(self, step: int) -> None:
+        eval_logs = self.runner.evaluate(self.eval_steps)
+        for callback in self.callbacks:
+            callback.on_eval_end(step, eval_logs)
+
+    def _end_epoch(self, step: int, start_step: int, train_epochs: int,
+                   eval_every_epochs: Optional[int]) -> None:
+        """After the loop that finished a pass: epoch callbacks, then the evaluation due
+        (every `eval_every_epochs` epochs, after the last, or by `eval_every_steps`)."""
+        epoch = self.runner.epochs_done
+        logging.info("epoch %d/%d ended at step %d", epoch, train_epochs, step)
+        for callback in self.callbacks:
+            callback.on_epoch_end(step, epoch)
+        last = epoch >= train_epochs or self.runner.status.stop_training
+        if ((eval_every_epochs and (epoch % eval_every_epochs == 0 or last))
+                or (self.eval_every_steps and (last or step // self.eval_every_steps
+                                               > start_step // self.eval_every_steps))):
+            self._evaluate(step)
 
     def _check_finite(self, step: int, result: LoopResult) -> None:
         """With nan_policy="stop", one error for a loop that saw a NaN or infinite metric (the
@@ -180,7 +220,8 @@ class Controller:
         every = self.eval_every_steps
         if not every:
             return False
-        return (step // every > start_step // every or step >= train_steps
+        return (step // every > start_step // every
+                or (train_steps is not None and step >= train_steps)
                 or self.runner.status.stop_training)
 
 

@@ -33,6 +33,7 @@ from tapekit import checkpointing
 from tapekit import compat
 from tapekit import controller as controller_lib
 from tapekit import distribute
+from tapekit import epochs as epochs_lib
 from tapekit import inputs
 from tapekit import options as options_lib
 from tapekit import precision as precision_lib
@@ -74,6 +75,8 @@ class Engine:
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
             # For randomness inside train_step that must resume exactly (checkpointed).
             self.rng = tf.random.Generator.from_seed(options.seed)
+        self.epochs = epochs_lib.EpochPasses(self.strategy)  # training by train_epochs
+        self._by_epochs = False
         self.status = RunStatus()
         self.history: List[Dict[str, float]] = []
         self.updaters = updates.Updaters(
@@ -125,8 +128,15 @@ class Engine:
     def latest_checkpoint(self) -> Optional[str]:
         return self.checkpointer.latest if self.checkpointer is not None else None
 
+    @property
+    def epochs_done(self) -> int:
+        return self.epochs.epochs_done
+
     def run_train_loop(self, num_steps: int) -> LoopResult:
         """Runs one compiled loop of up to `num_steps` steps on the input `prepare_training` set."""
+        if self._by_epochs:
+            return self.epochs.run_loop(_call_loop, self.train_loop, self.input, num_steps,
+                                        self.current_step)
         iterator = None if self.train_loop.in_memory is not None else self._train_iterator
         return _call_loop(self.train_loop, iterator, num_steps)
 
@@ -143,25 +153,33 @@ class Engine:
 
     # ------------------------------------------------------------------ fit, evaluate, restore
 
-    def fit(self, train_steps: int, steps_per_loop: int, dataset, callbacks: Sequence,
-            eval_every_steps: Optional[int], eval_steps: Optional[int]) -> List[Dict[str, float]]:
-        """`Trainer.fit` (arguments validated there)."""
-        with self._running(), self._evaluation_input(eval_every_steps, eval_steps):
+    def fit(self, train_steps: Optional[int], steps_per_loop: int, dataset, callbacks: Sequence,
+            eval_every_steps: Optional[int], eval_steps: Optional[int],
+            by_epochs: Optional[Dict[str, Optional[int]]] = None) -> List[Dict[str, float]]:
+        """`Trainer.fit` (arguments validated there); `by_epochs`: its train_epochs,
+        eval_every_epochs and checkpoint_every_epochs (`tapekit.epochs`)."""
+        by_epochs = by_epochs or {}
+        self._by_epochs = by_epochs.get("train_epochs") is not None
+        with self._running(), self._evaluation_input(
+                eval_every_steps or by_epochs.get("eval_every_epochs"), eval_steps):
             self.prepare_training(dataset, {
                 "train_steps": train_steps, "steps_per_loop": steps_per_loop,
-                "eval_every_steps": eval_every_steps, "eval_steps": eval_steps})
+                "eval_every_steps": eval_every_steps, "eval_steps": eval_steps, **by_epochs})
             options = self.options
             keep_best = best.keep_best_of(self, self._eval_data) if self._eval_data else None
             write_dir = self.model_dir if distribute.is_chief(self.strategy) else None
-            defaults = controller_lib.default_callbacks(self, options, train_steps, write_dir,
-                                                        self.checkpointer, keep_best)
+            defaults = controller_lib.default_callbacks(
+                self, options, train_steps, write_dir, self.checkpointer, keep_best,
+                checkpoint_every_epochs=by_epochs.get("checkpoint_every_epochs"))
             controller = controller_lib.Controller(
                 self, defaults + list(callbacks),
                 trainer=self.trainer, eval_every_steps=eval_every_steps, eval_steps=eval_steps,
                 nan_policy=options.nan_policy, profile_steps=options.profile_steps,
                 profile_dir=os.path.join(self.model_dir, "profile") if self.model_dir else None)
             with distribute.peers_stopping_explained(self):
-                history = controller.train(int(train_steps), int(steps_per_loop))
+                history = controller.train(train_steps, int(steps_per_loop),
+                                           by_epochs.get("train_epochs"),
+                                           by_epochs.get("eval_every_epochs"))
         self.history.extend(history)
         return history
 
@@ -185,9 +203,13 @@ class Engine:
         self.ensure_built(dataset, in_memory)
         if not self._restored:
             self._restored = True
-            self._train_iterator = resume.start(self, dataset, in_memory, fit_settings or {})
-        elif in_memory is None and (dataset is not None or self._train_iterator is None):
+            self._train_iterator = resume.start(self, dataset, in_memory, fit_settings or {},
+                                                positioned=not self._by_epochs)
+        elif in_memory is None and not self._by_epochs and (
+                dataset is not None or self._train_iterator is None):
             self._train_iterator = self.input.train_iterator(dataset, 0)
+        if self._by_epochs:
+            self.epochs.begin(self.input, dataset, in_memory, self.current_step)
         endless = in_memory is None and self.input.train_endless
         loop = self.train_loop
         if loop is None or loop.in_memory is not in_memory or loop.endless != endless:
@@ -302,7 +324,7 @@ class Engine:
     def owned_state(self) -> Dict[str, Any]:
         """Everything a checkpoint holds (`tapekit.state.run_state`)."""
         return state_lib.run_state(self.global_step, self.rng, vars(self.trainer),
-                                   self.updaters.checkpointed())
+                                   {**self.updaters.checkpointed(), **self.epochs.state()})
 
     def checkpoint_objects(self) -> Dict[str, Any]:
         return state_lib.checkpoint_objects(self.owned_state())

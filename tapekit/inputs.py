@@ -131,6 +131,15 @@ class RunInput:
             return in_memory.first_batch(self.strategy)
         return next(iter(self.distribute(dataset, self.trainer.train_dataset)))
 
+    def epoch_data(self, dataset):
+        """The distributed training data that each pass of `tapekit.epochs` iterates again;
+        notes whether it provably never ends (`train_endless`)."""
+        pipelines = []
+        data = self.distribute(dataset, self.trainer.train_dataset, on_dataset=pipelines.append)
+        self.train_endless = bool(pipelines) and all(
+            d.cardinality() == tf.data.INFINITE_CARDINALITY for d in pipelines)
+        return data
+
     def train_iterator(self, dataset, skip_steps: int):
         """The training iterator, `skip_steps` steps in; notes whether its data provably
         never ends (every pipeline's dataset has infinite cardinality), which lets the

@@ -142,6 +142,15 @@ TRAINER_OPTIONS = (
 FIT_OPTIONS = (
     Option("train_steps", "integer", 1000, "Train until the global step reaches this.",
            minimum=1),
+    Option("train_epochs", "integer", None,
+           "Instead of --train_steps: train for this many passes over training data that ends "
+           "(each pass re-iterates it, shuffled as its pipeline says).", minimum=1),
+    Option("eval_every_epochs", "integer", None,
+           "With --train_epochs: evaluate after every this many epochs, and at the end.",
+           minimum=1),
+    Option("checkpoint_every_epochs", "integer", None,
+           "With --train_epochs: also save a checkpoint at the end of every this many epochs.",
+           minimum=1),
     Option("steps_per_loop", "integer", 100,
            "Steps per compiled in-graph loop; metrics are logged once per loop.", minimum=1),
     Option("eval_every_steps", "integer", None,

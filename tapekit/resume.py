@@ -19,13 +19,14 @@ from tapekit import state as state_lib
 from tapekit.checkpointing import Checkpointer
 
 
-def start(engine, dataset, in_memory, fit_settings: Dict[str, Any]):
+def start(engine, dataset, in_memory, fit_settings: Dict[str, Any], positioned: bool = True):
     """Checks and writes the run record (`tapekit.record`), restores `restore_from` or the
     latest checkpoint, and returns the training iterator positioned where the run left off
-    (None for in-memory input, which is a function of the step). A learning rate given
+    (None for in-memory input, which is a function of the step, and when not `positioned`:
+    training by epochs positions its own, `tapekit.epochs`). A learning rate given
     explicitly for a resumed run replaces the checkpoint's."""
     learning_rate_change = record_run(engine, fit_settings)
-    iterator = _restore_and_position(engine, dataset, in_memory)
+    iterator = _restore_and_position(engine, dataset, in_memory is None and positioned)
     if learning_rate_change:
         _override_learning_rates(engine, *learning_rate_change)
     return iterator
@@ -79,14 +80,14 @@ def record_run(engine, fit_settings: Dict[str, Any]):
     return change
 
 
-def _restore_and_position(engine, dataset, in_memory):
+def _restore_and_position(engine, dataset, needs_iterator: bool):
     checkpointer = engine.checkpointer
     path = restore_path(engine)
     if checkpointer is None:
         if path:  # no model_dir: restore the state, nothing is saved later
             restore_read_only(engine, path)
-        return None if in_memory else engine.input.train_iterator(dataset, engine.current_step)
-    iterator = None if in_memory is not None else inputs.positioned_iterator(
+        return engine.input.train_iterator(dataset, engine.current_step) if needs_iterator else None
+    iterator = None if not needs_iterator else inputs.positioned_iterator(
         lambda skip_steps: engine.input.train_iterator(dataset, skip_steps), checkpointer, path)
     if path:
         checkpointer.restore(path)

@@ -18,6 +18,7 @@ class LoopResult(NamedTuple):
     # skip_step; with stop, 1 for a loop that had any)
     first_nonfinite_offset: Optional[int]  # 0-based step within the loop (skip_step), or None
     first_nonfinite_metric: Optional[str]
+    epoch_ended: bool = False  # training by epochs: this loop finished a pass over the data
 
 
 class RunStatus:
@@ -49,8 +50,13 @@ class Runner(Protocol):
     def latest_checkpoint(self) -> Optional[str]:
         """The newest checkpoint saved by this run's model_dir, or None."""
 
+    @property
+    def epochs_done(self) -> int:
+        """Training by epochs: the passes over the data finished so far (checkpointed)."""
+
     def run_train_loop(self, num_steps: int) -> LoopResult:
-        """Runs one compiled loop of up to `num_steps` training steps on the prepared input."""
+        """Runs one compiled loop of up to `num_steps` training steps on the prepared input
+        (training by epochs: never past the end of the epoch in progress)."""
 
     def evaluate(self, steps: Optional[int]) -> Dict[str, float]:
         """Runs the evaluation (None: the data to its end) and returns its metrics."""

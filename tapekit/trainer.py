@@ -210,10 +210,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ running (eager)
 
-    def fit(self, train_steps: int, steps_per_loop: int = 100, dataset=None,
+    def fit(self, train_steps: Optional[int] = None, steps_per_loop: int = 100, dataset=None,
             callbacks: Sequence[callbacks_lib.Callback] = (),
             eval_every_steps: Optional[int] = None,
-            eval_steps: Optional[int] = None) -> List[Dict[str, float]]:
+            eval_steps: Optional[int] = None, train_epochs: Optional[int] = None,
+            eval_every_epochs: Optional[int] = None,
+            checkpoint_every_epochs: Optional[int] = None) -> List[Dict[str, float]]:
         """Trains until the global step reaches `train_steps`. Runs eagerly (the outer loop).
 
         On the first call, builds the models and optimizers, then resumes from `restore_from`
@@ -230,18 +232,34 @@ class Trainer:
           eval_every_steps: evaluate (`evaluate(eval_steps)`) after each loop that passes a
             multiple of this, and at the end; None: never.
           eval_steps: steps per evaluation; None: the whole evaluation data (which must end).
+          train_epochs: instead of `train_steps`, train for this many passes over training
+            data that ends (each pass re-iterates it; shuffled as its pipeline says; in-memory
+            arrays: permuted). A resume mid-epoch sees the same batches (`tapekit.epochs`).
+            Rows then carry `epoch`; callbacks get `on_epoch_end`.
+          eval_every_epochs: with `train_epochs`, evaluate after every this many epochs and
+            at the end.
+          checkpoint_every_epochs: with `train_epochs`, also save at every this many epochs' end.
 
         Returns:
           One dict per loop: `step`, the loop's mean metrics, `steps_per_sec`, `examples_per_sec`.
           After a first Ctrl-C, raises KeyboardInterrupt once the checkpoint is saved.
         """
-        if train_steps is None:
-            raise TapekitError("train_steps must be given: the global step to train to.")
+        if (train_steps is None) == (train_epochs is None):
+            raise TapekitError(
+                "give train_steps (the global step to train to) or train_epochs (passes over data "
+                f"that ends), not {'both' if train_steps is not None else 'neither'} "
+                f"(got train_steps={train_steps}, train_epochs={train_epochs}).")
+        by_epochs = {"train_epochs": train_epochs, "eval_every_epochs": eval_every_epochs,
+                     "checkpoint_every_epochs": checkpoint_every_epochs}
+        if train_epochs is None and (eval_every_epochs or checkpoint_every_epochs):
+            raise TapekitError("eval_every_epochs and checkpoint_every_epochs need train_epochs.")
         for name, value in (("train_steps", train_steps), ("steps_per_loop", steps_per_loop),
-                            ("eval_every_steps", eval_every_steps), ("eval_steps", eval_steps)):
+                            ("eval_every_steps", eval_every_steps), ("eval_steps", eval_steps),
+                            *by_epochs.items()):
             options_lib.check(name, value)
         history = self._engine.fit(train_steps, steps_per_loop, dataset, callbacks,
-                                   eval_every_steps, eval_steps)
+                                   eval_every_steps, eval_steps,
+                                   by_epochs if train_epochs is not None else None)
         if self.interrupted:  # Ctrl-C: saved (with a model_dir); stop the caller too
             raise KeyboardInterrupt(f"interrupted at step {self.current_step}")
         return history
