@@ -25,9 +25,11 @@ from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
 import keras
 import tensorflow as tf
+from absl import logging
 
 from tapekit import compat
 from tapekit import means
+from tapekit import state as state_lib
 from tapekit import tracing
 from tapekit.errors import TapekitError, summarize
 
@@ -142,6 +144,26 @@ def trace_step(strategy: tf.distribute.Strategy, step_fn, element_spec,
     # Nor whether weights are constants on `spec` (an eager batch's sizes are all known).
     constant = all(static_weights) and not eagerly
     return BuildReport(names, trace.updates, used, constant, reads_counter, spec)
+
+
+def trace_for(engine, step_fn, element_spec, step_counter=None, first_batch=None) -> BuildReport:
+    """`trace_step` of one of `engine`'s trainer's steps, with the optimizers and metrics
+    its trainer holds. Under `run_eagerly`, a step that cannot be traced (it calls
+    `.numpy()`, say) is built by one eager call on `first_batch()` instead."""
+    attributes = vars(engine.trainer)
+    arguments = (engine.strategy, step_fn, element_spec,
+                 list(state_lib.optimizers(attributes).values()),
+                 state_lib.keras_metrics(attributes), step_counter)
+    try:
+        return trace_step(*arguments)
+    except TapekitError:
+        if not (engine.options.run_eagerly or tf.config.functions_run_eagerly()):
+            raise
+    logging.info("%s cannot be traced; run_eagerly: built by one eager call on the first "
+                 "batch (its updates not applied, its variables restored)",
+                 getattr(step_fn, "__name__", "the step"))
+    return trace_step(*arguments, first_batch=first_batch(),
+                      variables=state_lib.variables_of(engine.owned_state()))
 
 
 def reads_variable(graph, strategy, variable: Optional[tf.Variable]) -> bool:

@@ -8,15 +8,10 @@ outer loop (`tapekit.controller.Controller`) the narrow interface of `tapekit.ru
 Starting where a run left off is `tapekit.resume`; MODEL_DIR/best/ is `tapekit.best`.
 Everything here runs eagerly, on every worker.
 
-Process-wide settings a trainer makes, and why:
-- its constructor calls `keras.utils.set_random_seed(seed)` (Python's `random`, NumPy,
-  TensorFlow's global seed), so that `build()` and the trainer's own set-up draw the same
-  numbers on every run of the seed. TensorFlow cannot restore an earlier global seed, so
-  this is not undone; the randomness of steps is the checkpointed `rng` and Keras's
-  seed generators, not these.
-- `deterministic=True` turns TensorFlow's op determinism on for the duration of each
-  `fit`, `evaluate` and `restore` call, and back to what it was when the call returns
-  (`tapekit.compat.op_determinism`).
+Process-wide settings (BUILD.md, "Architecture"): the constructor calls
+`keras.utils.set_random_seed(seed)`, so that `build()` and the trainer's own set-up draw the
+same numbers on every run of the seed (TensorFlow cannot restore an earlier global seed);
+`deterministic=True` turns op determinism on only while `fit`, `evaluate` or `restore` runs.
 """
 
 import contextlib
@@ -235,36 +230,18 @@ class Engine:
                                            LoopPlan.for_evaluation(report, self.options))
         return self._eval_loop
 
-    def keep_best(self) -> Optional[Any]:
-        """The keeper of MODEL_DIR/best/ for an evaluator (`tapekit.best.keep_best_of`)."""
-        return best.keep_best_of(self, self.input.evaluation())
-
     def restore(self, checkpoint: Optional[str] = None) -> int:
         """`Trainer.restore`: builds, restores, returns the step; trains and writes nothing."""
-        path = checkpoint or self.options.restore_from or (
-            tf.train.latest_checkpoint(os.path.join(self.model_dir, "checkpoints"))
-            if self.model_dir else None)
-        if path is None:
-            raise TapekitError("nothing to restore: give a checkpoint, restore_from, or a model_dir "
-                               "that has checkpoints (train first).")
-        checkpointing.check_restorable(path)
         with self._running():
-            self.ensure_built()
-            resume.restore_read_only(self, path)
-        return self.current_step
+            return resume.restore(self, checkpoint)
 
     # ------------------------------------------------------------------ building
 
     def ensure_built(self, dataset=None, in_memory=None) -> None:
-        """Creates every model variable and optimizer slot before the first step.
-
-        Runs eagerly, once. `build()` runs in the strategy scope under the precision policy;
-        then `train_step` is traced once for real (`tapekit.build.trace_step`), which builds
-        the models as a plain `tf.function` would. Every optimizer the step uses is then
-        built on its variables in the strategy scope (`tapekit.updates.Updaters`): unbuilt
-        slots are skipped by restores (keras#19389). Last, the checkpoint's contents are
-        checked to cover every variable the trainer owns.
-        """
+        """Creates every model variable and optimizer slot before the first step. Eager, once:
+        `build()` in the strategy scope under the precision policy, one real trace of
+        `train_step` (`tapekit.build`), the optimizers built on what the step updates
+        (`tapekit.updates.Updaters`), the checkpoint checked to cover every variable."""
         if self.built:
             return
         check_namespace(self.trainer)
@@ -293,22 +270,8 @@ class Engine:
 
     def trace(self, step_fn, element_spec, step_counter=None,
               first_batch=None) -> build_lib.BuildReport:
-        """The build trace of `step_fn`; under `run_eagerly`, a step that cannot be traced
-        (it calls `.numpy()`, say) is built by one eager call on `first_batch()` instead."""
-        attributes = vars(self.trainer)
-        arguments = (self.strategy, step_fn, element_spec,
-                     list(state_lib.optimizers(attributes).values()),
-                     state_lib.keras_metrics(attributes), step_counter)
-        try:
-            return build_lib.trace_step(*arguments)
-        except TapekitError:
-            if not (self.options.run_eagerly or tf.config.functions_run_eagerly()):
-                raise
-        logging.info("%s cannot be traced; run_eagerly: built by one eager call on the first "
-                     "batch (its updates not applied, its variables restored)",
-                     getattr(step_fn, "__name__", "the step"))
-        return build_lib.trace_step(*arguments, first_batch=first_batch(),
-                                    variables=state_lib.variables_of(self.owned_state()))
+        """The build trace of `step_fn` (`tapekit.build.trace_for`)."""
+        return build_lib.trace_for(self, step_fn, element_spec, step_counter, first_batch)
 
     def apply_gradients(self, tape, loss, models_or_variables, optimizer,
                         allow_none_gradients: bool) -> None:

@@ -15,6 +15,7 @@ from typing import Optional
 import tensorflow as tf
 
 from tapekit.errors import TapekitError
+from tapekit.runner import LoopResult
 
 
 class EpochPasses:
@@ -83,4 +84,5 @@ class EpochPasses:
             self.done.assign_add(1)
             self.start_step.assign(step + result.steps_run)
             self._iterator = None
-        return result._replace(epoch_ended=ended)
+        return LoopResult(result.metrics, result.steps_run, result.nonfinite_steps,
+                          result.first_nonfinite_offset, result.first_nonfinite_metric, ended)

@@ -20,6 +20,7 @@ from typing import Optional
 import tensorflow as tf
 from absl import logging
 
+from tapekit import best
 from tapekit import callbacks as callbacks_lib
 from tapekit.errors import TapekitError
 
@@ -37,7 +38,7 @@ def evaluate_checkpoints(engine, steps: Optional[int] = None, until_step: Option
         raise TapekitError("evaluating checkpoints needs the model_dir the training job writes.")
     directory = os.path.join(model_dir, "checkpoints")
     # KeepBest first: it adds best_METRIC and best_step to the logs the others write.
-    keep_best = engine.keep_best()
+    keep_best = best.keep_best_of(engine, engine.input.evaluation())
     callbacks = ([keep_best] if keep_best else []) + [
         callbacks_lib.MetricsFile(os.path.join(model_dir, EVAL_METRICS_FILE)),
         callbacks_lib.TensorBoard(os.path.join(model_dir, "summaries"))]

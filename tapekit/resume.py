@@ -4,6 +4,7 @@ Called by the engine once, on a trainer's first `fit` (`start`), and by `Trainer
 and the evaluator (`restore_read_only`). Eager, on every worker; only the chief writes.
 """
 
+import os
 from typing import Any, Dict, Optional
 
 import tensorflow as tf
@@ -17,6 +18,7 @@ from tapekit import options as options_lib
 from tapekit import record as record_lib
 from tapekit import state as state_lib
 from tapekit.checkpointing import Checkpointer
+from tapekit.errors import TapekitError
 
 
 def start(engine, dataset, in_memory, fit_settings: Dict[str, Any], positioned: bool = True):
@@ -30,6 +32,21 @@ def start(engine, dataset, in_memory, fit_settings: Dict[str, Any], positioned: 
     if learning_rate_change:
         _override_learning_rates(engine, *learning_rate_change)
     return iterator
+
+
+def restore(engine, checkpoint: Optional[str] = None) -> int:
+    """`Trainer.restore`: builds, restores `checkpoint` (else `restore_from`, else the latest
+    checkpoint of the model_dir), returns the step; trains and writes nothing."""
+    path = checkpoint or engine.options.restore_from or (
+        tf.train.latest_checkpoint(os.path.join(engine.model_dir, "checkpoints"))
+        if engine.model_dir else None)
+    if path is None:
+        raise TapekitError("nothing to restore: give a checkpoint, restore_from, or a model_dir "
+                           "that has checkpoints (train first).")
+    checkpointing.check_restorable(path)
+    engine.ensure_built()
+    restore_read_only(engine, path)
+    return engine.current_step
 
 
 def restore_path(engine) -> Optional[str]:
