@@ -201,7 +201,7 @@ def test_a_resume_takes_the_flags_it_is_not_given_from_the_run(tmp_path, cli_env
         assert taken in second.stderr
     assert "--train_steps=20" not in second.stderr.split("does not give")[-1].splitlines()[0]
     run = json.loads(open(f"{model_dir}/run.json").read())
-    assert run["replicas"] == 2 and run["resumes"][0]["step"] == 20
+    assert run["replicas"] == 2 and run["resumes"][0]["step"] == 20 and run["mode"] == "train"
     assert run["settings"]["train_steps"] == 30 and run["arguments"]["model"] == "mlp"
     assert "trained RegressionTrainer to step 30" in second.stderr
 
@@ -215,3 +215,47 @@ def test_a_resume_without_trainer_continues_the_runs_trainer(tmp_path, cli_env):
     second = run_cli(["--train_steps=10"] + common, cli_env)
     assert second.returncode == 0, second.stderr
     assert "--trainer=gan" in second.stderr and "trained GANTrainer to step 10" in second.stderr
+
+
+PAUSING_TRAINER = '''
+import numpy as np
+import tensorflow as tf
+import keras
+import tapekit
+
+
+class Pausing(tapekit.Trainer):
+    def build(self):
+        self.model = keras.layers.Dense(1)
+        self.optimizer = keras.optimizers.SGD(0.1)
+
+    def train_arrays(self):
+        x = np.ones([16, 2], np.float32)
+        return x, x[:, :1]
+
+    def train_step(self, batch):
+        x, y = batch
+        with tf.GradientTape() as tape:
+            loss = self.compute_loss(tf.square(self.model(x) - y))
+        self.apply_gradients(tape, loss, self.model, self.optimizer)
+        breakpoint()
+        return {"loss": loss}
+'''
+
+
+def test_breakpoint_stops_at_every_eager_step_with_values(tmp_path, cli_env):
+    import subprocess
+    from helpers import TAPEKIT_TRAIN
+    (tmp_path / "pausing_trainer.py").write_text(PAUSING_TRAINER)
+    env = dict(cli_env, PYTHONBREAKPOINT="pdb.set_trace")
+    result = subprocess.run(
+        TAPEKIT_TRAIN + ["--trainer=pausing_trainer:Pausing", "--global_batch_size=8",
+                         "--train_steps=2", "--steps_per_loop=2", "--progress=none",
+                         "--run_eagerly"],
+        input="p 'loss=%.4f' % float(loss)\nc\n" * 4, cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    losses = [line for line in result.stdout.splitlines() if "loss=" in line]
+    # Traced once to build (a symbolic loss: float() fails there), then once per step.
+    values = [line.split("loss=")[1].strip("'") for line in losses]
+    assert len(values) == 2 and values[0] != values[1]  # two steps, the second after an update
