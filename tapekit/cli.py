@@ -88,14 +88,16 @@ def recorded_flags(model_dir: Optional[str]) -> Dict[str, str]:
     return found
 
 
-def take_recorded_flags() -> List[str]:
+def take_recorded_flags(trainer_class: Optional[type] = None) -> List[str]:
     """Gives every flag this command line leaves out its value from the run's flags.txt
     when --model_dir holds a recorded run, so that `--trainer=X --model_dir=DIR` (or just
     `--model_dir=DIR`) continues the same run; a flag given explicitly wins (and is checked
-    by the safe-resume rules). Logs and returns the flags taken, as "--name=value"."""
+    by the safe-resume rules). The trainer's own `arguments_safe_to_change` (knobs that do
+    not change what is trained) are not taken. Logs and returns the flags taken."""
+    skipped = set(NOT_RESUMED) | set(getattr(trainer_class, "arguments_safe_to_change", ()))
     taken = []
     for name, value in recorded_flags(FLAGS.model_dir).items():
-        if name in NOT_RESUMED or name not in FLAGS or FLAGS[name].present:
+        if name in skipped or name not in FLAGS or FLAGS[name].present:
             continue
         if FLAGS[name].serialize() == (f"--{name}={value}" if FLAGS[name].flag_type() != "bool"
                                        else f"--{'' if value == 'true' else 'no'}{name}"):
@@ -197,7 +199,7 @@ def _train(program: str, trainer_class: Type[Trainer], own_flags: List[str], arg
     if len(argv) > 1:
         exit_with_error(program, TapekitError(f"unexpected arguments: {' '.join(argv[1:])}"))
     try:
-        take_recorded_flags()
+        take_recorded_flags(trainer_class)
     except (TapekitError, flags.Error) as error:
         exit_with_error(program, TapekitError(f"{FLAGS.model_dir}'s flags.txt: {error}"))
     if FLAGS.mode in ("evaluate", "continuous_evaluate"):
