@@ -97,6 +97,7 @@ class Checkpointer:
         self.is_chief = is_chief
         self.max_to_keep = max_to_keep
         self._temporary = None
+        self._fallback = None  # see fall_back_to
         self.manager = None
         if model_dir:
             if not is_chief:
@@ -110,8 +111,32 @@ class Checkpointer:
 
     @property
     def latest(self) -> Optional[str]:
-        """The newest checkpoint in MODEL_DIR/checkpoints (the chief's), or None."""
+        """The newest usable checkpoint in MODEL_DIR/checkpoints (the chief's), or None: the
+        one `fall_back_to` named until the next save, else the newest listed."""
+        if self._fallback is not None:
+            return self._fallback
         return tf.train.latest_checkpoint(self.directory) if self.directory else None
+
+    def fall_back_to(self, path: str) -> None:
+        """Makes `path` the latest (every worker: the chief may still be moving the damaged
+        ones aside while another reads the listing)."""
+        self._fallback = path
+
+    def newest_readable(self):
+        """(the newest checkpoint of MODEL_DIR/checkpoints whose every tensor reads back, or
+        None; [(path, why) for each newer one that does not]). Reads the checkpoints, newest
+        first, until one is whole: a torn data file fails here, not half-way through a
+        restore."""
+        state = tf.train.get_checkpoint_state(self.directory) if self.directory else None
+        paths = [p if os.path.isabs(p) else os.path.join(self.directory, p)
+                 for p in (state.all_model_checkpoint_paths if state else [])]
+        damaged = []
+        for path in reversed(paths):
+            why = unreadable(path)
+            if why is None:
+                return path, damaged
+            damaged.append((path, why))
+        return None, damaged
 
     def track_iterator(self, iterator) -> None:
         """Saves and restores the position of a (non-distributed) `tf.data` iterator."""
@@ -160,27 +185,29 @@ class Checkpointer:
 
     def save(self, step: int) -> None:
         path = self.manager.save(checkpoint_number=step)
+        self._fallback = None
         if self.is_chief:
             logging.info("saved checkpoint %s", path)
         else:
             shutil.rmtree(self._temporary, ignore_errors=True)
 
-    def set_aside_checkpoints_after(self, step: int) -> None:
+    def set_aside_checkpoints_after(self, step: int) -> Optional[str]:
         """Moves checkpoints newer than `step` (e.g. a damaged one the run was restarted
         around) into checkpoints/set_aside-TIME/, so later saves neither overwrite nor delete
-        them, and the manager only knows the checkpoints up to `step`."""
+        them, and the manager only knows the checkpoints up to `step`. Returns the directory
+        they went to (None: nothing moved)."""
         if not (self.is_chief and self.directory):
-            return
+            return None
         state = tf.train.get_checkpoint_state(self.directory)
         if state is None:
-            return
+            return None
         kept, newer = [], []
         for path in state.all_model_checkpoint_paths:
             path = path if os.path.isabs(path) else os.path.join(self.directory, path)
             number = path.rsplit("-", 1)[-1]
             (newer if number.isdigit() and int(number) > step else kept).append(path)
         if not newer:
-            return
+            return None
         aside = os.path.join(self.directory, time.strftime("set_aside-%Y%m%d-%H%M%S"))
         os.makedirs(aside, exist_ok=True)
         for path in newer:
@@ -189,6 +216,23 @@ class Checkpointer:
         compat.write_checkpoint_state(self.directory, kept[-1] if kept else "", kept)
         logging.warning("moved %d checkpoint(s) newer than step %d to %s", len(newer), step, aside)
         self._make_manager()
+        return aside
+
+
+def unreadable(path: str) -> Optional[str]:
+    """Why checkpoint `path` cannot be read whole ("IndexError: Read less bytes than
+    requested", a missing file, ...), or None if every tensor in it reads back."""
+    try:
+        reader = tf.train.load_checkpoint(path)
+        for name, dtype in reader.get_variable_to_dtype_map().items():
+            if dtype == tf.variant:  # a saved input position: read, but not as an array
+                tf.raw_ops.RestoreV2(prefix=path, tensor_names=[name], shape_and_slices=[""],
+                                     dtypes=[dtype])
+            else:
+                reader.get_tensor(name)
+    except Exception as error:  # the reader raises OpError, IndexError, … on damaged files
+        return f"{type(error).__name__}: {summarize(error)}"
+    return None
 
 
 def _variable_shapes(path: str) -> Dict[str, List[int]]:

@@ -152,13 +152,17 @@ def check_resume(old: Dict[str, Any], new: Dict[str, Any], allowed: Sequence[str
 
 
 def resumed(old: Dict[str, Any], new: Dict[str, Any], step: int,
-            changes: Dict[str, Tuple[Any, Any]]) -> Dict[str, Any]:
-    """The record after a resume: the new settings, and the resume appended to `resumes`."""
+            changes: Dict[str, Tuple[Any, Any]],
+            fallback: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The record after a resume: the new settings, and the resume appended to `resumes`
+    (with `fell_back`: the damaged checkpoints set aside, when it fell back on an older one)."""
     record = dict(new)
     record["started"] = old.get("started", new["started"])
-    record["resumes"] = list(old.get("resumes", [])) + [{
-        "time": new["started"], "step": step, "command": new["command"],
-        "changes": {name: [a, b] for name, (a, b) in changes.items()}}]
+    entry = {"time": new["started"], "step": step, "command": new["command"],
+             "changes": {name: [a, b] for name, (a, b) in changes.items()}}
+    if fallback:
+        entry["fell_back"] = fallback
+    record["resumes"] = list(old.get("resumes", [])) + [entry]
     return record
 
 

@@ -27,7 +27,8 @@ def start(engine, dataset, in_memory, fit_settings: Dict[str, Any], positioned: 
     (None for in-memory input, which is a function of the step, and when not `positioned`:
     training by epochs positions its own, `tapekit.epochs`). A learning rate given
     explicitly for a resumed run replaces the checkpoint's."""
-    learning_rate_change = record_run(engine, fit_settings)
+    fallback = _fall_back_from_damaged(engine)
+    learning_rate_change = record_run(engine, fit_settings, fallback)
     iterator = _restore_and_position(engine, dataset, in_memory is None and positioned)
     if learning_rate_change:
         _override_learning_rates(engine, *learning_rate_change)
@@ -69,7 +70,28 @@ def built_learning_rates(trainer):
             if compat.learning_rate_schedule(optimizer) is None]
 
 
-def record_run(engine, fit_settings: Dict[str, Any]):
+def _fall_back_from_damaged(engine) -> Optional[Dict[str, Any]]:
+    """When the newest checkpoint of the model_dir cannot be read whole (a torn write, a
+    truncated copy), moves it (and any newer damaged one) aside, never deleting it, and
+    resumes from the newest readable one: a requeued job restarts by itself. Returns what
+    was done, for run.json. An explicit `restore_from` never falls back; with no readable
+    checkpoint at all, the restore's own error stands."""
+    checkpointer = engine.checkpointer
+    if engine.options.restore_from or checkpointer is None or checkpointer.latest is None:
+        return None
+    good, damaged = checkpointer.newest_readable()
+    if not damaged or good is None:
+        return None
+    step = checkpointing.saved_step(good)
+    aside = checkpointer.set_aside_checkpoints_after(step)
+    checkpointer.fall_back_to(good)
+    logging.warning("checkpoint %s is damaged (%s); moved to %s and resuming from %s",
+                    damaged[0][0], damaged[0][1], aside, good)
+    return {"damaged": [path for path, _ in damaged], "why": damaged[0][1], "moved_to": aside,
+            "resumed_from": good}
+
+
+def record_run(engine, fit_settings: Dict[str, Any], fallback: Optional[Dict[str, Any]] = None):
     """Writes MODEL_DIR/run.json (the chief), or, when resuming a recorded run, first
     refuses settings that would silently change it. Returns (old, new) learning rates
     when one was given explicitly and differs from the record's, else None."""
@@ -91,7 +113,7 @@ def record_run(engine, fit_settings: Dict[str, Any]):
             old, new, options.allow_changes or (), engine.model_dir, step,
             safe=getattr(engine.trainer, "arguments_safe_to_change", ()))
         change = record_lib.explicit_learning_rate_change(old, options.learning_rate)
-        new = record_lib.resumed(old, new, step, changes)
+        new = record_lib.resumed(old, new, step, changes, fallback)
     if distribute.is_chief(engine.strategy):
         record_lib.write(engine.model_dir, new)
     return change
