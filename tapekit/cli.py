@@ -20,7 +20,7 @@ from tapekit import controller
 from tapekit import distribute
 from tapekit import options as options_lib
 from tapekit import record
-from tapekit.errors import TapekitError, user_message
+from tapekit.errors import EXIT_ERROR, EXIT_WRITE_FAILED, TapekitError, user_message
 from tapekit.export import check_export_dir
 from tapekit.trainer import Trainer
 
@@ -286,15 +286,20 @@ def _export(program: str, trainer_class: Type[Trainer], own_flags: List[str], ar
 
 
 def exit_with_error(program: str, error: BaseException):
-    """Prints `program: error: <one line>` to stderr and exits with status 2; with absl's
-    --pdb_post_mortem, first opens the debugger where the user's code raised."""
+    """Prints `program: error: <one line>` to stderr and exits with the error's exit code
+    (2; 74 for a failed write, `tapekit.errors`); with absl's --pdb_post_mortem, first
+    opens the debugger where the user's code raised."""
     # A restore that failed half-way logs every unused checkpoint value when it is garbage
     # collected at exit: keep the error the last line.
     tf.get_logger().setLevel("ERROR")
     print(f"{program}: error: {user_message(error)}", file=sys.stderr, flush=True)
     if "pdb_post_mortem" in FLAGS and FLAGS.is_parsed() and FLAGS.pdb_post_mortem:
         post_mortem(error)
-    sys.exit(2)
+    code = getattr(error, "exit_code", EXIT_ERROR)
+    if code == EXIT_WRITE_FAILED:  # a failing summary writer would speak after this line
+        sys.stdout.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def post_mortem(error: BaseException) -> None:

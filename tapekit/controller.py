@@ -9,6 +9,7 @@ metrics to the callbacks (logging, metrics file, TensorBoard, checkpoints). It d
 no TensorFlow until it profiles.
 """
 
+import contextlib
 import os
 import signal
 import sys
@@ -146,21 +147,23 @@ class Controller:
                 if train_epochs is not None:
                     logs["epoch"] = runner.epochs_done + (0 if epoch_ended else 1)
                 history.append({"step": step, **logs})
-                for callback in self.callbacks:
-                    callback.on_loop_end(step, logs)
-                if runner.any_worker(signals.terminated or signals.interrupted):
-                    status.stop_training = True
-                    status.interrupted = signals.interrupted
-                    status.preempted = not signals.interrupted
-                elif epoch_ended:
-                    self._end_epoch(step, start_step, train_epochs, eval_every_epochs)
-                elif self._evaluation_due(start_step, step, train_steps):
-                    # (not when stopping on a signal: the grace period is for the checkpoint)
-                    self._evaluate(step)
+                with self._between_loops(step):
+                    for callback in self.callbacks:
+                        callback.on_loop_end(step, logs)
+                    if runner.any_worker(signals.terminated or signals.interrupted):
+                        status.stop_training = True
+                        status.interrupted = signals.interrupted
+                        status.preempted = not signals.interrupted
+                    elif epoch_ended:
+                        self._end_epoch(step, start_step, train_epochs, eval_every_epochs)
+                    elif self._evaluation_due(start_step, step, train_steps):
+                        # (not when stopping on a signal: the grace period is for the checkpoint)
+                        self._evaluate(step)
         if self.profiler:
             self.profiler.stop()
-        for callback in self.callbacks:
-            callback.on_train_end(step, logs)
+        with self._between_loops(step):
+            for callback in self.callbacks:
+                callback.on_train_end(step, logs)
         latest = runner.latest_checkpoint
         saved = f"checkpoint {latest} saved" if latest else "nothing saved (no model_dir)"
         if status.preempted:
@@ -168,6 +171,16 @@ class Controller:
         if status.interrupted:
             logging.warning("interrupted at step %d, %s", step, saved)
         return history
+
+    @contextlib.contextmanager
+    def _between_loops(self, step: int):
+        """An exception from a callback, a hook or an evaluation after the loop that reached
+        `step` becomes the runner's one error (`Runner.stopped_by`: it saves that loop
+        first, unless a write failed)."""
+        try:
+            yield
+        except Exception as error:  # KeyboardInterrupt (a second Ctrl-C) is not caught
+            raise self.runner.stopped_by(error, step) from None
 
     def _more(self, step: int, train_steps: Optional[int], train_epochs: Optional[int]) -> bool:
         if train_epochs is not None:

@@ -29,6 +29,7 @@ from tapekit import compat
 from tapekit import controller as controller_lib
 from tapekit import distribute
 from tapekit import epochs as epochs_lib
+from tapekit import faults
 from tapekit import inputs
 from tapekit import options as options_lib
 from tapekit import precision as precision_lib
@@ -134,6 +135,9 @@ class Engine:
                                         self.current_step)
         iterator = None if self.train_loop.in_memory is not None else self._train_iterator
         return _call_loop(self.train_loop, iterator, num_steps)
+
+    def stopped_by(self, error: BaseException, step: int) -> Exception:
+        return faults.stopped_by(self, error, step)
 
     def any_worker(self, flag: bool) -> bool:
         """True if `flag` is True on any worker (a collective only when multi-worker).

@@ -1,6 +1,14 @@
 """The one exception type tapekit raises for mistakes a user can fix, and message helpers."""
 
+import errno
 import re
+from typing import Optional
+
+# Exit codes of the command line (BUILD.md, "Faults and what tapekit does"): 0 done or
+# preempted (requeue resumes), 1 a crash (a Python traceback), 2 a TapekitError,
+# 74 a write failed (EX_IOERR: a full disk, a lost permission), 130 Ctrl-C.
+EXIT_ERROR = 2
+EXIT_WRITE_FAILED = 74
 
 
 class TapekitError(Exception):
@@ -8,6 +16,40 @@ class TapekitError(Exception):
 
     The command line prints only this line (no traceback) and exits non-zero.
     """
+
+    exit_code = EXIT_ERROR
+
+
+class WriteFailed(TapekitError):
+    """A write into the model_dir (or an export) failed: the job stops, nothing saved is
+    touched, and the same command resumes once the cause is fixed."""
+
+    exit_code = EXIT_WRITE_FAILED
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
+                 errno.ESTALE, errno.ENOTCONN}
+_WRITE_MESSAGES = re.compile(r"No space left on device|Disk quota exceeded|Read-only file system|"
+                             r"Permission denied|Input/output error|Stale file handle|"
+                             r"Transport endpoint is not connected")
+
+
+def write_failure(error: BaseException, model_dir: Optional[str] = None) -> Optional[str]:
+    """'No space left on device: /path' when `error` is a failed write (an OSError of that
+    kind, or TensorFlow's report of one), else None. A file missing under `model_dir` counts
+    too (its file system went away)."""
+    if isinstance(error, OSError):
+        gone = (isinstance(error, FileNotFoundError) and bool(model_dir)
+                and str(error.filename or "").startswith(model_dir))
+        if error.errno in _WRITE_ERRNOS or gone:
+            return f"{error.strerror or type(error).__name__}: {error.filename or '?'}"
+        return None
+    text = str(error)
+    found = _WRITE_MESSAGES.search(text)
+    if found is None:
+        return None
+    path = re.search(r"(/[^\s:;'\"]+)", text)
+    return f"{found.group(0)}: {path.group(1) if path else '?'}"
 
 
 def user_message(error: BaseException) -> str:

@@ -61,5 +61,9 @@ class Runner(Protocol):
     def evaluate(self, steps: Optional[int]) -> Dict[str, float]:
         """Runs the evaluation (None: the data to its end) and returns its metrics."""
 
+    def stopped_by(self, error: BaseException, step: int) -> Exception:
+        """The error to stop with after `error` was raised between loops at `step` (after
+        saving that loop's checkpoint, unless a write failed: `tapekit.faults`)."""
+
     def any_worker(self, flag: bool) -> bool:
         """True if `flag` is True on any worker (a collective vote when multi-worker)."""

@@ -85,3 +85,95 @@ def test_when_no_checkpoint_is_readable_the_error_names_the_newest(tmp_path):
         _tear(str(tmp_path / "checkpoints" / path))
     with pytest.raises(TapekitError, match="ckpt-20' is damaged or unreadable"):
         _train(tmp_path, 30)
+
+
+class BuggyHook(Noisy):
+    fixed = False
+
+    def sample_images(self, num_images):
+        if self.current_step >= 20 and not self.fixed:
+            raise ValueError("a bug in sample_images")
+        return np.zeros([num_images, 4, 4, 1], np.float32)
+
+
+def test_a_hook_that_raises_stops_the_run_after_saving_its_last_loop(tmp_path):
+    trainer = BuggyHook(model_dir=str(tmp_path), progress="none", sample_every_steps=10,
+                        deterministic=True)
+    with pytest.raises(TapekitError) as error:
+        trainer.fit(train_steps=40, steps_per_loop=10)
+    message = str(error.value)
+    assert "ValueError at tests/test_faults.py:" in message and "a bug in sample_images" in message
+    assert "raised between loops at step 20" in message and "ckpt-20 of that loop first" in message
+    assert os.path.exists(tmp_path / "checkpoints" / "ckpt-20.index")
+    # The 20 steps are not lost: the same run resumes there and ends where a clean run ends.
+    resumed = BuggyHook(model_dir=str(tmp_path), progress="none", sample_every_steps=10,
+                        deterministic=True)
+    resumed.fixed = True  # the user fixed the hook
+    resumed.fit(train_steps=40, steps_per_loop=10)
+    clean = Noisy(model_dir=str(tmp_path / "clean"), progress="none", deterministic=True)
+    clean.fit(train_steps=40, steps_per_loop=10)
+    for a, b in zip(clean.model.weights, resumed.model.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def _fill(directory):
+    """Writes into `directory` until its file system has no byte left."""
+    chunk = b"\0" * (1 << 16)
+    with open(os.path.join(directory, "filler"), "wb", buffering=0) as stream:
+        try:
+            while True:
+                stream.write(chunk)
+        except OSError:
+            pass
+        try:
+            while True:
+                stream.write(b"\0")
+        except OSError:
+            pass
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs (as root); skipped where it cannot be mounted."""
+    import subprocess
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {made.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_stops_the_job_with_one_line_and_the_same_command_resumes(
+        small_disk, tmp_path, cli_env):
+    from helpers import TESTS, let_go, reported_weights, run_cli, start_cli, wait_for_pause
+    common = ["--trainer=resumable:Regression", "--deterministic", "--train_steps=60",
+              "--steps_per_loop=10", "--checkpoint_every_steps=10", "--progress=log"]
+    whole = run_cli(common + [f"--model_dir={tmp_path / 'whole'}"], cli_env, cwd=TESTS)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    model_dir, pause = small_disk / "run", str(tmp_path / "paused")
+    process = start_cli(common + [f"--model_dir={model_dir}", "--pause_at_step=20",
+                                  f"--pause_file={pause}"], cli_env, cwd=TESTS)
+    try:
+        assert wait_for_pause(pause, process) == 20
+        _fill(small_disk)  # the disk fills under the running job
+        let_go(pause)
+        _, stderr = process.communicate(timeout=300)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 74, stderr[-2000:]  # a failed write, not a crash (1)
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("tapekit-train: error: a write failed at step 30 (No space left on "
+                           "device") and f"{model_dir}/checkpoints/ckpt-20" in last, last
+    saved = sorted(p.name for p in (model_dir / "checkpoints").glob("ckpt-*.index"))
+    assert saved == ["ckpt-10.index", "ckpt-20.index"]  # nothing saved was lost
+    os.remove(small_disk / "filler")  # space freed: the same command resumes
+    resumed = run_cli(common + [f"--model_dir={model_dir}"], cli_env, cwd=TESTS)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from checkpoint {model_dir}/checkpoints/ckpt-20 at step 20" in resumed.stderr
+    assert reported_weights(resumed.stdout) == reported_weights(whole.stdout)
