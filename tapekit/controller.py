@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
 
@@ -114,7 +114,7 @@ class Controller:
         for callback in self.callbacks:
             callback.on_train_begin(step)
         logs = None
-        with _StopSignals() as signals:
+        with _StopSignals(getattr(runner, "request_stop", None)) as signals:
             while self._more(step, train_steps, train_epochs) and not status.stop_training:
                 num_steps = (steps_per_loop if train_steps is None
                              else min(steps_per_loop, train_steps - step))
@@ -130,7 +130,8 @@ class Controller:
                 if epoch_ended and result.steps_run == 0:  # the pass ended with the last loop
                     self._end_epoch(step, start_step, train_epochs, eval_every_epochs)
                     continue
-                if result.steps_run < num_steps and not epoch_ended:
+                stopping = signals.terminated or signals.interrupted  # the loop ended early
+                if result.steps_run < num_steps and not epoch_ended and not stopping:
                     logging.warning(
                         "the training data ran out: %d of this loop's %d steps ran, training "
                         "stops at step %d of train_steps=%d", result.steps_run, num_steps, step,
@@ -287,33 +288,76 @@ def kill_on_second_interrupt(kill: bool = True) -> None:
 
 class _StopSignals:
     """Records SIGTERM (what schedulers send before preemption) and a first SIGINT (Ctrl-C)
-    instead of dying at once; training stops at the end of the loop in progress.
+    instead of dying at once; training stops at the next step and saves a checkpoint.
 
+    Python runs a signal handler only between bytecodes, so not while a compiled loop runs:
+    a watcher thread woken by the signal itself (`signal.set_wakeup_fd`) acknowledges it
+    at once with a line, calls `on_stop` (the runner's `request_stop`: the loop ends at its
+    next step) and, on a second Ctrl-C from the command line, ends the process at once.
     Installed only in the main thread (Python's rule); the previous handlers are put back.
     """
 
-    def __init__(self):
+    def __init__(self, on_stop: Optional[Callable[[], None]] = None):
         self.terminated = False
         self.interrupted = False
+        self._on_stop = on_stop or (lambda: None)
         self._previous = {}
+        self._wakeup = None  # (read end, write end, the previous wakeup fd)
+        self._watcher = None
 
     def _on_sigterm(self, signum, frame):
         self.terminated = True
-        logging.warning("SIGTERM received: finishing this loop, then saving a checkpoint")
 
     def _on_sigint(self, signum, frame):
         self.interrupted = True
-        logging.warning("Ctrl-C: finishing this loop, then saving a checkpoint; press Ctrl-C "
-                        "again to abort at once")
         signal.signal(signal.SIGINT, signal.SIG_DFL if _second_interrupt_kills
                       else signal.default_int_handler)
+
+    def _watch(self, read_end: int) -> None:
+        interrupts = 0
+        while True:
+            try:
+                received = os.read(read_end, 64)
+            except OSError:
+                return
+            if not received:  # the write end closed: training is over
+                return
+            for signum in received:
+                if signum == signal.SIGTERM:
+                    logging.warning("SIGTERM received: stopping at the next step, then saving "
+                                    "a checkpoint")
+                    self._on_stop()
+                elif signum == signal.SIGINT:
+                    interrupts += 1
+                    if interrupts == 1:
+                        logging.warning("Ctrl-C: stopping at the next step, then saving a "
+                                        "checkpoint; press Ctrl-C again to abort at once")
+                        self._on_stop()
+                    elif _second_interrupt_kills:
+                        sys.stderr.write("second Ctrl-C: aborted, nothing more saved\n")
+                        sys.stderr.flush()
+                        os._exit(130)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
             self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_sigint)
+            read_end, write_end = os.pipe()
+            os.set_blocking(write_end, False)
+            previous = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+            self._wakeup = (read_end, write_end, previous)
+            self._watcher = threading.Thread(target=self._watch, args=(read_end,),
+                                             name="tapekit-signals", daemon=True)
+            self._watcher.start()
         return self
 
     def __exit__(self, *exc):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+        if self._wakeup is not None:
+            read_end, write_end, previous = self._wakeup
+            signal.set_wakeup_fd(previous)
+            os.close(write_end)
+            self._watcher.join(timeout=5)
+            os.close(read_end)
+            self._wakeup = None

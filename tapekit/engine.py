@@ -72,6 +72,10 @@ class Engine:
             # For randomness inside train_step that must resume exactly (checkpointed).
             self.rng = tf.random.Generator.from_seed(options.seed)
         self.epochs = epochs_lib.EpochPasses(self.strategy)  # training by train_epochs
+        # Set by a signal while a loop runs, read by the loop once per step; several workers
+        # instead agree between loops (`any_worker`), as they must stop at one step.
+        self._stop_flag = (None if distribute.is_multi_worker(self.strategy)
+                           else tf.Variable(False, trainable=False, name="stop_requested"))
         self._by_epochs = False
         self.status = RunStatus()
         self.history: List[Dict[str, float]] = []
@@ -139,6 +143,10 @@ class Engine:
     def stopped_by(self, error: BaseException, step: int) -> Exception:
         return faults.stopped_by(self, error, step)
 
+    def request_stop(self, requested: bool = True) -> None:
+        if self._stop_flag is not None:
+            self._stop_flag.assign(requested)
+
     def any_worker(self, flag: bool) -> bool:
         """True if `flag` is True on any worker (a collective only when multi-worker).
 
@@ -175,6 +183,7 @@ class Engine:
                 trainer=self.trainer, eval_every_steps=eval_every_steps, eval_steps=eval_steps,
                 nan_policy=options.nan_policy, profile_steps=options.profile_steps,
                 profile_dir=os.path.join(self.model_dir, "profile") if self.model_dir else None)
+            self.request_stop(False)
             with distribute.peers_stopping_explained(self):
                 history = controller.train(train_steps, int(steps_per_loop),
                                            by_epochs.get("train_epochs"),
@@ -214,7 +223,8 @@ class Engine:
         if loop is None or loop.in_memory is not in_memory or loop.endless != endless:
             self.train_loop = CompiledLoop(
                 self.strategy, self.trainer.train_step, LoopPlan.for_training(self._train_report, self.options),
-                step_counter=self.global_step, in_memory=in_memory, endless=endless)
+                step_counter=self.global_step, in_memory=in_memory, endless=endless,
+                stop_flag=self._stop_flag)
 
     def evaluate(self, steps: Optional[int] = None, dataset=None) -> Dict[str, float]:
         """`Trainer.evaluate` (arguments validated there); inside `fit`, on its input."""

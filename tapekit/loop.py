@@ -96,8 +96,9 @@ class CompiledLoop:
 
     def __init__(self, strategy: tf.distribute.Strategy, replica_step: Callable, plan: LoopPlan,
                  step_counter: Optional[tf.Variable] = None, in_memory=None,
-                 endless: bool = False):
+                 endless: bool = False, stop_flag: Optional[tf.Variable] = None):
         self.strategy = strategy
+        self.stop_flag = stop_flag  # a bool variable: True ends the loop at the next step
         self.plan = plan
         self.step_metric_names = tuple(plan.metric_names)
         self.keras_metrics = tuple(plan.keras_metrics)
@@ -210,11 +211,10 @@ class CompiledLoop:
         for metric in self.keras_metrics:
             metric.reset_state()
         state = strategy.run(self._initial_state)
-        steps_run = num_steps
         if self.in_memory is not None:
-            state = self._in_memory_steps(state, num_steps)
+            steps_run, state = self._in_memory_steps(state, num_steps)
         elif self.endless:
-            state = self._endless_steps(iterator, state, num_steps)
+            steps_run, state = self._endless_steps(iterator, state, num_steps)
         else:
             state, steps_run = self._steps_until_the_end(iterator, state, num_steps)
         self._count_steps(steps_run)
@@ -262,20 +262,28 @@ class CompiledLoop:
         if self.step_counter is not None and not self._counts_each_step():
             self.step_counter.assign_add(steps_run)
 
+    def _going_on(self, offset, stop):
+        """Whether the step at `offset` runs: before `stop`, and no stop was requested (the
+        `stop_flag` a signal sets while the loop runs: read once per step)."""
+        if self.stop_flag is None:
+            return offset < stop
+        return tf.logical_and(offset < stop, tf.logical_not(self.stop_flag.read_value()))
+
     def _steps(self, start, stop, state, replica_fn, arguments):
         """Steps `start` to `stop` (offsets in this loop): each runs `replica_fn` on every
-        replica with `arguments(offset, state)` and counts the step."""
+        replica with `arguments(offset, state)` and counts the step. Returns (the offset
+        reached: `stop` unless a stop was requested, state)."""
         def body(offset, state):
             state = self.strategy.run(replica_fn, args=arguments(offset, state))
             self._count_step()
             return offset + 1, state
 
-        return tf.while_loop(lambda offset, _: offset < stop, body, (start, state))[1]
+        return tf.while_loop(lambda offset, _: self._going_on(offset, stop), body, (start, state))
 
     def _endless_steps(self, iterator, state, num_steps):
         """`num_steps` steps of data that provably never ends: read with `next`, without the
         per-step end-of-data check (get_next_as_optional/has_value: ~35 µs a step on CPU
-        for the seed GAN)."""
+        for the seed GAN). Returns (steps run, state)."""
         return self._steps(tf.constant(0, tf.int64), num_steps, state, self._step_and_accumulate,
                            lambda offset, state: (next(iterator), state, offset))
 
@@ -295,12 +303,14 @@ class CompiledLoop:
             return offset + tf.cast(has_value, tf.int64), tf.logical_not(has_value), state
 
         steps_run, _, state = tf.while_loop(
-            lambda offset, ended, _: tf.logical_and(offset < num_steps, tf.logical_not(ended)),
+            lambda offset, ended, _: tf.logical_and(self._going_on(offset, num_steps),
+                                                    tf.logical_not(ended)),
             body, (tf.constant(0, tf.int64), tf.constant(False), state))
         return state, steps_run
 
     def _in_memory_steps(self, state, num_steps):
-        """`num_steps` steps of in-memory examples (`tapekit.data.InMemoryExamples`)."""
+        """`num_steps` steps of in-memory examples (`tapekit.data.InMemoryExamples`).
+        Returns (steps run, state)."""
         first_step = self.step_counter.read_value()
         steps_per_epoch = self.in_memory.steps_per_epoch
 
@@ -317,10 +327,10 @@ class CompiledLoop:
             step = first_step + start
             self.strategy.run(self.in_memory.prepare, args=(step // steps_per_epoch,))
             stop = tf.minimum(num_steps, start + steps_per_epoch - step % steps_per_epoch)
-            return stop, steps(start, stop, state, False)
+            return steps(start, stop, state, False)
 
-        return tf.while_loop(lambda start, _: start < num_steps, stretch,
-                             (tf.constant(0, tf.int64), state))[1]
+        return tf.while_loop(lambda start, _: self._going_on(start, num_steps), stretch,
+                             (tf.constant(0, tf.int64), state))
 
     def _keras_metric_results(self):
         """The keras.metrics' results (cross-replica: their states summed over replicas)."""

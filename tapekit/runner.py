@@ -65,5 +65,8 @@ class Runner(Protocol):
         """The error to stop with after `error` was raised between loops at `step` (after
         saving that loop's checkpoint, unless a write failed: `tapekit.faults`)."""
 
+    def request_stop(self, requested: bool = True) -> None:
+        """Ends the running loop at its next step (called from a signal watcher thread)."""
+
     def any_worker(self, flag: bool) -> bool:
         """True if `flag` is True on any worker (a collective vote when multi-worker)."""

@@ -177,3 +177,69 @@ def test_a_full_disk_stops_the_job_with_one_line_and_the_same_command_resumes(
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from checkpoint {model_dir}/checkpoints/ckpt-20 at step 20" in resumed.stderr
     assert reported_weights(resumed.stdout) == reported_weights(whole.stdout)
+
+
+LONG_LOOP_TRAINER = '''
+import os
+import numpy as np
+import tensorflow as tf
+import keras
+import tapekit
+
+
+class LongLoop(tapekit.Trainer):
+    """Marks (from inside the compiled loop) that step 50 has run."""
+
+    def build(self):
+        self.model = keras.layers.Dense(1)
+        self.optimizer = keras.optimizers.SGD(0.01)
+
+    def train_arrays(self):
+        x = np.linspace(-1, 1, 64, dtype=np.float32)[:, None]
+        return x, 2 * x
+
+    def train_step(self, batch):
+        x, y = batch
+        with tf.GradientTape() as tape:
+            loss = self.compute_loss(tf.square(self.model(x) - y))
+        self.apply_gradients(tape, loss, self.model, self.optimizer)
+        tf.cond(tf.equal(self.global_step, 50),
+                lambda: tf.py_function(lambda: open(os.environ["MARKER"], "w").close() or 0.0,
+                                       [], tf.float32),
+                lambda: tf.constant(0.0))
+        return {"loss": loss}
+'''
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_a_stop_request_ends_a_long_loop_at_the_next_step_and_saves(tmp_path, cli_env, signum):
+    import signal
+    import subprocess
+    import time
+    from helpers import TAPEKIT_TRAIN
+    (tmp_path / "long_loop.py").write_text(LONG_LOOP_TRAINER)
+    marker = tmp_path / "at_step_50"
+    env = dict(cli_env, MARKER=str(marker))
+    model_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        TAPEKIT_TRAIN + ["--trainer=long_loop:LongLoop", "--global_batch_size=8",
+                         "--train_steps=100000000", "--steps_per_loop=100000000",
+                         "--progress=log", f"--model_dir={model_dir}"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300  # a guard against a hang, not a measurement
+        while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), process.communicate(timeout=60)
+        process.send_signal(getattr(signal, signum))  # inside the one long loop
+        _, stderr = process.communicate(timeout=300)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == (0 if signum == "SIGTERM" else 130), stderr[-2000:]
+    heard = "SIGTERM received: stopping at the next step" if signum == "SIGTERM" else (
+        "Ctrl-C: stopping at the next step")
+    assert heard in stderr
+    saved = [int(p.name[5:-6]) for p in (model_dir / "checkpoints").glob("ckpt-*.index")]
+    assert len(saved) == 1 and 50 < saved[0] < 100000000  # saved mid-loop, where it stopped
+    assert "the training data ran out" not in stderr
