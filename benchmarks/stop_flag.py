@@ -21,7 +21,7 @@ from tapekit.trainers.regression import RegressionTrainer  # noqa: E402
 def _trainer(model: str, listening: bool) -> RegressionTrainer:
     trainer = RegressionTrainer(model=model, progress="none")
     if not listening:
-        trainer._engine._stop_flag = None  # the loop is then built without the read
+        trainer._engine.stop.variable = None  # the loop is then built without the read
     return trainer
 
 

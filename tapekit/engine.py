@@ -72,10 +72,7 @@ class Engine:
             # For randomness inside train_step that must resume exactly (checkpointed).
             self.rng = tf.random.Generator.from_seed(options.seed)
         self.epochs = epochs_lib.EpochPasses(self.strategy)  # training by train_epochs
-        # Set by a signal while a loop runs, read by the loop once per step; several workers
-        # instead agree between loops (`any_worker`), as they must stop at one step.
-        self._stop_flag = (None if distribute.is_multi_worker(self.strategy)
-                           else tf.Variable(False, trainable=False, name="stop_requested"))
+        self.stop = faults.StopFlag(self.strategy)  # a signal's, read by the loop each step
         self._by_epochs = False
         self.status = RunStatus()
         self.history: List[Dict[str, float]] = []
@@ -97,22 +94,13 @@ class Engine:
     def _running(self):
         return compat.op_determinism(self.options.deterministic)
 
-    # ------------------------------------------------------------------ resolved options
-
     @property
     def global_batch_size(self) -> int:
-        """The option, else the trainer class's `default_global_batch_size` (read lazily)."""
-        value = self.options.global_batch_size
-        if value is None:
-            value = self.trainer.default_global_batch_size
-            options_lib.check_global_batch_size(value, self.strategy)
-        return int(value)
+        return options_lib.global_batch_size(self.options, self.trainer, self.strategy)
 
     @property
     def learning_rate(self) -> float:
-        """The option, else the trainer class's `default_learning_rate` (read lazily)."""
-        value = self.options.learning_rate
-        return float(value if value is not None else self.trainer.default_learning_rate)
+        return options_lib.learning_rate(self.options, self.trainer)
 
     # ------------------------------------------------------------------ what the controller uses
 
@@ -144,8 +132,7 @@ class Engine:
         return faults.stopped_by(self, error, step)
 
     def request_stop(self, requested: bool = True) -> None:
-        if self._stop_flag is not None:
-            self._stop_flag.assign(requested)
+        self.stop.request(requested)
 
     def any_worker(self, flag: bool) -> bool:
         """True if `flag` is True on any worker (a collective only when multi-worker).
@@ -224,7 +211,7 @@ class Engine:
             self.train_loop = CompiledLoop(
                 self.strategy, self.trainer.train_step, LoopPlan.for_training(self._train_report, self.options),
                 step_counter=self.global_step, in_memory=in_memory, endless=endless,
-                stop_flag=self._stop_flag)
+                stop_flag=self.stop.variable)
 
     def evaluate(self, steps: Optional[int] = None, dataset=None) -> Dict[str, float]:
         """`Trainer.evaluate` (arguments validated there); inside `fit`, on its input."""
@@ -295,8 +282,6 @@ class Engine:
     @property
     def loss_scales(self) -> List[precision_lib.DynamicLossScale]:
         return self.updaters.loss_scales
-
-    # ------------------------------------------------------------------ checkpointed state
 
     def owned_state(self) -> Dict[str, Any]:
         """Everything a checkpoint holds (`tapekit.state.run_state`)."""

@@ -1,4 +1,6 @@
-"""What an exception between two loops does to a run: it stops, and it says how it left it.
+"""Faults a running job meets between loops and inside one, and how it leaves the run.
+
+A stop request (SIGTERM, Ctrl-C) during a loop sets a `StopFlag` the loop reads each step.
 
 Called by the controller (`tapekit.controller`) when a callback, a user hook it calls
 (`sample_images`), an evaluation or an export raises after a loop completed. A failed write
@@ -7,6 +9,8 @@ stops the job with one line naming the cause, the path and the last intact check
 touches nothing saved. Anything else first saves a checkpoint of the last completed loop,
 so that the work is not lost, then stops with the error's own line (naming the user's code).
 """
+
+import tensorflow as tf
 
 from tapekit import distribute
 from tapekit.build import user_frame
@@ -45,3 +49,18 @@ def _save(engine, step: int) -> str:
     except Exception as failure:  # a write failing too: say so, do not hide the first error
         return f"saving its checkpoint failed too ({type(failure).__name__}: {summarize(failure)})"
     return f"saved checkpoint {engine.latest_checkpoint} of that loop first"
+
+
+class StopFlag:
+    """A stop request for the running compiled loop: set by the signal watcher
+    (`tapekit.controller`), read by the loop once per step (`CompiledLoop.stop_flag`).
+    None on several workers, which instead agree between loops (`Runner.any_worker`), as
+    they must all stop at the same step."""
+
+    def __init__(self, strategy: tf.distribute.Strategy):
+        self.variable = (None if distribute.is_multi_worker(strategy)
+                         else tf.Variable(False, trainable=False, name="stop_requested"))
+
+    def request(self, requested: bool = True) -> None:
+        if self.variable is not None:
+            self.variable.assign(requested)

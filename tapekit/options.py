@@ -184,6 +184,21 @@ def check_global_batch_size(value, strategy) -> None:
             f"sync; use a multiple of {replicas}.")
 
 
+def global_batch_size(options, trainer, strategy) -> int:
+    """The option, else the trainer class's `default_global_batch_size` (read when used)."""
+    value = options.global_batch_size
+    if value is None:
+        value = trainer.default_global_batch_size
+        check_global_batch_size(value, strategy)
+    return int(value)
+
+
+def learning_rate(options, trainer) -> float:
+    """The option, else the trainer class's `default_learning_rate` (read when used)."""
+    value = options.learning_rate
+    return float(value if value is not None else trainer.default_learning_rate)
+
+
 def resolve(arguments: Dict[str, Any]) -> "Options":
     """Validates `Trainer(...)`'s keyword arguments and returns them as `Options`.
 
