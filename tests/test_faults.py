@@ -243,3 +243,36 @@ def test_a_stop_request_ends_a_long_loop_at_the_next_step_and_saves(tmp_path, cl
     saved = [int(p.name[5:-6]) for p in (model_dir / "checkpoints").glob("ckpt-*.index")]
     assert len(saved) == 1 and 50 < saved[0] < 100000000  # saved mid-loop, where it stopped
     assert "the training data ran out" not in stderr
+
+
+def test_chaos_five_sigkills_at_random_moments_end_bitwise_where_a_clean_run_ends(
+        tmp_path, cli_env):
+    """The GAN (two models, two optimizers, noise drawn from the checkpointed generator, a
+    shuffled input) is killed with SIGKILL at 5 seeded-random loop ends, each after some
+    checkpoint, and restarted each time with the same command. (Dropout, BatchNorm and a
+    reshuffled tf.data pipeline are killed and resumed in `test_conformance.py`.)"""
+    import random
+    import signal
+    from helpers import TESTS, reported_weights, run_cli, start_cli, wait_for_pause
+    common = ["--trainer=resumable:GAN", "--deterministic", "--seed=3", "--train_steps=150",
+              "--steps_per_loop=5", "--checkpoint_every_steps=20"]
+    whole = run_cli(common + [f"--model_dir={tmp_path / 'whole'}"], cli_env, cwd=TESTS)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    model_dir = tmp_path / "chaos"
+    kills = sorted(random.Random(7).sample(range(25, 150, 5), 5))  # loop ends past ckpt-20
+    for number, kill_at in enumerate(kills):
+        pause = str(tmp_path / f"paused-{number}")
+        process = start_cli(common + [f"--model_dir={model_dir}", f"--pause_at_step={kill_at}",
+                                      f"--pause_file={pause}"], cli_env, cwd=TESTS)
+        try:
+            assert wait_for_pause(pause, process) == kill_at
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=60)
+        finally:
+            process.kill()
+            process.wait()
+        assert process.returncode == -signal.SIGKILL
+    finished = run_cli(common + [f"--model_dir={model_dir}"], cli_env, cwd=TESTS)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert len(json.loads((model_dir / "run.json").read_text())["resumes"]) == 5
+    assert reported_weights(finished.stdout) == reported_weights(whole.stdout)  # bit for bit
