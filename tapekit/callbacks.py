@@ -14,6 +14,8 @@ from typing import Callable, Dict, Optional
 
 from absl import logging
 
+from tapekit import files
+
 Logs = Dict[str, float]
 
 
@@ -58,7 +60,7 @@ class MetricsFile(Callback):
         record.update({key: value if isinstance(value, int) and not isinstance(value, bool)
                        else float(value) for key, value in logs.items()})
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        with open(self.path, "a") as stream:
+        with files.open_for_writing(self.path, append=True) as stream:
             stream.write(json.dumps(record) + "\n")
 
     def on_loop_end(self, step, logs):
@@ -191,7 +193,7 @@ class KeepBest(Callback):
             os.replace(partial, final)
         record = {"metric": self.metric, "value": value, "step": int(step),
                   "checkpoint": self.checkpointer.latest}
-        with open(os.path.join(self.directory, "best.json.tmp"), "w") as stream:
+        with files.open_for_writing(os.path.join(self.directory, "best.json.tmp")) as stream:
             json.dump(record, stream)
         os.replace(os.path.join(self.directory, "best.json.tmp"),
                    os.path.join(self.directory, "best.json"))

@@ -20,6 +20,7 @@ import tensorflow as tf
 from absl import logging
 
 from tapekit import compat
+from tapekit import files
 from tapekit.errors import TapekitError, summarize
 
 ITERATOR_KEY = "train_iterator"
@@ -40,6 +41,7 @@ def prepare_model_dir(model_dir: str) -> str:
         raise TapekitError(
             f"cannot write to model_dir {model_dir!r} ({error.strerror or error}); choose a "
             "writable --model_dir.") from None
+    files.check_links(model_dir)
     return model_dir
 
 

@@ -11,6 +11,7 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
+from tapekit import files
 from tapekit.errors import TapekitError
 
 CHANNELS = (1, 3, 4)  # grey, RGB, RGBA: what PNG stores
@@ -67,4 +68,4 @@ def write_png(path: str, grid) -> None:
     parent = os.path.dirname(path)
     if parent:
         tf.io.gfile.makedirs(parent)
-    tf.io.write_file(path, tf.io.encode_png(array))
+    files.write_bytes(path, tf.io.encode_png(array).numpy())

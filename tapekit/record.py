@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
 
+from tapekit import files
 from tapekit.errors import TapekitError
 
 RECORD_FILE = "run.json"
@@ -96,13 +97,13 @@ def read(model_dir: str) -> Optional[Dict[str, Any]]:
 def write(model_dir: str, record: Dict[str, Any]) -> None:
     """Writes run.json (atomically) and, from the command line, flags.txt."""
     path = os.path.join(model_dir, RECORD_FILE)
-    with open(path + ".tmp", "w") as stream:
+    with files.open_for_writing(path + ".tmp") as stream:
         json.dump(record, stream, indent=1)
         stream.write("\n")
     os.replace(path + ".tmp", path)
     flags_text = _COMMAND_LINE.get().get("flags")
     if flags_text is not None:
-        with open(os.path.join(model_dir, FLAGS_FILE + ".tmp"), "w") as stream:
+        with files.open_for_writing(os.path.join(model_dir, FLAGS_FILE + ".tmp")) as stream:
             stream.write(flags_text)
         os.replace(os.path.join(model_dir, FLAGS_FILE + ".tmp"),
                    os.path.join(model_dir, FLAGS_FILE))

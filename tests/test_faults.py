@@ -276,3 +276,31 @@ def test_chaos_five_sigkills_at_random_moments_end_bitwise_where_a_clean_run_end
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert len(json.loads((model_dir / "run.json").read_text())["resumes"]) == 5
     assert reported_weights(finished.stdout) == reported_weights(whole.stdout)  # bit for bit
+
+
+def test_tapekit_never_writes_through_a_symlink_out_of_the_model_dir(tmp_path):
+    outside = tmp_path / "not_yours.txt"
+    outside.write_text("precious\n")
+    model_dir = tmp_path / "shared"
+    model_dir.mkdir()
+    os.symlink(outside, model_dir / "metrics.jsonl")
+    with pytest.raises(TapekitError, match=r"metrics.jsonl is a symbolic link to .*not_yours.txt, "
+                                           "outside the model_dir; tapekit never writes through"):
+        Noisy(model_dir=str(model_dir), progress="none")
+    assert outside.read_text() == "precious\n"
+    # A link inside the model_dir planted after the start is refused too, not followed.
+    os.remove(model_dir / "metrics.jsonl")
+    trainer = Noisy(model_dir=str(model_dir), progress="none", sample_every_steps=None)
+    trainer.fit(train_steps=10, steps_per_loop=10)
+    os.remove(model_dir / "metrics.jsonl")
+    os.symlink(outside, model_dir / "metrics.jsonl")
+    with pytest.raises(TapekitError, match="metrics.jsonl is a symbolic link"):
+        trainer.fit(train_steps=20, steps_per_loop=10)
+    assert outside.read_text() == "precious\n"
+    assert oct(os.stat(model_dir / "run.json").st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
