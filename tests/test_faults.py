@@ -151,8 +151,10 @@ def small_disk(tmp_path):
 def test_a_full_disk_stops_the_job_with_one_line_and_the_same_command_resumes(
         small_disk, tmp_path, cli_env):
     from helpers import TESTS, let_go, reported_weights, run_cli, start_cli, wait_for_pause
+    # Keeping 2: a save that failed at step 30 must not have deleted ckpt-10 to make room.
     common = ["--trainer=resumable:Regression", "--deterministic", "--train_steps=60",
-              "--steps_per_loop=10", "--checkpoint_every_steps=10", "--progress=log"]
+              "--steps_per_loop=10", "--checkpoint_every_steps=10", "--progress=log",
+              "--max_checkpoints_to_keep=2"]
     whole = run_cli(common + [f"--model_dir={tmp_path / 'whole'}"], cli_env, cwd=TESTS)
     assert whole.returncode == 0, whole.stderr[-2000:]
     model_dir, pause = small_disk / "run", str(tmp_path / "paused")
