@@ -200,9 +200,15 @@ def test_parameter_counts_are_logged_and_recorded_in_run_json(tmp_path, caplog):
                                            keras.layers.Dense(1)])
             self.optimizer = keras.optimizers.Adam(self.learning_rate)
 
+    from absl import logging as absl_logging
     trainer = Counted(progress="none", model_dir=str(tmp_path))
-    with caplog.at_level(std_logging.INFO):
-        trainer.fit(train_steps=1, steps_per_loop=1)
+    verbosity = absl_logging.get_verbosity()  # an earlier test may have lowered absl's
+    absl_logging.set_verbosity(absl_logging.INFO)
+    try:
+        with caplog.at_level(std_logging.INFO):
+            trainer.fit(train_steps=1, steps_per_loop=1)
+    finally:
+        absl_logging.set_verbosity(verbosity)
     # Dense(1->4): 8; BatchNorm(4): gamma, beta trainable 8, moving mean/variance 8; Dense(4->1): 5.
     expected = {"models": {"model": {"trainable": 8 + 8 + 5, "non_trainable": 8}},
                 "optimizers": {"optimizer": {"slot_variables": 2 * 6, "slot_parameters": 2 * 21}}}
