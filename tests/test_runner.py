@@ -12,8 +12,8 @@ from tapekit.engine import Engine
 def test_the_engine_implements_the_runner_interface_as_declared():
     members = {name: member for name, member in vars(runner.Runner).items()
                if not name.startswith("_")}
-    assert sorted(members) == ["any_worker", "current_step", "evaluate", "examples_per_step",
-                               "latest_checkpoint", "run_train_loop"]
+    assert sorted(members) == ["any_worker", "current_step", "epochs_done", "evaluate",
+                               "examples_per_step", "latest_checkpoint", "run_train_loop"]
     for name, member in members.items():
         real = getattr(Engine, name)
         assert isinstance(real, property) == isinstance(member, property), name
