@@ -13,7 +13,8 @@ def test_the_engine_implements_the_runner_interface_as_declared():
     members = {name: member for name, member in vars(runner.Runner).items()
                if not name.startswith("_")}
     assert sorted(members) == ["any_worker", "current_step", "epochs_done", "evaluate",
-                               "examples_per_step", "latest_checkpoint", "run_train_loop"]
+                               "examples_per_step", "latest_checkpoint", "request_stop",
+                               "run_train_loop", "stopped_by"]
     for name, member in members.items():
         real = getattr(Engine, name)
         assert isinstance(real, property) == isinstance(member, property), name
