@@ -36,19 +36,15 @@ def test_a_checkpoint_with_other_shapes_is_refused(tmp_path):
                           allow_changes="hidden_units").fit(train_steps=20)
 
 
-def test_a_truncated_checkpoint_is_named_left_alone_and_an_older_one_restores(tmp_path):
+def test_a_truncated_newest_checkpoint_is_set_aside_and_an_older_one_restores(tmp_path):
     RegressionTrainer(model_dir=str(tmp_path), checkpoint_every_steps=10).fit(
         train_steps=20, steps_per_loop=10)
     checkpoints = tmp_path / "checkpoints"
     damaged = checkpoints / "ckpt-20.data-00000-of-00001"
     damaged.write_bytes(damaged.read_bytes()[:7])
-    with pytest.raises(tapekit.TapekitError) as raised:
-        RegressionTrainer(model_dir=str(tmp_path)).fit(train_steps=30)
-    message = str(raised.value)
-    assert str(damaged) in message and "--restore_from=" in message and "ckpt-10" in message
-    assert damaged.read_bytes() and len(damaged.read_bytes()) == 7
-
-    restarted = RegressionTrainer(model_dir=str(tmp_path), restore_from=str(checkpoints / "ckpt-10"))
+    # The same command again: it falls back on ckpt-10 by itself (tests/test_faults.py has
+    # the bitwise check, the run record and --restore_from, which never falls back).
+    restarted = RegressionTrainer(model_dir=str(tmp_path))
     restarted.fit(train_steps=30, steps_per_loop=10)
     assert restarted.current_step == 30
     (aside,) = [d for d in os.listdir(checkpoints) if d.startswith("set_aside-")]

@@ -19,7 +19,9 @@ PRIVATE = {
     "tf.compat.v1": r"\bcompat\.v1\b",
     "TensorFlow's own modules": r"\btensorflow\.(python|core)\b",
     "a FuncGraph's captures": r"\.captures\b",
-    "a private attribute of another object": r"(?<![\w.])(?!self\b|cls\b)[A-Za-z_]\w*\._[a-z]\w*",
+    # (os._exit is the standard library's documented immediate exit, not a private name)
+    "a private attribute of another object":
+        r"(?<![\w.])(?!self\b|cls\b|os\._exit\b)[A-Za-z_]\w*\._[a-z]\w*",
     "a private attribute read by name": r"getattr\((?!self\b)[^,]+,\s*[\"']_[a-z]",
     "an instance attribute removed by name": r"\bvars\((?!self\b)[^)]*\)\.pop\(",
     "a method patched on an object":
