@@ -16,7 +16,7 @@ def keep_best_of(engine, eval_data) -> Optional[KeepBest]:
     options = engine.options
     if not options.best_metric or engine.model_dir is None:
         return None
-    names = engine.eval_loop(eval_data.element_spec).metric_names
+    names = engine.eval_loop(eval_data.element_spec, eval_data).metric_names
     if evaluation_metric(options.best_metric, names) is None:
         raise TapekitError(
             f"best_metric={options.best_metric!r} is not a metric of the evaluation, which "

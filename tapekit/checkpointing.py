@@ -24,6 +24,7 @@ from tapekit import files
 from tapekit.errors import TapekitError, summarize
 
 ITERATOR_KEY = "train_iterator"
+EPOCH_KEYS = ("tapekit_epochs_done/", "tapekit_epoch_start_step/")
 _IGNORED_KEYS = ("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter/")
 
 
@@ -140,6 +141,11 @@ class Checkpointer:
             damaged.append((path, why))
         return None, damaged
 
+    def track(self, objects: Dict[str, object]) -> None:
+        """Adds `objects` (name → trackable) to what is saved and restored from now on."""
+        for name, value in objects.items():
+            setattr(self.checkpoint, name, value)
+
     def track_iterator(self, iterator) -> None:
         """Saves and restores the position of a (non-distributed) `tf.data` iterator."""
         setattr(self.checkpoint, ITERATOR_KEY, iterator)
@@ -179,8 +185,10 @@ class Checkpointer:
             shutil.rmtree(scratch, ignore_errors=True)
         shapes = [f"{_short(name)} has shape {saved[name]} in the checkpoint, {shape} here"
                   for name, shape in expected.items() if name in saved and saved[name] != shape]
+        # Training by epochs adds its position (tapekit.epochs); a trainer restoring without
+        # training by epochs leaves it unread.
         extra = [f"{_short(name)} in the checkpoint is not in this trainer"
-                 for name in saved if name not in expected]
+                 for name in saved if name not in expected and not name.startswith(EPOCH_KEYS)]
         missing = [f"{_short(name)} missing from the checkpoint"
                    for name in expected if name not in saved]
         return shapes + extra + missing
@@ -224,6 +232,8 @@ class Checkpointer:
 def unreadable(path: str) -> Optional[str]:
     """Why checkpoint `path` cannot be read whole ("IndexError: Read less bytes than
     requested", a missing file, ...), or None if every tensor in it reads back."""
+    damage = (tf.errors.DataLossError, tf.errors.NotFoundError, tf.errors.OutOfRangeError,
+              tf.errors.InvalidArgumentError, IndexError)  # not a transient failure to read
     try:
         reader = tf.train.load_checkpoint(path)
         for name, dtype in reader.get_variable_to_dtype_map().items():
@@ -232,7 +242,7 @@ def unreadable(path: str) -> Optional[str]:
                                      dtypes=[dtype])
             else:
                 reader.get_tensor(name)
-    except Exception as error:  # the reader raises OpError, IndexError, … on damaged files
+    except damage as error:
         return f"{type(error).__name__}: {summarize(error)}"
     return None
 

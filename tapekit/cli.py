@@ -95,6 +95,12 @@ def take_recorded_flags(trainer_class: Optional[type] = None) -> List[str]:
     by the safe-resume rules). The trainer's own `arguments_safe_to_change` (knobs that do
     not change what is trained) are not taken. Logs and returns the flags taken."""
     skipped = set(NOT_RESUMED) | set(getattr(trainer_class, "arguments_safe_to_change", ()))
+    if FLAGS.mode in ("evaluate", "continuous_evaluate"):  # an evaluator runs where it is
+        skipped |= {"mode", "strategy", "device", "cpu_replicas", "cluster_resolver",
+                    "slurm_port_base", "profile_steps"}
+    for either, other in (("train_steps", "train_epochs"), ("train_epochs", "train_steps")):
+        if FLAGS[other].present:  # switching between steps and epochs: not both
+            skipped.add(either)
     taken = []
     for name, value in recorded_flags(FLAGS.model_dir).items():
         if name in skipped or name not in FLAGS or FLAGS[name].present:

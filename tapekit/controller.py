@@ -127,15 +127,18 @@ class Controller:
                 if self.profiler:
                     self.profiler.after_loop(step)
                 epoch_ended = train_epochs is not None and result.epoch_ended
-                if epoch_ended and result.steps_run == 0:  # the pass ended with the last loop
-                    self._end_epoch(step, start_step, train_epochs, eval_every_epochs)
-                    continue
                 stopping = signals.terminated or signals.interrupted  # the loop ended early
+                if stopping and result.steps_run == 0:  # asked to stop before it began
+                    self._stop_on_signal(signals)
+                    break
+                if epoch_ended and result.steps_run == 0:  # the pass ended with the last loop
+                    with self._between_loops(step):
+                        self._end_epoch(step, start_step, train_epochs, eval_every_epochs)
+                    continue
                 if result.steps_run < num_steps and not epoch_ended and not stopping:
                     logging.warning(
                         "the training data ran out: %d of this loop's %d steps ran, training "
-                        "stops at step %d of train_steps=%d", result.steps_run, num_steps, step,
-                        train_steps)
+                        "stops at step %d", result.steps_run, num_steps, step)
                     status.stop_training = True
                 if result.steps_run == 0:
                     break
@@ -152,9 +155,7 @@ class Controller:
                     for callback in self.callbacks:
                         callback.on_loop_end(step, logs)
                     if runner.any_worker(signals.terminated or signals.interrupted):
-                        status.stop_training = True
-                        status.interrupted = signals.interrupted
-                        status.preempted = not signals.interrupted
+                        self._stop_on_signal(signals)
                     elif epoch_ended:
                         self._end_epoch(step, start_step, train_epochs, eval_every_epochs)
                     elif self._evaluation_due(start_step, step, train_steps):
@@ -173,6 +174,12 @@ class Controller:
             logging.warning("interrupted at step %d, %s", step, saved)
         return history
 
+    def _stop_on_signal(self, signals) -> None:
+        status = self.runner.status
+        status.stop_training = True
+        status.interrupted = signals.interrupted
+        status.preempted = not signals.interrupted
+
     @contextlib.contextmanager
     def _between_loops(self, step: int):
         """An exception from a callback, a hook or an evaluation after the loop that reached
@@ -181,7 +188,10 @@ class Controller:
         try:
             yield
         except Exception as error:  # KeyboardInterrupt (a second Ctrl-C) is not caught
-            raise self.runner.stopped_by(error, step) from None
+            stopped = self.runner.stopped_by(error, step)
+            if stopped is error:  # e.g. other workers stopped: explained further out
+                raise
+            raise stopped from None
 
     def _more(self, step: int, train_steps: Optional[int], train_epochs: Optional[int]) -> bool:
         if train_epochs is not None:
@@ -314,6 +324,12 @@ class _StopSignals:
                       else signal.default_int_handler)
 
     def _watch(self, read_end: int) -> None:
+        try:
+            self._relay(read_end)
+        finally:
+            os.close(read_end)  # here, not in __exit__: the thread may outlive its join
+
+    def _relay(self, read_end: int) -> None:
         interrupts = 0
         while True:
             try:
@@ -345,7 +361,7 @@ class _StopSignals:
             read_end, write_end = os.pipe()
             os.set_blocking(write_end, False)
             previous = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
-            self._wakeup = (read_end, write_end, previous)
+            self._wakeup = (write_end, previous)
             self._watcher = threading.Thread(target=self._watch, args=(read_end,),
                                              name="tapekit-signals", daemon=True)
             self._watcher.start()
@@ -355,9 +371,8 @@ class _StopSignals:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         if self._wakeup is not None:
-            read_end, write_end, previous = self._wakeup
+            write_end, previous = self._wakeup
             signal.set_wakeup_fd(previous)
-            os.close(write_end)
+            os.close(write_end)  # the watcher reads the end of the pipe and closes its end
             self._watcher.join(timeout=5)
-            os.close(read_end)
             self._wakeup = None

@@ -124,7 +124,7 @@ class Engine:
         """Runs one compiled loop of up to `num_steps` steps on the input `prepare_training` set."""
         if self._by_epochs:
             return self.epochs.run_loop(_call_loop, self.train_loop, self.input, num_steps,
-                                        self.current_step)
+                                        self.current_step, self.stop.requested)
         iterator = None if self.train_loop.in_memory is not None else self._train_iterator
         return _call_loop(self.train_loop, iterator, num_steps)
 
@@ -154,6 +154,8 @@ class Engine:
         eval_every_epochs and checkpoint_every_epochs (`tapekit.epochs`)."""
         by_epochs = by_epochs or {}
         self._by_epochs = by_epochs.get("train_epochs") is not None
+        if self._by_epochs and self.checkpointer is not None:  # built by restore/evaluate
+            self.checkpointer.track(self.epochs.state())
         with self._running(), self._evaluation_input(
                 eval_every_steps or by_epochs.get("eval_every_epochs"), eval_steps):
             self.prepare_training(dataset, {
@@ -208,25 +210,27 @@ class Engine:
         endless = in_memory is None and self.input.train_endless
         loop = self.train_loop
         if loop is None or loop.in_memory is not in_memory or loop.endless != endless:
-            self.train_loop = CompiledLoop(
-                self.strategy, self.trainer.train_step, LoopPlan.for_training(self._train_report, self.options),
-                step_counter=self.global_step, in_memory=in_memory, endless=endless,
-                stop_flag=self.stop.variable)
+            plan = LoopPlan.for_training(self._train_report, self.options)
+            self.train_loop = CompiledLoop(self.strategy, self.trainer.train_step, plan,
+                                           self.global_step, in_memory, endless, self.stop.variable)
 
     def evaluate(self, steps: Optional[int] = None, dataset=None) -> Dict[str, float]:
         """`Trainer.evaluate` (arguments validated there); inside `fit`, on its input."""
         with self._running():
-            distributed = (self._eval_data if dataset is None and self._eval_data is not None
+            # A whole pass reuses the fit's input; a part of one (`steps`) reads a new one, so
+            # that every evaluation sees the same batches (a pipeline may reshuffle per pass).
+            reuse = dataset is None and self._eval_data is not None and steps is None
+            distributed = (self._eval_data if reuse
                            else self.input.evaluation(dataset, must_end=steps is None))
-            loop = self.eval_loop(distributed.element_spec)
+            loop = self.eval_loop(distributed.element_spec, distributed)
             return _call_loop(loop, iter(distributed), steps).metrics
 
-    def eval_loop(self, element_spec) -> CompiledLoop:
+    def eval_loop(self, element_spec, data) -> CompiledLoop:
         """The compiled evaluation loop, planned from a build trace of `eval_step` (once)."""
         self.ensure_built()
         if self._eval_loop is None:
-            report = self.trace(self.trainer.eval_step, element_spec, None,
-                                lambda: next(iter(self._eval_data or self.input.evaluation())))
+            report = build_lib.trace_for(self, self.trainer.eval_step, element_spec, None,
+                                         lambda: next(iter(data)))
             self._eval_loop = CompiledLoop(self.strategy, self.trainer.eval_step,
                                            LoopPlan.for_evaluation(report, self.options))
         return self._eval_loop
@@ -252,8 +256,9 @@ class Engine:
         with self.strategy.scope(), precision_lib.dtype_policy(self.options.precision), \
                 tf.variable_creator_scope(build_lib.same_on_every_replica):
             self.trainer.build()
-        self._train_report = self.trace(self.trainer.train_step, element_spec, self.global_step,
-                                        lambda: self.input.first_train_batch(dataset, in_memory))
+        self._train_report = build_lib.trace_for(
+            self, self.trainer.train_step, element_spec, self.global_step,
+            lambda: self.input.first_train_batch(dataset, in_memory))
         with self.strategy.scope():
             for optimizer, variables in self._train_report.updates:
                 self.updaters.add(optimizer, variables)
@@ -269,11 +274,6 @@ class Engine:
                 task_id=distribute.task_id(self.strategy))
         self.built = True
 
-    def trace(self, step_fn, element_spec, step_counter=None,
-              first_batch=None) -> build_lib.BuildReport:
-        """The build trace of `step_fn` (`tapekit.build.trace_for`)."""
-        return build_lib.trace_for(self, step_fn, element_spec, step_counter, first_batch)
-
     def apply_gradients(self, tape, loss, models_or_variables, optimizer,
                         allow_none_gradients: bool) -> None:
         """`Trainer.apply_gradients` (traced, per replica)."""
@@ -286,7 +286,8 @@ class Engine:
     def owned_state(self) -> Dict[str, Any]:
         """Everything a checkpoint holds (`tapekit.state.run_state`)."""
         return state_lib.run_state(self.global_step, self.rng, vars(self.trainer),
-                                   {**self.updaters.checkpointed(), **self.epochs.state()})
+                                   {**self.updaters.checkpointed(),
+                                    **(self.epochs.state() if self._by_epochs else {})})
 
     def checkpoint_objects(self) -> Dict[str, Any]:
         return state_lib.checkpoint_objects(self.owned_state())

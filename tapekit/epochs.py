@@ -68,10 +68,12 @@ class EpochPasses:
             next(iterator)
         return iterator
 
-    def run_loop(self, call_loop, loop, run_input, num_steps: int, step: int):
+    def run_loop(self, call_loop, loop, run_input, num_steps: int, step: int,
+                 stopped=lambda: False):
         """Runs `call_loop(loop, iterator, n)` for up to `num_steps` steps, never past the end
         of the pass in progress; at its end counts the pass (the next one is made when the
-        next loop starts). Returns the LoopResult with `epoch_ended`."""
+        next loop starts). A loop cut short because `stopped()` (a stop request) does not end
+        the pass. Returns the LoopResult with `epoch_ended`."""
         left: Optional[int] = None
         if loop.in_memory is not None:
             left = loop.in_memory.steps_per_epoch - (step - int(self.start_step.numpy()))
@@ -79,7 +81,8 @@ class EpochPasses:
         elif self._iterator is None:
             self._iterator = self._pass(run_input, self._source, self.epochs_done, 0)
         result = call_loop(loop, self._iterator if left is None else None, num_steps)
-        ended = result.steps_run == left if left is not None else result.steps_run < num_steps
+        ended = result.steps_run == left if left is not None else (
+            result.steps_run < num_steps and not stopped())
         if ended:
             self.done.assign_add(1)
             self.start_step.assign(step + result.steps_run)

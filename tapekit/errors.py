@@ -1,6 +1,7 @@
 """The one exception type tapekit raises for mistakes a user can fix, and message helpers."""
 
 import errno
+import os
 import re
 from typing import Optional
 
@@ -35,21 +36,32 @@ _WRITE_MESSAGES = re.compile(r"No space left on device|Disk quota exceeded|Read-
 
 
 def write_failure(error: BaseException, model_dir: Optional[str] = None) -> Optional[str]:
-    """'No space left on device: /path' when `error` is a failed write (an OSError of that
-    kind, or TensorFlow's report of one), else None. A file missing under `model_dir` counts
-    too (its file system went away)."""
+    """'No space left on device: /path' when `error` is a failed write into `model_dir` (an
+    OSError of that kind, or TensorFlow's report of one, about a path under it), else None:
+    a file that cannot be read elsewhere (a dataset, a hook's own file) is not one. A file
+    missing under `model_dir` counts too (its file system went away)."""
+    if not model_dir:
+        return None
+    root = os.path.realpath(model_dir)
+
+    def inside(path) -> bool:
+        try:
+            return os.path.commonpath([root, os.path.realpath(str(path))]) == root
+        except ValueError:
+            return False
+
     if isinstance(error, OSError):
-        gone = (isinstance(error, FileNotFoundError) and bool(model_dir)
-                and str(error.filename or "").startswith(model_dir))
-        if error.errno in _WRITE_ERRNOS or gone:
-            return f"{error.strerror or type(error).__name__}: {error.filename or '?'}"
+        if error.filename is None or not inside(error.filename):
+            return None
+        if error.errno in _WRITE_ERRNOS or isinstance(error, FileNotFoundError):
+            return f"{error.strerror or type(error).__name__}: {error.filename}"
         return None
     text = str(error)
     found = _WRITE_MESSAGES.search(text)
-    if found is None:
+    paths = [path for path in re.findall(r"(/[^\s:;'\"]+)", text) if inside(path)]
+    if found is None or not paths:
         return None
-    path = re.search(r"(/[^\s:;'\"]+)", text)
-    return f"{found.group(0)}: {path.group(1) if path else '?'}"
+    return f"{found.group(0)}: {paths[0]}"
 
 
 def user_message(error: BaseException) -> str:

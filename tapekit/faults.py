@@ -20,6 +20,8 @@ from tapekit.errors import TapekitError, WriteFailed, summarize, user_message, w
 def stopped_by(engine, error: BaseException, step: int) -> TapekitError:
     """The one error to stop `engine`'s run with, after `error` was raised between loops at
     global step `step`; saves the loop's checkpoint first unless a write failed."""
+    if distribute.stopped_workers(error, engine.strategy) is not None:
+        return error  # other workers stopped: `distribute.peers_stopping_explained` says so
     cause = write_failure(error, engine.model_dir)
     if cause is not None:
         return WriteFailed(
@@ -58,9 +60,14 @@ class StopFlag:
     they must all stop at the same step."""
 
     def __init__(self, strategy: tf.distribute.Strategy):
-        self.variable = (None if distribute.is_multi_worker(strategy)
-                         else tf.Variable(False, trainable=False, name="stop_requested"))
+        self.variable = None
+        if not distribute.is_multi_worker(strategy):
+            with tf.device("/CPU:0"):  # read by the loop's condition on the host, every step
+                self.variable = tf.Variable(False, trainable=False, name="stop_requested")
 
     def request(self, requested: bool = True) -> None:
         if self.variable is not None:
             self.variable.assign(requested)
+
+    def requested(self) -> bool:
+        return self.variable is not None and bool(self.variable.numpy())

@@ -249,7 +249,8 @@ class CompiledLoop:
             if leaf.shape.rank else leaf for leaf in leaves])
 
     def _counts_each_step(self) -> bool:
-        return self.step_counter is not None and self.plan.reads_step_counter
+        # Eagerly always: a step being debugged sees the global step move (and it is cheap).
+        return self.step_counter is not None and (self.plan.reads_step_counter or self._eager)
 
     def _count_step(self) -> None:
         """Counts a step from inside the loop if the step reads the counter (it then sees
@@ -377,11 +378,12 @@ class CompiledLoop:
             logging.info("%s runs eagerly (run_eagerly): jit_compile is off while it does",
                          self.name)
             self._eager_noted = True
+        carries_counts = self._carries_counts
         self._eager, self._carries_counts = True, True  # counts: exact for any input
         try:
             return self._run(iterator, num_steps)
         finally:
-            self._eager = False
+            self._eager, self._carries_counts = False, carries_counts
 
     def __call__(self, iterator, num_steps: Optional[int]) -> LoopResult:
         """Runs up to `num_steps` steps (None: until the iterator runs out). Eager."""
