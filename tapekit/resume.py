@@ -27,8 +27,10 @@ def start(engine, dataset, in_memory, fit_settings: Dict[str, Any], positioned: 
     (None for in-memory input, which is a function of the step, and when not `positioned`:
     training by epochs positions its own, `tapekit.epochs`). A learning rate given
     explicitly for a resumed run replaces the checkpoint's."""
-    fallback = _fall_back_from_damaged(engine)
-    learning_rate_change = record_run(engine, fit_settings, fallback)
+    fallback = _fallback(engine)
+    learning_rate_change = record_run(engine, fit_settings, fallback)  # may refuse: first
+    if fallback:
+        _set_aside(engine, fallback)
     iterator = _restore_and_position(engine, dataset, in_memory is None and positioned)
     if learning_rate_change:
         _override_learning_rates(engine, *learning_rate_change)
@@ -70,25 +72,31 @@ def built_learning_rates(trainer):
             if compat.learning_rate_schedule(optimizer) is None]
 
 
-def _fall_back_from_damaged(engine) -> Optional[Dict[str, Any]]:
+def _fallback(engine) -> Optional[Dict[str, Any]]:
     """When the newest checkpoint of the model_dir cannot be read whole (a torn write, a
-    truncated copy), moves it (and any newer damaged one) aside, never deleting it, and
-    resumes from the newest readable one: a requeued job restarts by itself. Returns what
-    was done, for run.json. An explicit `restore_from` never falls back; with no readable
-    checkpoint at all, the restore's own error stands."""
+    truncated copy), the newest one that can becomes the latest (`fall_back_to`), so that
+    a requeued job restarts by itself; nothing is moved yet (`_set_aside`, once the run
+    record allows the resume). Returns what it found, for run.json. An explicit
+    `restore_from` never falls back; with no readable checkpoint at all, the restore's own
+    error stands."""
     checkpointer = engine.checkpointer
     if engine.options.restore_from or checkpointer is None or checkpointer.latest is None:
         return None
     good, damaged = checkpointer.newest_readable()
     if not damaged or good is None:
         return None
-    step = checkpointing.saved_step(good)
-    aside = checkpointer.set_aside_checkpoints_after(step)
+    checkpointer.fall_back_to(good)
+    return {"damaged": [path for path, _ in damaged], "why": damaged[0][1],
+            "resumed_from": good}
+
+
+def _set_aside(engine, fallback: Dict[str, Any]) -> None:
+    """Moves the damaged checkpoints aside, never deleting them, and says so in one line."""
+    checkpointer, good = engine.checkpointer, fallback["resumed_from"]
+    aside = checkpointer.set_aside_checkpoints_after(checkpointing.saved_step(good))
     checkpointer.fall_back_to(good)
     logging.warning("checkpoint %s is damaged (%s); moved to %s and resuming from %s",
-                    damaged[0][0], damaged[0][1], aside, good)
-    return {"damaged": [path for path, _ in damaged], "why": damaged[0][1], "moved_to": aside,
-            "resumed_from": good}
+                    fallback["damaged"][0], fallback["why"], aside, good)
 
 
 def record_run(engine, fit_settings: Dict[str, Any], fallback: Optional[Dict[str, Any]] = None):

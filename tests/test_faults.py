@@ -306,3 +306,13 @@ def _umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_a_refused_resume_moves_no_damaged_checkpoint(tmp_path):
+    _train(tmp_path, 30)
+    torn = tmp_path / "checkpoints" / "ckpt-30"
+    _tear(str(torn))
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    with pytest.raises(TapekitError, match="resuming would silently change it: seed"):
+        _train(tmp_path, 40, seed=9)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
