@@ -1,5 +1,6 @@
 """Small shared pieces for the tests."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -48,3 +49,43 @@ def reported_weights(stdout):
     """The WEIGHTS line a `resumable` trainer prints at the end: {"step", "weights"}."""
     line = next(l for l in stdout.splitlines() if l.startswith("WEIGHTS "))
     return json.loads(line[len("WEIGHTS "):])
+
+
+@contextlib.contextmanager
+def paused_cli(args, env, cwd, pause_file, step):
+    """Starts a `resumable` tapekit-train ARGS with --pause_at_step=STEP and yields the process
+    once it has paused there (its loop's checkpoint saved); kills it on the way out."""
+    process = start_cli(list(args) + [f"--pause_at_step={step}", f"--pause_file={pause_file}"],
+                        env, cwd)
+    try:
+        assert wait_for_pause(pause_file, process) == step
+        yield process
+    finally:
+        process.kill()
+        process.wait()
+
+
+def user_trainer_module(name, train_step, arrays="np.ones([16, 2], np.float32)",
+                        learning_rate=0.1):
+    """The source of a module holding `class NAME(tapekit.Trainer)`: a Dense(1) under SGD on
+    in-memory `arrays` (x, and its first column as y) with `train_step`'s body (indented
+    8 spaces), for tests that run a user's trainer from the command line."""
+    return f'''
+import os
+import numpy as np
+import tensorflow as tf
+import keras
+import tapekit
+
+
+class {name}(tapekit.Trainer):
+    def build(self):
+        self.model = keras.layers.Dense(1)
+        self.optimizer = keras.optimizers.SGD({learning_rate})
+
+    def train_arrays(self):
+        x = {arrays}
+        return x, x[:, :1]
+
+    def train_step(self, batch):
+{train_step}'''

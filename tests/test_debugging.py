@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 import tapekit
+from helpers import user_trainer_module
 from tapekit.errors import TapekitError
 
 
@@ -130,27 +131,11 @@ def test_numpy_in_a_compiled_step_suggests_run_eagerly_and_works_with_it(capsys)
     assert len(printed) == 1 + 2  # the eager build call, then one line per step
 
 
-BROKEN_TRAINER = '''
-import numpy as np
-import tensorflow as tf
-import keras
-import tapekit
-
-
-class Broken(tapekit.Trainer):
-    def build(self):
-        self.model = keras.layers.Dense(1)
-        self.optimizer = keras.optimizers.SGD(0.1)
-
-    def train_arrays(self):
-        x = np.ones([16, 2], np.float32)
-        return x, x[:, :1]
-
-    def train_step(self, batch):
+BROKEN_TRAINER = user_trainer_module("Broken", """\
         x, y = batch
         marker = float(tf.reduce_sum(x).numpy()) * 10  # a value: only eagerly
         raise ValueError("step failed")
-'''
+""")
 
 
 def test_pdb_post_mortem_opens_the_debugger_in_the_users_step(tmp_path, cli_env):
@@ -217,30 +202,14 @@ def test_a_resume_without_trainer_continues_the_runs_trainer(tmp_path, cli_env):
     assert "--trainer=gan" in second.stderr and "trained GANTrainer to step 10" in second.stderr
 
 
-PAUSING_TRAINER = '''
-import numpy as np
-import tensorflow as tf
-import keras
-import tapekit
-
-
-class Pausing(tapekit.Trainer):
-    def build(self):
-        self.model = keras.layers.Dense(1)
-        self.optimizer = keras.optimizers.SGD(0.1)
-
-    def train_arrays(self):
-        x = np.ones([16, 2], np.float32)
-        return x, x[:, :1]
-
-    def train_step(self, batch):
+PAUSING_TRAINER = user_trainer_module("Pausing", """\
         x, y = batch
         with tf.GradientTape() as tape:
             loss = self.compute_loss(tf.square(self.model(x) - y))
         self.apply_gradients(tape, loss, self.model, self.optimizer)
         breakpoint()
         return {"loss": loss}
-'''
+""")
 
 
 def test_breakpoint_stops_at_every_eager_step_with_values(tmp_path, cli_env):

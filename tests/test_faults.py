@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 import tapekit
+from helpers import user_trainer_module
 from tapekit.errors import TapekitError
 
 
@@ -150,7 +151,7 @@ def small_disk(tmp_path):
 
 def test_a_full_disk_stops_the_job_with_one_line_and_the_same_command_resumes(
         small_disk, tmp_path, cli_env):
-    from helpers import TESTS, let_go, reported_weights, run_cli, start_cli, wait_for_pause
+    from helpers import TESTS, let_go, paused_cli, reported_weights, run_cli
     # Keeping 2: a save that failed at step 30 must not have deleted ckpt-10 to make room.
     common = ["--trainer=resumable:Regression", "--deterministic", "--train_steps=60",
               "--steps_per_loop=10", "--checkpoint_every_steps=10", "--progress=log",
@@ -158,16 +159,10 @@ def test_a_full_disk_stops_the_job_with_one_line_and_the_same_command_resumes(
     whole = run_cli(common + [f"--model_dir={tmp_path / 'whole'}"], cli_env, cwd=TESTS)
     assert whole.returncode == 0, whole.stderr[-2000:]
     model_dir, pause = small_disk / "run", str(tmp_path / "paused")
-    process = start_cli(common + [f"--model_dir={model_dir}", "--pause_at_step=20",
-                                  f"--pause_file={pause}"], cli_env, cwd=TESTS)
-    try:
-        assert wait_for_pause(pause, process) == 20
+    with paused_cli(common + [f"--model_dir={model_dir}"], cli_env, TESTS, pause, 20) as process:
         _fill(small_disk)  # the disk fills under the running job
         let_go(pause)
         _, stderr = process.communicate(timeout=300)
-    finally:
-        process.kill()
-        process.wait()
     assert process.returncode == 74, stderr[-2000:]  # a failed write, not a crash (1)
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("tapekit-train: error: a write failed at step 30 (No space left on "
@@ -181,26 +176,8 @@ def test_a_full_disk_stops_the_job_with_one_line_and_the_same_command_resumes(
     assert reported_weights(resumed.stdout) == reported_weights(whole.stdout)
 
 
-LONG_LOOP_TRAINER = '''
-import os
-import numpy as np
-import tensorflow as tf
-import keras
-import tapekit
-
-
-class LongLoop(tapekit.Trainer):
-    """Marks (from inside the compiled loop) that step 50 has run."""
-
-    def build(self):
-        self.model = keras.layers.Dense(1)
-        self.optimizer = keras.optimizers.SGD(0.01)
-
-    def train_arrays(self):
-        x = np.linspace(-1, 1, 64, dtype=np.float32)[:, None]
-        return x, 2 * x
-
-    def train_step(self, batch):
+# Marks (from inside the compiled loop) that step 50 has run.
+LONG_LOOP_TRAINER = user_trainer_module("LongLoop", """\
         x, y = batch
         with tf.GradientTape() as tape:
             loss = self.compute_loss(tf.square(self.model(x) - y))
@@ -210,7 +187,7 @@ class LongLoop(tapekit.Trainer):
                                        [], tf.float32),
                 lambda: tf.constant(0.0))
         return {"loss": loss}
-'''
+""", arrays="np.linspace(-1, 1, 128, dtype=np.float32).reshape(64, 2)", learning_rate=0.01)
 
 
 @pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
@@ -255,7 +232,7 @@ def test_chaos_five_sigkills_at_random_moments_end_bitwise_where_a_clean_run_end
     reshuffled tf.data pipeline are killed and resumed in `test_conformance.py`.)"""
     import random
     import signal
-    from helpers import TESTS, reported_weights, run_cli, start_cli, wait_for_pause
+    from helpers import TESTS, paused_cli, reported_weights, run_cli
     common = ["--trainer=resumable:GAN", "--deterministic", "--seed=3", "--train_steps=150",
               "--steps_per_loop=5", "--checkpoint_every_steps=20"]
     whole = run_cli(common + [f"--model_dir={tmp_path / 'whole'}"], cli_env, cwd=TESTS)
@@ -264,15 +241,10 @@ def test_chaos_five_sigkills_at_random_moments_end_bitwise_where_a_clean_run_end
     kills = sorted(random.Random(7).sample(range(25, 150, 5), 5))  # loop ends past ckpt-20
     for number, kill_at in enumerate(kills):
         pause = str(tmp_path / f"paused-{number}")
-        process = start_cli(common + [f"--model_dir={model_dir}", f"--pause_at_step={kill_at}",
-                                      f"--pause_file={pause}"], cli_env, cwd=TESTS)
-        try:
-            assert wait_for_pause(pause, process) == kill_at
+        with paused_cli(common + [f"--model_dir={model_dir}"], cli_env, TESTS, pause,
+                        kill_at) as process:
             process.send_signal(signal.SIGKILL)
             process.wait(timeout=60)
-        finally:
-            process.kill()
-            process.wait()
         assert process.returncode == -signal.SIGKILL
     finished = run_cli(common + [f"--model_dir={model_dir}"], cli_env, cwd=TESTS)
     assert finished.returncode == 0, finished.stderr[-2000:]
