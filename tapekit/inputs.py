@@ -132,24 +132,24 @@ class RunInput:
         return next(iter(self.distribute(dataset, self.trainer.train_dataset)))
 
     def epoch_data(self, dataset):
-        """The distributed training data that each pass of `tapekit.epochs` iterates again;
-        notes whether it provably never ends (`train_endless`)."""
+        """The distributed training data that each pass of `tapekit.epochs` iterates again
+        (see `training_data`)."""
+        return self.training_data(dataset)
+
+    def train_iterator(self, dataset, skip_steps: int):
+        """The training iterator, `skip_steps` steps in (see `training_data`)."""
+        return iter(self.training_data(dataset, skip_steps))
+
+    def training_data(self, dataset, skip_steps: int = 0):
+        """The distributed training data, `skip_steps` steps in; notes whether it provably
+        never ends (`train_endless`: every pipeline's dataset has infinite cardinality),
+        which lets the loop skip the per-step end-of-data check."""
         pipelines = []
-        data = self.distribute(dataset, self.trainer.train_dataset, on_dataset=pipelines.append)
+        data = self.distribute(dataset, self.trainer.train_dataset, skip_steps=skip_steps,
+                               on_dataset=pipelines.append)
         self.train_endless = bool(pipelines) and all(
             d.cardinality() == tf.data.INFINITE_CARDINALITY for d in pipelines)
         return data
-
-    def train_iterator(self, dataset, skip_steps: int):
-        """The training iterator, `skip_steps` steps in; notes whether its data provably
-        never ends (every pipeline's dataset has infinite cardinality), which lets the
-        loop skip the per-step end-of-data check."""
-        pipelines = []
-        iterator = iter(self.distribute(dataset, self.trainer.train_dataset,
-                                        skip_steps=skip_steps, on_dataset=pipelines.append))
-        self.train_endless = bool(pipelines) and all(
-            d.cardinality() == tf.data.INFINITE_CARDINALITY for d in pipelines)
-        return iterator
 
 
 def positioned_iterator(make_iterator: Callable[[int], object], checkpointer,
