@@ -25,6 +25,9 @@ from tapekit.errors import TapekitError, summarize
 
 ITERATOR_KEY = "train_iterator"
 EPOCH_KEYS = ("tapekit_epochs_done/", "tapekit_epoch_start_step/")
+# nan_policy=rollback's loss window (tapekit.rollback): a run may start or stop judging
+# spikes on resume; a checkpoint without it starts an empty window.
+OPTIONAL_KEYS = ("tapekit_loss_window_values/", "tapekit_loss_window_count/")
 _IGNORED_KEYS = ("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter/")
 
 
@@ -188,9 +191,10 @@ class Checkpointer:
         # Training by epochs adds its position (tapekit.epochs); a trainer restoring without
         # training by epochs leaves it unread.
         extra = [f"{_short(name)} in the checkpoint is not in this trainer"
-                 for name in saved if name not in expected and not name.startswith(EPOCH_KEYS)]
+                 for name in saved if name not in expected
+                 and not name.startswith(EPOCH_KEYS + OPTIONAL_KEYS)]
         missing = [f"{_short(name)} missing from the checkpoint"
-                   for name in expected if name not in saved]
+                   for name in expected if name not in saved and not name.startswith(OPTIONAL_KEYS)]
         return shapes + extra + missing
 
     def save(self, step: int) -> None:

@@ -75,13 +75,16 @@ class Controller:
       nan_policy: "stop" raises at the end of a loop that saw a non-finite metric, before
         any callback records or saves it; "skip_step" (the steps were skipped) warns.
       profile_steps, profile_dir: record a profiler trace of global steps START..END.
+      rollback: with skipped steps or nan_policy="rollback", the `tapekit.rollback.Rollback`
+        that skips them, and rolls a bad loop back (before anything records or saves it).
     """
 
     def __init__(self, runner: Runner, callbacks: Sequence[Callback] = (), trainer=None,
                  eval_every_steps: Optional[int] = None, eval_steps: Optional[int] = None,
                  nan_policy: str = "stop", profile_steps: Optional[Tuple[int, int]] = None,
-                 profile_dir: Optional[str] = None):
+                 profile_dir: Optional[str] = None, rollback=None):
         self.runner = runner
+        self.rollback = rollback  # a tapekit.rollback.Rollback: skipped steps, rollbacks
         self.callbacks = list(callbacks)
         self.eval_every_steps = eval_every_steps
         self.eval_steps = eval_steps
@@ -118,6 +121,21 @@ class Controller:
             while self._more(step, train_steps, train_epochs) and not status.stop_training:
                 num_steps = (steps_per_loop if train_steps is None
                              else min(steps_per_loop, train_steps - step))
+                rollback = self.rollback
+                if rollback is not None:
+                    due = rollback.skip_due(step, train_steps)
+                    if due:  # the batches of steps recorded as bad: read, not trained on
+                        skipped = rollback.skip(due)
+                        logging.info("skipped %s (read, not trained on)", f"step {step + 1}"
+                                     if skipped == 1 else f"steps {step + 1}-{step + skipped}")
+                        step += skipped
+                        if skipped < due:
+                            logging.warning("the training data ran out while skipping steps; "
+                                            "training stops at step %d", step)
+                            break
+                        continue
+                    num_steps = rollback.steps_for(step, num_steps)
+                    rollback.before_loop(step)
                 if self.profiler:
                     num_steps = self.profiler.before_loop(step, num_steps)
                 start_step, start = step, time.perf_counter()
@@ -131,6 +149,12 @@ class Controller:
                 if stopping and result.steps_run == 0:  # asked to stop before it began
                     self._stop_on_signal(signals)
                     break
+                if rollback is not None and rollback.rolls_back and result.steps_run:
+                    why = rollback.bad(result)  # before anything records or saves the loop
+                    if why is not None:
+                        step = rollback.roll_back(step, result.steps_run, why)
+                        continue
+                    rollback.good(step, full=result.steps_run == num_steps)
                 if epoch_ended and result.steps_run == 0:  # the pass ended with the last loop
                     with self._between_loops(step):
                         self._end_epoch(step, start_step, train_epochs, eval_every_epochs)
@@ -150,15 +174,17 @@ class Controller:
                 logs["examples_per_sec"] = result.steps_run * runner.examples_per_step / seconds
                 if train_epochs is not None:
                     logs["epoch"] = runner.epochs_done + (0 if epoch_ended else 1)
-                history.append({"step": step, **logs})
+                replayed = rollback is not None and not rollback.records(step)
+                if not replayed:  # (a replay from a checkpoint: these loops are recorded)
+                    history.append({"step": step, **logs})
                 with self._between_loops(step):
-                    for callback in self.callbacks:
+                    for callback in ([] if replayed else self.callbacks):
                         callback.on_loop_end(step, logs)
                     if runner.any_worker(signals.terminated or signals.interrupted):
                         self._stop_on_signal(signals)
                     elif epoch_ended:
                         self._end_epoch(step, start_step, train_epochs, eval_every_epochs)
-                    elif self._evaluation_due(start_step, step, train_steps):
+                    elif not replayed and self._evaluation_due(start_step, step, train_steps):
                         # (not when stopping on a signal: the grace period is for the checkpoint)
                         self._evaluate(step)
         if self.profiler:
@@ -238,7 +264,7 @@ class Controller:
         raise TapekitError(
             f"non-finite {result.first_nonfinite_metric} {where}; training stopped "
             f"and this state was not checkpointed ({kept}). Check the data, lower the learning "
-            "rate, or use --nan_policy=skip_step.")
+            "rate, or use --nan_policy=rollback (go back, skip the bad batches) or skip_step.")
 
     def _evaluation_due(self, start_step: int, step: int, train_steps: int) -> bool:
         every = self.eval_every_steps

@@ -35,6 +35,7 @@ from tapekit import options as options_lib
 from tapekit import precision as precision_lib
 from tapekit import record as record_lib
 from tapekit import resume
+from tapekit import rollback as rollback_lib
 from tapekit import state as state_lib
 from tapekit import updates
 from tapekit.checkpointing import Checkpointer
@@ -82,12 +83,14 @@ class Engine:
         self.built = False
         self.built_learning_rates: List[tuple] = []  # (optimizer, its rate after build())
         self.parameters: Dict[str, Any] = {}  # state.parameter_counts, once built
+        self.loss_window: Optional[rollback_lib.LossWindow] = None  # with spike_threshold
         self.train_loop: Optional[CompiledLoop] = None
         self._train_report: Optional[build_lib.BuildReport] = None
         self._eval_loop: Optional[CompiledLoop] = None
         self._eval_data = None  # during fit: the evaluation's input, made once per fit
         self._restored = False
         self._train_iterator = None
+        self._dataset = None  # what prepare_training trains on (None: the trainer's input)
         self.input = inputs.RunInput(self.strategy, trainer, lambda: self.global_batch_size,
                                      options.seed)
 
@@ -128,6 +131,22 @@ class Engine:
         iterator = None if self.train_loop.in_memory is not None else self._train_iterator
         return _call_loop(self.train_loop, iterator, num_steps)
 
+    def reposition_input(self, step: int) -> None:
+        """Re-makes the training iterator `step` steps in (`tapekit.rollback`)."""
+        if self.train_loop.in_memory is None:
+            self._train_iterator = self.input.train_iterator(self._dataset, step)
+
+    def read_batches(self, steps: int) -> int:
+        """Reads and drops `steps` steps' batches; returns how many there were."""
+        if self.train_loop.in_memory is not None:  # batches are a function of the step
+            return steps
+        for done in range(steps):
+            try:
+                next(self._train_iterator)
+            except (StopIteration, tf.errors.OutOfRangeError):
+                return done
+        return steps
+
     def stopped_by(self, error: BaseException, step: int) -> Exception:
         return faults.stopped_by(self, error, step)
 
@@ -154,6 +173,10 @@ class Engine:
         eval_every_epochs and checkpoint_every_epochs (`tapekit.epochs`)."""
         by_epochs = by_epochs or {}
         self._by_epochs = by_epochs.get("train_epochs") is not None
+        skips = self.options.nan_policy == "rollback" or self.options.skip_steps
+        if self._by_epochs and skips:
+            raise TapekitError("nan_policy=rollback and skip_steps count steps of train_steps; "
+                               "they do not work with train_epochs yet: give train_steps.")
         if self._by_epochs and self.checkpointer is not None:  # built by restore/evaluate
             self.checkpointer.track(self.epochs.state())
         with self._running(), self._evaluation_input(
@@ -162,6 +185,9 @@ class Engine:
                 "train_steps": train_steps, "steps_per_loop": steps_per_loop,
                 "eval_every_steps": eval_every_steps, "eval_steps": eval_steps, **by_epochs})
             options = self.options
+            rollback = None if self._by_epochs else rollback_lib.Rollback(self)
+            if rollback is not None and not (rollback.rolls_back or rollback.skipped):
+                rollback = None
             keep_best = best.keep_best_of(self, self._eval_data) if self._eval_data else None
             write_dir = self.model_dir if distribute.is_chief(self.strategy) else None
             defaults = controller_lib.default_callbacks(
@@ -170,7 +196,7 @@ class Engine:
             controller = controller_lib.Controller(
                 self, defaults + list(callbacks),
                 trainer=self.trainer, eval_every_steps=eval_every_steps, eval_steps=eval_steps,
-                nan_policy=options.nan_policy, profile_steps=options.profile_steps,
+                nan_policy=options.nan_policy, profile_steps=options.profile_steps, rollback=rollback,
                 profile_dir=os.path.join(self.model_dir, "profile") if self.model_dir else None)
             self.request_stop(False)
             with distribute.peers_stopping_explained(self):
@@ -198,6 +224,7 @@ class Engine:
         first call starts where the run left off (`tapekit.resume.start`)."""
         in_memory = self.input.in_memory_examples(dataset)
         self.ensure_built(dataset, in_memory)
+        self._dataset = dataset
         if not self._restored:
             self._restored = True
             self._train_iterator = resume.start(self, dataset, in_memory, fit_settings or {},
@@ -262,6 +289,8 @@ class Engine:
         with self.strategy.scope():
             for optimizer, variables in self._train_report.updates:
                 self.updaters.add(optimizer, variables)
+        self.loss_window = rollback_lib.loss_window(self.strategy, self.options,
+                                                    self._train_report.metric_names)
         self.built_learning_rates = resume.built_learning_rates(self.trainer)
         self.parameters = state_lib.parameter_counts(vars(self.trainer))  # also in run.json
         logging.info("%s", state_lib.describe_parameters(self.parameters, vars(self.trainer)))
@@ -287,7 +316,8 @@ class Engine:
         """Everything a checkpoint holds (`tapekit.state.run_state`)."""
         return state_lib.run_state(self.global_step, self.rng, vars(self.trainer),
                                    {**self.updaters.checkpointed(),
-                                    **(self.epochs.state() if self._by_epochs else {})})
+                                    **(self.epochs.state() if self._by_epochs else {}),
+                                    **(self.loss_window.state() if self.loss_window else {})})
 
     def checkpoint_objects(self) -> Dict[str, Any]:
         return state_lib.checkpoint_objects(self.owned_state())

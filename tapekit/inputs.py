@@ -153,7 +153,7 @@ class RunInput:
 
 
 def positioned_iterator(make_iterator: Callable[[int], object], checkpointer,
-                        path: Optional[str]):
+                        path: Optional[str], may_save: bool = True):
     """The training iterator, positioned where checkpoint `path` (None: a new run) left off.
 
     Call before restoring `path` with `checkpointer`. With one replica and a `tf.data`
@@ -162,12 +162,13 @@ def positioned_iterator(make_iterator: Callable[[int], object], checkpointer,
     iterators cannot be (tensorflow/tensorflow#24408), nor pipelines with Python code
     (`from_generator`, `py_function`): their input is re-created and skipped to the
     checkpoint's step, which is exact when the pipeline is a deterministic function of the
-    seed. `make_iterator(skip_steps)` makes the iterator.
+    seed. `make_iterator(skip_steps)` makes the iterator. Not `may_save`: never tracked
+    (`nan_policy=rollback` re-makes the iterator at a step, like a distributed one's).
     """
     iterator = make_iterator(0)
-    saveable = (isinstance(iterator, tf.data.Iterator)
+    saveable = may_save and (isinstance(iterator, tf.data.Iterator)
                 and checkpointing.iterator_can_be_saved(iterator))
-    if isinstance(iterator, tf.data.Iterator) and not saveable:
+    if isinstance(iterator, tf.data.Iterator) and may_save and not saveable:
         logging.info("the input pipeline's iterator cannot be checkpointed (it runs Python "
                      "code: from_generator, py_function, ...); a resumed run re-creates the "
                      "input and skips to the restored step, which is exact only if the "

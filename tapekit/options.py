@@ -17,7 +17,8 @@ from tapekit.errors import TapekitError
 
 STRATEGY_NAMES = ("default", "auto", "one_device", "mirrored", "multi_worker")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
-NAN_POLICIES = ("stop", "skip_step")
+NAN_POLICIES = ("stop", "skip_step", "rollback")
+ROLLBACK_SOURCES = ("auto", "memory", "checkpoint")
 PROGRESS_MODES = ("auto", "bar", "log", "none")
 BEST_MODES = ("auto", "min", "max")
 CLUSTER_RESOLVERS = ("tf_config", "slurm")
@@ -110,7 +111,27 @@ TRAINER_OPTIONS = (
            "bitwise equal to an uninterrupted one."),
     Option("nan_policy", "enum", "stop",
            "On a NaN/inf loss or metric: stop with an error at the end of the loop (nothing bad "
-           "is checkpointed), or skip the update of that step.", choices=NAN_POLICIES),
+           "is checkpointed), skip the update of that step, or roll back: go back to the "
+           "state before the loop, replay it one step per loop, and skip the bad steps "
+           "(recorded in run.json, skipped again on resume; BUILD.md \"Faults\").",
+           choices=NAN_POLICIES),
+    Option("max_rollbacks", "integer", 3,
+           "With --nan_policy=rollback: stop after this many rollbacks in a row (no good "
+           "full loop between them).", minimum=1),
+    Option("spike_threshold", "float", None,
+           "With --nan_policy=rollback: a loop whose mean loss (each metric named loss or "
+           "*_loss) exceeds this many times the median of the last 20 good loops' is bad too "
+           "(judged once 5 loops are known).", minimum=1.0),
+    Option("rollback_from", "enum", "auto",
+           "With --nan_policy=rollback, the good state to go back to: a copy of the state "
+           "kept in memory at each loop's start (no replay; costs one copy per loop and the "
+           "state's size in memory), or the last checkpoint (no cost until used; replays from "
+           "it). auto: memory when the state is at most 1 GiB, else the checkpoint.",
+           choices=ROLLBACK_SOURCES),
+    Option("skip_steps", "list", None,
+           "Global steps whose batches are read but not trained on: FIRST-LAST or STEP, "
+           "comma-separated (what --nan_policy=rollback records in run.json 'skipped'; a "
+           "rerun with the run's --flagfile skips them too)."),
     Option("clip_global_norm", "float", None,
            "Clip the global-batch gradient of each optimizer to this global norm.", positive=True),
     Option("gradient_accumulation_steps", "integer", 1,
@@ -230,9 +251,54 @@ def resolve(arguments: Dict[str, Any]) -> "Options":
     if allowed is not None:
         allowed = allowed.split(",") if isinstance(allowed, str) else allowed
         values["allow_changes"] = tuple(name.strip() for name in allowed if name.strip())
+    values["skip_steps"] = step_ranges(values.get("skip_steps"))
+    rollback = values.get("nan_policy") == "rollback"
+    for name, default in (("spike_threshold", None), ("rollback_from", "auto")):
+        if values.get(name, default) != default and not rollback:
+            raise TapekitError(f"{name} applies only with nan_policy=rollback (nan_policy is "
+                               f"{values.get('nan_policy', 'stop')}).")
+    if values.get("rollback_from") == "checkpoint" and not values.get("model_dir"):
+        raise TapekitError("rollback_from=checkpoint needs a model_dir (its checkpoints are "
+                           "what it goes back to); use rollback_from=memory without one.")
     if "checkpoint_every_secs" in values:
         values["checkpoint_every_secs"] = values["checkpoint_every_secs"] or None
     return Options(**values)
+
+
+def step_ranges(value) -> Optional[Tuple[Tuple[int, int], ...]]:
+    """`skip_steps` as sorted, merged (FIRST, LAST) ranges of global steps (inclusive), from
+    "FIRST-LAST,STEP,..." (a string or a list of such items) or pairs; None: no steps."""
+    if value is None or value == "" or value == ():
+        return None
+    items = value.split(",") if isinstance(value, str) else list(value)
+    ranges = []
+    for item in items:
+        try:
+            if isinstance(item, str):
+                first, _, last = item.strip().partition("-")
+                pair = (int(first), int(last or first))
+            elif isinstance(item, (list, tuple)):
+                pair = (int(item[0]), int(item[-1]))
+            else:
+                pair = (int(item), int(item))
+        except (TypeError, ValueError, IndexError):
+            pair = None
+        if pair is None or not 1 <= pair[0] <= pair[1]:
+            raise TapekitError(f"skip_steps must be FIRST-LAST or STEP items (global steps, 1 "
+                               f"or more, FIRST <= LAST), comma-separated; got {item!r}.")
+        ranges.append(pair)
+    merged = []
+    for first, last in sorted(ranges):
+        if merged and first <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(last, merged[-1][1]))
+        else:
+            merged.append((first, last))
+    return tuple(merged)
+
+
+def format_ranges(ranges) -> str:
+    """(FIRST, LAST) ranges as `skip_steps` writes them: "FIRST-LAST,STEP"."""
+    return ",".join(f"{first}-{last}" if last != first else str(first) for first, last in ranges)
 
 
 def define_flags(flag_values, options: Sequence[Option] = TRAINER_OPTIONS + FIT_OPTIONS) -> None:

@@ -164,7 +164,24 @@ def resumed(old: Dict[str, Any], new: Dict[str, Any], step: int,
     if fallback:
         entry["fell_back"] = fallback
     record["resumes"] = list(old.get("resumes", [])) + [entry]
+    if old.get("skipped"):  # nan_policy=rollback's: a resumed run skips them too
+        record["skipped"] = old["skipped"]
     return record
+
+
+def record_skipped(model_dir: str, ranges: Sequence[Tuple[int, int]]) -> None:
+    """Records the global step ranges `nan_policy=rollback` skips: run.json `skipped`, and
+    from the command line `--skip_steps` in flags.txt (a rerun with it skips them too)."""
+    record = read(model_dir) or {}
+    record["skipped"] = [[first, last] for first, last in ranges]
+    command_line = _COMMAND_LINE.get()
+    flags_text = command_line.get("flags")
+    if flags_text is not None:
+        value = ",".join(f"{a}-{b}" if a != b else str(a) for a, b in ranges)
+        lines = [line for line in flags_text.splitlines()
+                 if not line.startswith("--skip_steps=")]
+        command_line["flags"] = "\n".join(lines + [f"--skip_steps={value}"]) + "\n"
+    write(model_dir, record)
 
 
 def trainer_arguments(trainer_class: type, args: Sequence, kwargs: Dict[str, Any],

@@ -135,7 +135,8 @@ def _restore_and_position(engine, dataset, needs_iterator: bool):
             restore_read_only(engine, path)
         return engine.input.train_iterator(dataset, engine.current_step) if needs_iterator else None
     iterator = None if not needs_iterator else inputs.positioned_iterator(
-        lambda skip_steps: engine.input.train_iterator(dataset, skip_steps), checkpointer, path)
+        lambda skip_steps: engine.input.train_iterator(dataset, skip_steps), checkpointer, path,
+        may_save=engine.options.nan_policy != "rollback")
     if path:
         checkpointer.restore(path)
         if engine.options.restore_from:  # restarted from an older checkpoint: newer ones go aside
