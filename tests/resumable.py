@@ -9,6 +9,7 @@ import json
 import os
 import time
 
+import keras
 import tensorflow as tf
 from absl import flags
 
@@ -114,3 +115,50 @@ class Regression(_Reporting, RegressionTrainer):
 
 class GAN(_Reporting, GANTrainer):
     pass
+
+
+class Poisoned(_Reporting, tapekit.Trainer):
+    """Linear regression (y = 3x + 2 + noise, Adam) on batches made from their position in
+    the data, so every run and every replica count sees the same ones; the labels of the
+    global steps in `poison` are multiplied by `factor` (a corrupt shard)."""
+
+    default_global_batch_size = 32
+    default_learning_rate = 0.05
+
+    @classmethod
+    def define_flags(cls):
+        super().define_flags()
+        flags.DEFINE_list("poison", [], "Global steps whose labels are multiplied by --factor.")
+        flags.DEFINE_float("factor", 1e30, "What poisoned labels are multiplied by.")
+
+    def __init__(self, poison=(), factor=1e30, **kwargs):
+        self.poison = tuple(int(step) for step in poison)
+        self.factor = float(factor)
+        super().__init__(**kwargs)
+
+    def build(self):
+        self.model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+        self.optimizer = keras.optimizers.Adam(self.learning_rate)
+
+    def train_dataset(self, context):
+        local_replicas = context.num_replicas_in_sync // context.num_input_pipelines
+        size = self.global_batch_size // context.num_replicas_in_sync
+        poison = tf.constant(list(self.poison) or [-1], tf.int64)
+        factor, worker = self.factor, context.input_pipeline_id
+
+        def batch(index):  # one replica's part of a global step's batch
+            step = index // local_replicas + 1
+            part = worker * local_replicas + index % local_replicas
+            seed = tf.stack([step, part])
+            x = tf.random.stateless_normal([size, 1], seed=seed)
+            noise = tf.random.stateless_normal([size, 1], seed=seed + 1000)
+            y = 3.0 * x + 2.0 + 0.1 * noise
+            return x, tf.where(tf.reduce_any(tf.equal(poison, step)), y * factor, y)
+        return tf.data.Dataset.range(1_000_000).map(batch)
+
+    def train_step(self, batch):
+        x, y = batch
+        with tf.GradientTape() as tape:
+            loss = self.compute_loss(tf.square(y - self.model(x)))
+        self.apply_gradients(tape, loss, self.model, self.optimizer)
+        return {"loss": loss}

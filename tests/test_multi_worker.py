@@ -28,7 +28,8 @@ def _weights(stdout):
     return json.loads(line[len("WEIGHTS "):])
 
 
-def _launch(tmp_path, env, flags, worker_flags=None):
+def _launch(tmp_path, env, flags, worker_flags=None,
+            trainer=("--trainer=resumable:Regression", "--model=linear")):
     """Starts two workers on loopback ports, each with its own TF_CONFIG and TMPDIR;
     `worker_flags` maps a worker index to flags for that worker only."""
     workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
@@ -40,8 +41,7 @@ def _launch(tmp_path, env, flags, worker_flags=None):
         worker_env["TMPDIR"] = str(tmp_path / f"tmp{index}")
         os.makedirs(worker_env["TMPDIR"], exist_ok=True)
         processes.append(start_cli(
-            ["--trainer=resumable:Regression", "--model=linear", "--strategy=multi_worker",
-             "--global_batch_size=100"] + flags + (worker_flags or {}).get(index, []),
+            list(trainer) + ["--strategy=multi_worker", "--global_batch_size=100"] + flags + (worker_flags or {}).get(index, []),
             worker_env, cwd=TESTS))
     return processes
 
@@ -82,6 +82,20 @@ def test_two_workers_train_in_sync_and_only_the_chief_writes(tmp_path, cli_env):
     assert len(os.listdir(model_dir / "summaries" / "train")) == 1  # one writer: the chief's
     # the other worker's temporary checkpoint directories are gone
     assert os.listdir(tmp_path / "tmp1") == []
+
+
+def test_two_workers_roll_back_together_and_skip_the_same_poisoned_steps(tmp_path, cli_env):
+    model_dir = tmp_path / "run"
+    outputs = _finish(_launch(tmp_path, cli_env, [
+        "--train_steps=40", "--steps_per_loop=10", "--nan_policy=rollback",
+        f"--model_dir={model_dir}"], trainer=("--trainer=resumable:Poisoned", "--poison=23,24,25")))
+    chief, other = (_weights(stdout) for stdout, _ in outputs)
+    assert chief == other and chief["step"] == 40
+    assert json.loads((model_dir / "run.json").read_text())["skipped"] == [[23, 25]]
+    for _, stderr in outputs:
+        assert "replayed steps 21-30 one per loop; skipped: 23-25" in stderr
+    rows = [json.loads(line)["step"] for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [10, 20, 21, 22, 26, 27, 28, 29, 30, 40]
 
 
 def _kill_all(processes):

@@ -1,0 +1,136 @@
+"""nan_policy=rollback: poisoned batches are found, skipped, recorded, and skipped again."""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tapekit
+from helpers import TESTS, run_cli
+from resumable import Poisoned
+
+POISONED = (23, 24, 25)  # labels x 1e30: the loss is infinite there
+STEPS = dict(train_steps=60, steps_per_loop=10)
+
+
+def _same_weights(a, b):
+    return all(np.array_equal(x.numpy(), y.numpy())
+               for x, y in zip(a.model.weights + a.optimizer.variables,
+                               b.model.weights + b.optimizer.variables))
+
+
+def _skipped(model_dir):
+    return json.loads((model_dir / "run.json").read_text()).get("skipped")
+
+
+def test_poisoned_batches_are_skipped_and_the_run_ends_near_a_clean_one(caplog):
+    clean = Poisoned(progress="none")
+    clean_loss = clean.fit(**STEPS)[-1]["loss"]
+    with pytest.raises(tapekit.TapekitError, match="non-finite loss in steps 21-30"):
+        Poisoned(poison=POISONED, progress="none").fit(**STEPS)  # nan_policy=stop
+
+    caplog.set_level("INFO")
+    trainer = Poisoned(poison=POISONED, nan_policy="rollback", progress="none")
+    history = trainer.fit(**STEPS)
+    assert trainer.current_step == 60
+    assert int(trainer.optimizer.iterations.numpy()) == 57  # 3 batches read, not trained on
+    assert history[-1]["loss"] < 2 * clean_loss
+    assert all(np.isfinite(v.numpy()).all() for v in trainer.model.weights)
+    # the bad loop is not in the history; its replay is, one step per row, without 23-25
+    assert [row["step"] for row in history] == [10, 20, 21, 22, 26, 27, 28, 29, 30, 40, 50, 60]
+    log = caplog.text
+    assert ("rollback 1/3: non-finite loss in steps 21-30; went back to step 20 (the copy kept "
+            "in memory)") in log
+    assert "replayed steps 21-30 one per loop; skipped: 23-25" in log
+
+    rerun = Poisoned(poison=POISONED, skip_steps="23-25", progress="none")
+    rerun.fit(**STEPS)
+    assert _same_weights(trainer, rerun)  # bitwise: skipping is what a rollback did
+
+
+def test_two_replicas_rolled_back_to_a_checkpoint_record_the_steps_once(tmp_path):
+    two = dict(strategy="mirrored", cpu_replicas=2, progress="none")
+    from_checkpoint = Poisoned(poison=POISONED, nan_policy="rollback", rollback_from="checkpoint",
+                               model_dir=str(tmp_path), checkpoint_every_steps=15, **two)
+    from_checkpoint.fit(**STEPS)
+    assert _skipped(tmp_path) == [[23, 25]]
+    rows = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [10, 20, 21, 22, 26, 27, 28, 29, 30, 40, 50, 60]  # replays are not rewritten
+    assert "--skip_steps" not in json.dumps(json.loads((tmp_path / "run.json").read_text())["command"])
+
+    from_memory = Poisoned(poison=POISONED, nan_policy="rollback", **two)
+    from_memory.fit(**STEPS)
+    assert _same_weights(from_checkpoint, from_memory)
+
+
+def test_a_resumed_run_skips_the_recorded_steps_and_ends_bitwise(tmp_path):
+    settings = dict(poison=POISONED, nan_policy="rollback", progress="none")
+    uninterrupted = Poisoned(**settings)
+    uninterrupted.fit(**STEPS)
+
+    Poisoned(model_dir=str(tmp_path), checkpoint_every_steps=10, **settings).fit(
+        train_steps=40, steps_per_loop=10)
+    assert _skipped(tmp_path) == [[23, 25]]
+    # resumed before the poisoned steps' checkpoint too: from ckpt-20 the steps are skipped
+    # because run.json says so, not found again (its nan_policy is stop)
+    resumed = Poisoned(poison=POISONED, model_dir=str(tmp_path), progress="none",
+                       restore_from=str(tmp_path / "checkpoints" / "ckpt-20"))
+    resumed.fit(**STEPS)
+    assert _skipped(tmp_path) == [[23, 25]]
+    assert _same_weights(uninterrupted, resumed)
+
+
+def test_a_loss_spike_over_the_threshold_is_rolled_back_too(tmp_path):
+    settings = dict(poison=(33, 34), factor=30.0, progress="none")  # finite: 900x the loss
+    plain = Poisoned(nan_policy="rollback", **settings)
+    plain.fit(train_steps=50, steps_per_loop=5)
+    assert int(plain.optimizer.iterations.numpy()) == 50  # nothing non-finite: nothing skipped
+
+    judged = Poisoned(nan_policy="rollback", spike_threshold=10.0, model_dir=str(tmp_path),
+                      **settings)
+    history = judged.fit(train_steps=50, steps_per_loop=5)
+    assert _skipped(tmp_path) == [[33, 34]]
+    assert int(judged.optimizer.iterations.numpy()) == 48
+    assert max(row["loss"] for row in history if row["step"] > 30) < 10 * history[5]["loss"]
+
+
+def test_after_max_rollbacks_in_a_row_it_stops_with_one_error(tmp_path):
+    trainer = Poisoned(poison=range(21, 100), nan_policy="rollback", max_rollbacks=2,
+                       model_dir=str(tmp_path), checkpoint_every_steps=10, progress="none")
+    with pytest.raises(tapekit.TapekitError) as raised:
+        trainer.fit(train_steps=60, steps_per_loop=5)
+    message = str(raised.value)
+    assert "non-finite loss in steps 31-35, after 2 rollbacks in a row (--max_rollbacks)" in message
+    assert "ckpt-20" in message  # the last good checkpoint, kept
+    assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith("ckpt-20")
+
+
+def test_rollback_settings_are_checked_before_anything_runs():
+    with pytest.raises(tapekit.TapekitError, match="spike_threshold applies only with"):
+        Poisoned(spike_threshold=5.0)
+    with pytest.raises(tapekit.TapekitError, match="skip_steps must be FIRST-LAST"):
+        Poisoned(skip_steps="9-3")
+    with pytest.raises(tapekit.TapekitError, match="rollback_from=checkpoint needs a model_dir"):
+        Poisoned(nan_policy="rollback", rollback_from="checkpoint")
+    with pytest.raises(tapekit.TapekitError, match="do not work with train_epochs"):
+        Poisoned(nan_policy="rollback").fit(train_epochs=1, dataset=np.ones([4, 1], np.float32))
+
+
+def test_a_rerun_with_the_flagfile_skips_the_recorded_steps(tmp_path, cli_env):
+    run = tmp_path / "run"
+    common = ["--trainer=resumable:Poisoned", "--poison=23,24,25", "--train_steps=40",
+              "--steps_per_loop=10", "--progress=none"]
+    first = run_cli(common + ["--nan_policy=rollback", f"--model_dir={run}"], cli_env, cwd=TESTS)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "replayed steps 21-30 one per loop; skipped: 23-25" in first.stderr
+    assert "--skip_steps=23-25" in (run / "flags.txt").read_text().splitlines()
+
+    rerun = run_cli([f"--flagfile={run / 'flags.txt'}", f"--model_dir={tmp_path / 'rerun'}",
+                     "--nan_policy=stop"], cli_env, cwd=TESTS)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "rollback 1/" not in rerun.stderr  # nothing was bad: the steps were skipped up front
+    assert "skipped steps 23-25 (read, not trained on)" in rerun.stderr
+    weights = [next(l for l in r.stdout.splitlines() if l.startswith("WEIGHTS "))
+               for r in (first, rerun)]
+    assert weights[0] == weights[1]
