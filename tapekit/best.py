@@ -24,7 +24,8 @@ def keep_best_of(engine, eval_data) -> Optional[KeepBest]:
             "or keras.metrics names).")
     is_chief = distribute.is_chief(engine.strategy)
     checkpointer = Checkpointer(engine.checkpoint_objects(), engine.model_dir, is_chief,
-                                max_to_keep=1, task_id=distribute.task_id(engine.strategy),
+                                # 2: the previous best stays until the new one is whole
+                                max_to_keep=2, task_id=distribute.task_id(engine.strategy),
                                 subdirectory="best")
     trainer = engine.trainer
     export = trainer.export if trainer.export_model() is not None else None

@@ -9,6 +9,7 @@ are assembled, in order, by `tapekit.controller.default_callbacks`.
 
 import json
 import os
+import shutil
 import time
 from typing import Callable, Dict, Optional
 
@@ -179,26 +180,39 @@ class KeepBest(Callback):
             logs["best_step"] = int(self.best_step)
 
     def _keep(self, step: int, value: float) -> None:
-        self.checkpointer.save(step)
-        self.best, self.best_step = value, int(step)
-        if not self.is_chief:
-            return
-        if self.export is not None:
-            import shutil
+        """Saves the new best so that a failure at any point (a full disk during the export)
+        leaves best/ as it was: best.json naming a checkpoint that is there, and its model.
+        The new checkpoint, the export and best.json.tmp are written first; then the model
+        and best.json are renamed into place, and only then is the old checkpoint deleted."""
+        previous = self.checkpointer.latest
+        self.checkpointer.save(step)  # the manager keeps the previous one (see best.py)
+        if self.is_chief:
             final = os.path.join(self.directory, "saved_model")
-            partial = final + ".partial"
-            shutil.rmtree(partial, ignore_errors=True)
-            self.export(partial)
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(partial, final)
-        record = {"metric": self.metric, "value": value, "step": int(step),
-                  "checkpoint": self.checkpointer.latest}
-        with files.open_for_writing(os.path.join(self.directory, "best.json.tmp")) as stream:
-            json.dump(record, stream)
-        os.replace(os.path.join(self.directory, "best.json.tmp"),
-                   os.path.join(self.directory, "best.json"))
-        logging.info("new best %s=%.6g at step %d, kept in %s", self.metric, value, step,
-                     self.directory)
+            partial, old = final + ".partial", final + ".old"
+            record = {"metric": self.metric, "value": value, "step": int(step),
+                      "checkpoint": self.checkpointer.latest}
+            try:
+                if self.export is not None:
+                    shutil.rmtree(partial, ignore_errors=True)
+                    self.export(partial)
+                with files.open_for_writing(os.path.join(self.directory, "best.json.tmp")) as stream:
+                    json.dump(record, stream)
+            except BaseException:
+                shutil.rmtree(partial, ignore_errors=True)
+                self.checkpointer.drop_latest(previous)  # best/ stays at the previous best
+                raise
+            if self.export is not None:
+                shutil.rmtree(old, ignore_errors=True)
+                if os.path.exists(final):
+                    os.replace(final, old)
+                os.replace(partial, final)
+                shutil.rmtree(old, ignore_errors=True)
+            os.replace(os.path.join(self.directory, "best.json.tmp"),
+                       os.path.join(self.directory, "best.json"))
+            logging.info("new best %s=%.6g at step %d, kept in %s", self.metric, value, step,
+                         self.directory)
+        self.checkpointer.keep_only_latest()
+        self.best, self.best_step = value, int(step)
 
 
 def resolve_mode(metric: str, mode: str) -> str:

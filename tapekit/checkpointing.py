@@ -205,6 +205,32 @@ class Checkpointer:
         else:
             shutil.rmtree(self._temporary, ignore_errors=True)
 
+    def keep_only_latest(self) -> None:
+        """Deletes every checkpoint of this directory but the latest (MODEL_DIR/best/, once
+        best.json names the new one). The chief only."""
+        self._list_only(self.latest, delete_others=True)
+
+    def drop_latest(self, previous: Optional[str]) -> None:
+        """Deletes the checkpoint just saved and makes `previous` the latest again (a new
+        best whose export failed). The chief only."""
+        latest = self.latest
+        if latest and latest != previous:
+            self._list_only(previous, delete=[latest])
+
+    def _list_only(self, path: Optional[str], delete=(), delete_others: bool = False) -> None:
+        if not (self.is_chief and self.directory):
+            return
+        state = tf.train.get_checkpoint_state(self.directory)
+        listed = [p if os.path.isabs(p) else os.path.join(self.directory, p)
+                  for p in (state.all_model_checkpoint_paths if state else [])]
+        doomed = list(delete) + ([p for p in listed if p != path] if delete_others else [])
+        for old in doomed:
+            for name in tf.io.gfile.glob(old + ".*"):
+                tf.io.gfile.remove(name)
+        kept = [path] if path else []
+        compat.write_checkpoint_state(self.directory, path or "", kept)
+        self._make_manager()
+
     def set_aside_checkpoints_after(self, step: int) -> Optional[str]:
         """Moves checkpoints newer than `step` (e.g. a damaged one the run was restarted
         around) into checkpoints/set_aside-TIME/, so later saves neither overwrite nor delete

@@ -117,6 +117,7 @@ def record_run(engine, fit_settings: Dict[str, Any], fallback: Optional[Dict[str
     change = None
     if old is not None and path is not None:
         step = checkpointing.saved_step(path)
+        _check_same_measure(old, new, engine.model_dir, step)
         changes = record_lib.check_resume(
             old, new, options.allow_changes or (), engine.model_dir, step,
             safe=getattr(engine.trainer, "arguments_safe_to_change", ()))
@@ -125,6 +126,21 @@ def record_run(engine, fit_settings: Dict[str, Any], fallback: Optional[Dict[str
     if distribute.is_chief(engine.strategy):
         record_lib.write(engine.model_dir, new)
     return change
+
+
+def _check_same_measure(old, new, model_dir: str, step: int) -> None:
+    """Refuses to resume a run trained by train_steps with train_epochs, or the other way:
+    an epoch's position is checkpointed only when training by epochs."""
+    def by_epochs(record):
+        return record.get("settings", {}).get("train_epochs") is not None
+    if "settings" in old and by_epochs(old) != by_epochs(new):
+        was, now = ("train_epochs", "train_steps") if by_epochs(old) else ("train_steps",
+                                                                          "train_epochs")
+        raise TapekitError(
+            f"{model_dir} holds a run at step {step} trained by {was} "
+            f"({was}={old['settings'].get(was)}); this one gives {now}. A run is measured in "
+            f"one of them from its start (the epoch's position is checkpointed only by epochs): "
+            f"resume with {was}, or use a new --model_dir. Nothing was restored or changed.")
 
 
 def _restore_and_position(engine, dataset, needs_iterator: bool):

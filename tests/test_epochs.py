@@ -132,3 +132,15 @@ def test_epochs_of_data_that_never_ends_or_with_train_steps_are_refused():
         Passes(progress="none").fit(train_steps=10, train_epochs=2)
     with pytest.raises(TapekitError, match="not neither"):
         Passes(progress="none").fit()
+
+
+def test_one_model_dir_is_trained_by_steps_or_by_epochs_not_both(tmp_path):
+    by_steps, by_epochs = tmp_path / "steps", tmp_path / "epochs"
+    Passes(progress="none", model_dir=str(by_steps)).fit(train_steps=5, steps_per_loop=5)
+    with pytest.raises(TapekitError, match="trained by train_steps .*resume with train_steps"):
+        Passes(progress="none", model_dir=str(by_steps)).fit(train_epochs=2)
+    Passes(progress="none", model_dir=str(by_epochs)).fit(train_epochs=1)
+    with pytest.raises(TapekitError, match=r"trained by train_epochs \(train_epochs=1\)"):
+        Passes(progress="none", model_dir=str(by_epochs)).fit(train_steps=50)
+    # nothing was changed: the runs go on as they were measured
+    assert Passes(progress="none", model_dir=str(by_epochs)).fit(train_epochs=2)[-1]["epoch"] == 2

@@ -13,6 +13,7 @@ import tensorflow as tf
 import tapekit
 from helpers import user_trainer_module
 from tapekit.errors import TapekitError
+from tapekit.trainers import RegressionTrainer
 
 
 class Noisy(tapekit.Trainer):
@@ -288,3 +289,34 @@ def test_a_refused_resume_moves_no_damaged_checkpoint(tmp_path):
     with pytest.raises(TapekitError, match="resuming would silently change it: seed"):
         _train(tmp_path, 40, seed=9)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+
+
+class _ExportFailsAfter(RegressionTrainer):
+    """Its export of best/ fails (a full disk) from the `fail_from`-th export on."""
+
+    def __init__(self, fail_from, **kwargs):
+        super().__init__(**kwargs)
+        self.fail_from, self.exports = fail_from, 0
+
+    def export(self, export_dir):
+        self.exports += 1
+        if self.exports >= self.fail_from:
+            raise OSError(28, "No space left on device", export_dir)
+        return super().export(export_dir)
+
+
+def test_an_export_of_best_that_fails_leaves_best_at_the_previous_best(tmp_path):
+    trainer = _ExportFailsAfter(fail_from=2, model="mlp", model_dir=str(tmp_path),
+                                best_metric="loss", progress="none")
+    with pytest.raises(tapekit.TapekitError, match="No space left on device") as raised:
+        trainer.fit(train_steps=60, steps_per_loop=20, eval_every_steps=20)
+    failed_at = int(str(raised.value).split("write failed at step ")[1].split()[0])
+    assert failed_at in (40, 60)  # the second improvement's export (the first was at 20)
+    best = json.loads((tmp_path / "best" / "best.json").read_text())
+    assert best["step"] == 20 and best["checkpoint"].endswith("ckpt-20")
+    # best.json names a checkpoint that is there, is the only one, and reads whole
+    assert tf.train.latest_checkpoint(tmp_path / "best") == best["checkpoint"]
+    assert sorted(glob.glob(str(tmp_path / "best" / "ckpt-*.index"))) == [best["checkpoint"] + ".index"]
+    assert RegressionTrainer(model="mlp").restore(best["checkpoint"]) == 20
+    assert os.path.exists(tmp_path / "best" / "saved_model" / "saved_model.pb")
+    assert not os.path.exists(tmp_path / "best" / "saved_model.partial")
