@@ -99,6 +99,7 @@ class Checkpointer:
     def __init__(self, objects: Dict[str, object], model_dir: Optional[str], is_chief: bool,
                  max_to_keep: int = 3, task_id: int = 0, subdirectory: str = "checkpoints"):
         self.checkpoint = tf.train.Checkpoint(**objects)
+        self._objects = dict(objects)  # what `checkpoint` tracks, by name
         self.directory = os.path.join(model_dir, subdirectory) if model_dir else None
         self.is_chief = is_chief
         self.max_to_keep = max_to_keep
@@ -148,10 +149,12 @@ class Checkpointer:
         """Adds `objects` (name → trackable) to what is saved and restored from now on."""
         for name, value in objects.items():
             setattr(self.checkpoint, name, value)
+            self._objects[name] = value
 
     def track_iterator(self, iterator) -> None:
         """Saves and restores the position of a (non-distributed) `tf.data` iterator."""
         setattr(self.checkpoint, ITERATOR_KEY, iterator)
+        self._objects[ITERATOR_KEY] = iterator
 
     def restore(self, path: str) -> None:
         """Restores every object from `path`; raises one TapekitError if anything does not match."""
@@ -164,7 +167,7 @@ class Checkpointer:
                 f"{shown}). It was written by a different model or configuration; use a new "
                 "--model_dir or --restore_from a checkpoint of this trainer. Nothing was changed.")
         try:
-            status = self.checkpoint.restore(path)
+            status = self._reading(path).restore(path)
             status.assert_existing_objects_matched()
             # The listing above found nothing unexpected; what this trainer does not track
             # (a saved input position when only restoring) is left unread without warnings.
@@ -174,6 +177,17 @@ class Checkpointer:
                                "use a checkpoint of this trainer.") from None
         except Exception as error:  # damaged data the listing did not touch
             raise _corrupt(path, error) from None
+
+    def _reading(self, path: str) -> tf.train.Checkpoint:
+        """What restores `path`: the checkpoint, or, when `path` lacks optional state
+        (OPTIONAL_KEYS), one without it (that state keeps its values)."""
+        saved_roots = {name.split("/")[0] for name, _ in tf.train.list_variables(path)}
+        absent = [name for name in self._objects
+                  if (name + "/").startswith(OPTIONAL_KEYS) and name not in saved_roots]
+        if not absent:
+            return self.checkpoint
+        return tf.train.Checkpoint(**{name: value for name, value in self._objects.items()
+                                      if name not in absent})
 
     def _mismatches(self, path: str) -> List[str]:
         try:

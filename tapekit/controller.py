@@ -126,14 +126,17 @@ class Controller:
                     due = rollback.skip_due(step, train_steps)
                     if due:  # the batches of steps recorded as bad: read, not trained on
                         skipped = rollback.skip(due)
-                        logging.info("skipped %s (read, not trained on)", f"step {step + 1}"
-                                     if skipped == 1 else f"steps {step + 1}-{step + skipped}")
+                        if skipped:
+                            logging.info("skipped %s (read, not trained on)", f"step {step + 1}"
+                                         if skipped == 1 else f"steps {step + 1}-{step + skipped}")
                         step += skipped
-                        if skipped < due:
+                        if skipped == due:
+                            continue
+                        if train_epochs is None:
                             logging.warning("the training data ran out while skipping steps; "
                                             "training stops at step %d", step)
                             break
-                        continue
+                        # by epochs: the pass ended inside the range; the loop below ends it
                     num_steps = rollback.steps_for(step, num_steps)
                     rollback.before_loop(step)
                 if self.profiler:

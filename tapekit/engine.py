@@ -131,13 +131,23 @@ class Engine:
         iterator = None if self.train_loop.in_memory is not None else self._train_iterator
         return _call_loop(self.train_loop, iterator, num_steps)
 
+    @property
+    def by_epochs(self) -> bool:
+        return self._by_epochs
+
     def reposition_input(self, step: int) -> None:
-        """Re-makes the training iterator `step` steps in (`tapekit.rollback`)."""
-        if self.train_loop.in_memory is None:
+        """Puts the training input at `step` of the restored state (`tapekit.rollback`)."""
+        if self._by_epochs:
+            self.epochs.begin(self.input, self._dataset, self.train_loop.in_memory, step)
+        elif self.train_loop.in_memory is None:
             self._train_iterator = self.input.train_iterator(self._dataset, step)
 
     def read_batches(self, steps: int) -> int:
-        """Reads and drops `steps` steps' batches; returns how many there were."""
+        """Reads and drops `steps` steps' batches (by epochs: never past the pass's end);
+        returns how many there were."""
+        if self._by_epochs:
+            return self.epochs.read(self.input, self.train_loop.in_memory, steps,
+                                    self.current_step)
         if self.train_loop.in_memory is not None:  # batches are a function of the step
             return steps
         for done in range(steps):
@@ -173,10 +183,6 @@ class Engine:
         eval_every_epochs and checkpoint_every_epochs (`tapekit.epochs`)."""
         by_epochs = by_epochs or {}
         self._by_epochs = by_epochs.get("train_epochs") is not None
-        skips = self.options.nan_policy == "rollback" or self.options.skip_steps
-        if self._by_epochs and skips:
-            raise TapekitError("nan_policy=rollback and skip_steps count steps of train_steps; "
-                               "they do not work with train_epochs yet: give train_steps.")
         if self._by_epochs and self.checkpointer is not None:  # built by restore/evaluate
             self.checkpointer.track(self.epochs.state())
         with self._running(), self._evaluation_input(
@@ -185,8 +191,8 @@ class Engine:
                 "train_steps": train_steps, "steps_per_loop": steps_per_loop,
                 "eval_every_steps": eval_every_steps, "eval_steps": eval_steps, **by_epochs})
             options = self.options
-            rollback = None if self._by_epochs else rollback_lib.Rollback(self)
-            if rollback is not None and not (rollback.rolls_back or rollback.skipped):
+            rollback = rollback_lib.Rollback(self)
+            if not (rollback.rolls_back or rollback.skipped):
                 rollback = None
             keep_best = best.keep_best_of(self, self._eval_data) if self._eval_data else None
             write_dir = self.model_dir if distribute.is_chief(self.strategy) else None

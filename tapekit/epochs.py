@@ -68,6 +68,21 @@ class EpochPasses:
             next(iterator)
         return iterator
 
+    def read(self, run_input, in_memory, steps: int, step: int) -> int:
+        """Reads and drops up to `steps` batches of the pass in progress, never past its end
+        (`tapekit.rollback`'s skipped steps); returns how many. The next loop ends a pass
+        that was read to its end."""
+        if in_memory is not None:  # batches are a function of the step
+            return min(steps, in_memory.steps_per_epoch - (step - int(self.start_step.numpy())))
+        if self._iterator is None:
+            self._iterator = self._pass(run_input, self._source, self.epochs_done, 0)
+        for done in range(steps):
+            try:
+                next(self._iterator)
+            except (StopIteration, tf.errors.OutOfRangeError):
+                return done
+        return steps
+
     def run_loop(self, call_loop, loop, run_input, num_steps: int, step: int,
                  stopped=lambda: False):
         """Runs `call_loop(loop, iterator, n)` for up to `num_steps` steps, never past the end

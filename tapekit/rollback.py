@@ -185,15 +185,19 @@ class Rollback:
         """Skips `steps` steps (reads and drops their batches, counts them as global steps);
         returns how many there were. The batch of a bad step just undone was read already."""
         engine, step = self.engine, self.engine.current_step
-        if self._data_at == step + steps:
+        behind, self._data_at = self._data_at, None
+        if behind == step + steps and not engine.by_epochs:
             done = steps
         else:
-            if self._data_at is not None and self._data_at != step:
+            if self._repositions(behind, step):
                 engine.reposition_input(step)
             done = engine.read_batches(steps)
-        self._data_at = None
         engine.global_step.assign_add(done)
         return done
+
+    def _repositions(self, behind: Optional[int], step: int) -> bool:
+        # By epochs always: the pass a bad loop ended is counted again from the restored state.
+        return behind is not None and (behind != step or self.engine.by_epochs)
 
     def steps_for(self, step: int, num_steps: int) -> int:
         """The next loop's length: up to the next skipped range, one step while replaying,
@@ -208,7 +212,7 @@ class Rollback:
 
     def before_loop(self, step: int) -> None:
         """Puts the input at `step` (after a rollback) and keeps the state in memory."""
-        if self._data_at is not None and self._data_at != step:
+        if self._repositions(self._data_at, step):
             self.engine.reposition_input(step)
         self._data_at = None
         if self.copy is not None:

@@ -120,7 +120,8 @@ class GAN(_Reporting, GANTrainer):
 class Poisoned(_Reporting, tapekit.Trainer):
     """Linear regression (y = 3x + 2 + noise, Adam) on batches made from their position in
     the data, so every run and every replica count sees the same ones; the labels of the
-    global steps in `poison` are multiplied by `factor` (a corrupt shard)."""
+    steps in `poison` are multiplied by `factor` (a corrupt shard). With `steps_per_epoch`
+    the data ends there, and every pass is the same (`poison` counts steps in a pass)."""
 
     default_global_batch_size = 32
     default_learning_rate = 0.05
@@ -131,9 +132,10 @@ class Poisoned(_Reporting, tapekit.Trainer):
         flags.DEFINE_list("poison", [], "Global steps whose labels are multiplied by --factor.")
         flags.DEFINE_float("factor", 1e30, "What poisoned labels are multiplied by.")
 
-    def __init__(self, poison=(), factor=1e30, **kwargs):
+    def __init__(self, poison=(), factor=1e30, steps_per_epoch=None, **kwargs):
         self.poison = tuple(int(step) for step in poison)
         self.factor = float(factor)
+        self.steps_per_epoch = steps_per_epoch  # data that ends (each pass the same batches)
         super().__init__(**kwargs)
 
     def build(self):
@@ -154,7 +156,8 @@ class Poisoned(_Reporting, tapekit.Trainer):
             noise = tf.random.stateless_normal([size, 1], seed=seed + 1000)
             y = 3.0 * x + 2.0 + 0.1 * noise
             return x, tf.where(tf.reduce_any(tf.equal(poison, step)), y * factor, y)
-        return tf.data.Dataset.range(1_000_000).map(batch)
+        steps = self.steps_per_epoch or 1_000_000
+        return tf.data.Dataset.range(steps * local_replicas).map(batch)
 
     def train_step(self, batch):
         x, y = batch

@@ -113,8 +113,6 @@ def test_rollback_settings_are_checked_before_anything_runs():
         Poisoned(skip_steps="9-3")
     with pytest.raises(tapekit.TapekitError, match="rollback_from=checkpoint needs a model_dir"):
         Poisoned(nan_policy="rollback", rollback_from="checkpoint")
-    with pytest.raises(tapekit.TapekitError, match="do not work with train_epochs"):
-        Poisoned(nan_policy="rollback").fit(train_epochs=1, dataset=np.ones([4, 1], np.float32))
 
 
 def test_a_rerun_with_the_flagfile_skips_the_recorded_steps(tmp_path, cli_env):
@@ -134,3 +132,29 @@ def test_a_rerun_with_the_flagfile_skips_the_recorded_steps(tmp_path, cli_env):
     weights = [next(l for l in r.stdout.splitlines() if l.startswith("WEIGHTS "))
                for r in (first, rerun)]
     assert weights[0] == weights[1]
+
+
+def test_by_epochs_a_bad_range_across_the_end_of_a_pass_is_skipped_in_both(tmp_path):
+    # every pass is the same 10 batches; its first and last are poisoned: global steps 1,
+    # 10-11 (across the end of pass 1), 20-21 and 30
+    settings = dict(poison=(1, 10), steps_per_epoch=10, progress="none")
+    trainer = Poisoned(nan_policy="rollback", model_dir=str(tmp_path), **settings)
+    history = trainer.fit(train_epochs=3, steps_per_loop=4)
+    assert _skipped(tmp_path) == [[1, 1], [10, 11], [20, 21], [30, 30]]
+    assert trainer.current_step == 30 and history[-1]["epoch"] == 3
+    assert int(trainer.optimizer.iterations.numpy()) == 24
+    rerun = Poisoned(skip_steps="1,10-11,20-21,30", **settings)
+    rerun.fit(train_epochs=3, steps_per_loop=4)
+    assert _same_weights(trainer, rerun)
+
+
+def test_a_run_may_start_judging_spikes_when_it_resumes(tmp_path):
+    Poisoned(model_dir=str(tmp_path), progress="none").fit(train_steps=20, steps_per_loop=5)
+    resumed = Poisoned(model_dir=str(tmp_path), nan_policy="rollback", spike_threshold=10.0,
+                       poison=(48, 49), factor=30.0, allow_changes="poison,factor",
+                       progress="none")
+    # the checkpoint had no loss window: it starts empty, and judges from 5 loops on
+    resumed.fit(train_steps=60, steps_per_loop=5)
+    assert _skipped(tmp_path) == [[48, 49]]
+    later = Poisoned(model_dir=str(tmp_path), progress="none")  # nor does this one need it
+    assert later.restore() == 60
