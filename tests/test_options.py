@@ -41,7 +41,7 @@ def test_the_trainer_signature_is_the_option_table():
     ({"learning_rate": "fast"}, "learning_rate must be a number, got 'fast'."),
     ({"max_retraces": -1}, "max_retraces must be at least 0, got -1."),
     ({"checkpoint_every_secs": -5.0}, "checkpoint_every_secs must be at least 0, got -5.0."),
-    ({"nan_policy": "ignore"}, "nan_policy must be one of stop, skip_step, got 'ignore'."),
+    ({"nan_policy": "ignore"}, "nan_policy must be one of stop, skip_step, rollback, got 'ignore'."),
     ({"precision": "fp8"}, "precision must be one of float32, mixed_float16, mixed_bfloat16"),
     ({"profile_steps": (5, 3), "model_dir": "/x"}, "profile_steps must be START,END with 1 <= START"),
     ({"profile_steps": ("a", "b"), "model_dir": "/x"}, "profile_steps must be START,END"),
