@@ -55,6 +55,23 @@ class MetricsFile(Callback):
     def __init__(self, path: str):
         self.path = path
 
+    def on_train_begin(self, step):
+        """A run resumed from a checkpoint older than the file's last rows (killed between
+        writing a loop's row and saving its checkpoint, or stopped while replaying loops
+        for a rollback) redoes those loops: their rows are dropped, to be written again."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as stream:
+            lines = stream.read().splitlines()
+        kept = [line for line in lines if not _row_after(line, step)]
+        if len(kept) == len(lines):
+            return
+        with files.open_for_writing(self.path + ".tmp") as stream:
+            stream.write("".join(line + "\n" for line in kept))
+        os.replace(self.path + ".tmp", self.path)
+        logging.info("metrics.jsonl: %d row(s) after step %d, where this run resumes, were "
+                     "dropped (those loops are trained again)", len(lines) - len(kept), step)
+
     def _append(self, split: str, step: int, logs: Logs) -> None:
         record = {"split": split, "step": int(step)}
         # Counts (best_step, epoch) stay integers; metrics are floats.
@@ -69,6 +86,13 @@ class MetricsFile(Callback):
 
     def on_eval_end(self, step, logs):
         self._append("eval", step, logs)
+
+
+def _row_after(line: str, step: int) -> bool:
+    try:
+        return int(json.loads(line)["step"]) > step
+    except (ValueError, KeyError, TypeError):  # a torn last line: kept as it is
+        return False
 
 
 class EveryNSteps(Callback):
@@ -167,6 +191,14 @@ class KeepBest(Callback):
             if saved.get("metric") == metric:
                 self.best, self.best_step = saved["value"], saved["step"]
 
+    def _recorded_checkpoint(self) -> Optional[str]:
+        """The checkpoint best.json names (None: none yet)."""
+        path = os.path.join(self.directory, "best.json")
+        if not os.path.exists(path):
+            return None
+        with open(path) as stream:
+            return json.load(stream).get("checkpoint")
+
     def on_eval_end(self, step, logs):
         value = logs.get(evaluation_metric(self.metric, logs) or self.metric)
         if value is None:
@@ -184,7 +216,7 @@ class KeepBest(Callback):
         leaves best/ as it was: best.json naming a checkpoint that is there, and its model.
         The new checkpoint, the export and best.json.tmp are written first; then the model
         and best.json are renamed into place, and only then is the old checkpoint deleted."""
-        previous = self.checkpointer.latest
+        previous = self._recorded_checkpoint()
         self.checkpointer.save(step)  # the manager keeps the previous one (see best.py)
         if self.is_chief:
             final = os.path.join(self.directory, "saved_model")

@@ -156,9 +156,11 @@ class Checkpointer:
         setattr(self.checkpoint, ITERATOR_KEY, iterator)
         self._objects[ITERATOR_KEY] = iterator
 
-    def restore(self, path: str) -> None:
-        """Restores every object from `path`; raises one TapekitError if anything does not match."""
-        mismatches = self._mismatches(path)
+    def restore(self, path: str, checked: bool = True) -> None:
+        """Restores every object from `path`; raises one TapekitError if anything does not
+        match. Not `checked`: without first comparing `path`'s names and shapes with what
+        this checkpointer would write (a checkpoint this run just wrote: a rollback)."""
+        mismatches = self._mismatches(path) if checked else []
         if mismatches:
             shown = "; ".join(mismatches[:12]) + (f"; … {len(mismatches) - 12} more"
                                                  if len(mismatches) > 12 else "")
@@ -220,9 +222,12 @@ class Checkpointer:
             shutil.rmtree(self._temporary, ignore_errors=True)
 
     def keep_only_latest(self) -> None:
-        """Deletes every checkpoint of this directory but the latest (MODEL_DIR/best/, once
-        best.json names the new one). The chief only."""
-        self._list_only(self.latest, delete_others=True)
+        """Deletes every checkpoint of this directory but the latest, listed or not (in
+        MODEL_DIR/best/, once best.json names the new one). The chief only."""
+        latest = self.latest
+        others = {name.rsplit(".", 1)[0] for name in tf.io.gfile.glob(
+            os.path.join(self.directory, "ckpt-*.index"))} if self.directory else set()
+        self._list_only(latest, delete=sorted(others - {latest}))
 
     def drop_latest(self, previous: Optional[str]) -> None:
         """Deletes the checkpoint just saved and makes `previous` the latest again (a new
@@ -231,14 +236,10 @@ class Checkpointer:
         if latest and latest != previous:
             self._list_only(previous, delete=[latest])
 
-    def _list_only(self, path: Optional[str], delete=(), delete_others: bool = False) -> None:
+    def _list_only(self, path: Optional[str], delete=()) -> None:
         if not (self.is_chief and self.directory):
             return
-        state = tf.train.get_checkpoint_state(self.directory)
-        listed = [p if os.path.isabs(p) else os.path.join(self.directory, p)
-                  for p in (state.all_model_checkpoint_paths if state else [])]
-        doomed = list(delete) + ([p for p in listed if p != path] if delete_others else [])
-        for old in doomed:
+        for old in delete:
             for name in tf.io.gfile.glob(old + ".*"):
                 tf.io.gfile.remove(name)
         kept = [path] if path else []

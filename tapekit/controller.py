@@ -123,20 +123,11 @@ class Controller:
                              else min(steps_per_loop, train_steps - step))
                 rollback = self.rollback
                 if rollback is not None:
-                    due = rollback.skip_due(step, train_steps)
-                    if due:  # the batches of steps recorded as bad: read, not trained on
-                        skipped = rollback.skip(due)
-                        if skipped:
-                            logging.info("skipped %s (read, not trained on)", f"step {step + 1}"
-                                         if skipped == 1 else f"steps {step + 1}-{step + skipped}")
-                        step += skipped
-                        if skipped == due:
-                            continue
-                        if train_epochs is None:
-                            logging.warning("the training data ran out while skipping steps; "
-                                            "training stops at step %d", step)
-                            break
-                        # by epochs: the pass ended inside the range; the loop below ends it
+                    step, skipped = self._skip(step, train_steps, train_epochs)
+                    if skipped == "all":
+                        continue
+                    if skipped == "ran out":
+                        break
                     num_steps = rollback.steps_for(step, num_steps)
                     rollback.before_loop(step)
                 if self.profiler:
@@ -157,10 +148,13 @@ class Controller:
                     if why is not None:
                         step = rollback.roll_back(step, result.steps_run, why)
                         continue
-                    rollback.good(step, full=result.steps_run == num_steps)
+                    rollback.good(step, full=result.steps_run == num_steps or epoch_ended)
+                # A replay from a checkpoint of loops already recorded: not recorded again.
+                replayed = rollback is not None and not rollback.records(step)
                 if epoch_ended and result.steps_run == 0:  # the pass ended with the last loop
-                    with self._between_loops(step):
-                        self._end_epoch(step, start_step, train_epochs, eval_every_epochs)
+                    if not replayed:
+                        with self._between_loops(step):
+                            self._end_epoch(step, start_step, train_epochs, eval_every_epochs)
                     continue
                 if result.steps_run < num_steps and not epoch_ended and not stopping:
                     logging.warning(
@@ -177,15 +171,14 @@ class Controller:
                 logs["examples_per_sec"] = result.steps_run * runner.examples_per_step / seconds
                 if train_epochs is not None:
                     logs["epoch"] = runner.epochs_done + (0 if epoch_ended else 1)
-                replayed = rollback is not None and not rollback.records(step)
-                if not replayed:  # (a replay from a checkpoint: these loops are recorded)
+                if not replayed:
                     history.append({"step": step, **logs})
                 with self._between_loops(step):
                     for callback in ([] if replayed else self.callbacks):
                         callback.on_loop_end(step, logs)
                     if runner.any_worker(signals.terminated or signals.interrupted):
                         self._stop_on_signal(signals)
-                    elif epoch_ended:
+                    elif epoch_ended and not replayed:
                         self._end_epoch(step, start_step, train_epochs, eval_every_epochs)
                     elif not replayed and self._evaluation_due(start_step, step, train_steps):
                         # (not when stopping on a signal: the grace period is for the checkpoint)
@@ -202,6 +195,29 @@ class Controller:
         if status.interrupted:
             logging.warning("interrupted at step %d, %s", step, saved)
         return history
+
+    def _skip(self, step: int, train_steps: Optional[int], train_epochs: Optional[int]):
+        """Skips the steps due (`rollback.skip_due`: their batches are read, not trained on)
+        and makes the evaluation that falls in them. Returns (the step, "all" when steps
+        were skipped, "ran out" when the data ended, None when nothing or, by epochs, only
+        the rest of the pass was: the next loop ends it)."""
+        due = self.rollback.skip_due(step, train_steps)
+        if not due:
+            return step, None
+        skipped = self.rollback.skip(due)
+        if skipped:
+            logging.info("skipped %s (read, not trained on)", f"step {step + 1}"
+                         if skipped == 1 else f"steps {step + 1}-{step + skipped}")
+            with self._between_loops(step + skipped):
+                if self._evaluation_due(step, step + skipped, train_steps):
+                    self._evaluate(step + skipped)
+        if skipped == due:
+            return step + skipped, "all"
+        if train_epochs is None:
+            logging.warning("the training data ran out while skipping steps; training stops "
+                            "at step %d", step + skipped)
+            return step + skipped, "ran out"
+        return step + skipped, None
 
     def _stop_on_signal(self, signals) -> None:
         status = self.runner.status

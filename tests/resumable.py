@@ -159,9 +159,18 @@ class Poisoned(_Reporting, tapekit.Trainer):
         steps = self.steps_per_epoch or 1_000_000
         return tf.data.Dataset.range(steps * local_replicas).map(batch)
 
+    def eval_dataset(self, context):
+        x = tf.random.stateless_normal([64, 1], seed=[0, 1])
+        return tf.data.Dataset.from_tensor_slices((x, 3.0 * x + 2.0)).batch(
+            context.get_per_replica_batch_size(32))
+
     def train_step(self, batch):
         x, y = batch
         with tf.GradientTape() as tape:
             loss = self.compute_loss(tf.square(y - self.model(x)))
         self.apply_gradients(tape, loss, self.model, self.optimizer)
         return {"loss": loss}
+
+    def eval_step(self, batch):
+        x, y = batch
+        return {"loss": self.compute_loss(tf.square(y - self.model(x)))}

@@ -320,3 +320,14 @@ def test_an_export_of_best_that_fails_leaves_best_at_the_previous_best(tmp_path)
     assert RegressionTrainer(model="mlp").restore(best["checkpoint"]) == 20
     assert os.path.exists(tmp_path / "best" / "saved_model" / "saved_model.pb")
     assert not os.path.exists(tmp_path / "best" / "saved_model.partial")
+
+
+def test_rows_written_after_the_checkpoint_a_run_resumes_from_are_written_once(tmp_path):
+    # as if killed after writing step 20's row but before saving ckpt-20: resumed at 10
+    RegressionTrainer(model_dir=str(tmp_path), progress="none", checkpoint_every_steps=10).fit(
+        train_steps=20, steps_per_loop=10)
+    RegressionTrainer(model_dir=str(tmp_path), progress="none",
+                      restore_from=str(tmp_path / "checkpoints" / "ckpt-10")).fit(
+        train_steps=30, steps_per_loop=10)
+    rows = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [10, 20, 30]

@@ -49,17 +49,17 @@ def test_poisoned_batches_are_skipped_and_the_run_ends_near_a_clean_one(caplog):
     assert _same_weights(trainer, rerun)  # bitwise: skipping is what a rollback did
 
 
-def test_two_replicas_rolled_back_to_a_checkpoint_record_the_steps_once(tmp_path):
+def test_two_replicas_rolled_back_to_an_older_checkpoint_record_the_steps_once(tmp_path):
     two = dict(strategy="mirrored", cpu_replicas=2, progress="none")
-    from_checkpoint = Poisoned(poison=POISONED, nan_policy="rollback", rollback_from="checkpoint",
-                               model_dir=str(tmp_path), checkpoint_every_steps=15, **two)
+    from_checkpoint = Poisoned(poison=(33,), nan_policy="rollback", rollback_from="checkpoint",
+                               model_dir=str(tmp_path), checkpoint_every_steps=20, **two)
     from_checkpoint.fit(**STEPS)
-    assert _skipped(tmp_path) == [[23, 25]]
+    assert _skipped(tmp_path) == [[33, 33]]
     rows = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert rows == [10, 20, 21, 22, 26, 27, 28, 29, 30, 40, 50, 60]  # replays are not rewritten
-    assert "--skip_steps" not in json.dumps(json.loads((tmp_path / "run.json").read_text())["command"])
+    # steps 31-40 were bad: back to ckpt-20, 21-30 replayed (not written again), 31-40 one by one
+    assert rows == [10, 20, 30, 31, 32, 34, 35, 36, 37, 38, 39, 40, 50, 60]
 
-    from_memory = Poisoned(poison=POISONED, nan_policy="rollback", **two)
+    from_memory = Poisoned(poison=(33,), nan_policy="rollback", **two)
     from_memory.fit(**STEPS)
     assert _same_weights(from_checkpoint, from_memory)
 
@@ -104,6 +104,11 @@ def test_after_max_rollbacks_in_a_row_it_stops_with_one_error(tmp_path):
     assert "non-finite loss in steps 31-35, after 2 rollbacks in a row (--max_rollbacks)" in message
     assert "ckpt-20" in message  # the last good checkpoint, kept
     assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).endswith("ckpt-20")
+    # bad steps with good full loops between them are not rollbacks in a row
+    apart = Poisoned(poison=(3, 13, 23, 33), nan_policy="rollback", max_rollbacks=1,
+                     progress="none")
+    apart.fit(train_steps=40, steps_per_loop=5)
+    assert int(apart.optimizer.iterations.numpy()) == 36
 
 
 def test_rollback_settings_are_checked_before_anything_runs():
@@ -158,3 +163,37 @@ def test_a_run_may_start_judging_spikes_when_it_resumes(tmp_path):
     assert _skipped(tmp_path) == [[48, 49]]
     later = Poisoned(model_dir=str(tmp_path), progress="none")  # nor does this one need it
     assert later.restore() == 60
+
+
+class _Epochs(tapekit.Callback):
+    def __init__(self):
+        self.ended = []
+
+    def on_epoch_end(self, step, epoch):
+        self.ended.append((step, epoch))
+
+
+@pytest.mark.parametrize("source", ["memory", "checkpoint"])
+def test_by_epochs_a_replay_from_a_checkpoint_ends_each_epoch_once(tmp_path, source):
+    # pass-local step 3 is bad: global 3, 13, 23; from ckpt-8, step 13's replay crosses
+    # the end of epoch 1
+    epochs = _Epochs()
+    trainer = Poisoned(poison=(3,), steps_per_epoch=10, nan_policy="rollback",
+                       rollback_from=source, model_dir=str(tmp_path), checkpoint_every_steps=8,
+                       progress="none")
+    trainer.fit(train_epochs=3, steps_per_loop=4, eval_every_epochs=1, callbacks=[epochs])
+    assert epochs.ended == [(10, 1), (20, 2), (30, 3)]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [(row["split"], row["step"]) for row in rows]
+    assert len(steps) == len(set(steps)) and ("eval", 10) in steps
+    assert _skipped(tmp_path) == [[3, 3], [13, 13], [23, 23]]
+    rerun = Poisoned(poison=(3,), steps_per_epoch=10, skip_steps="3,13,23", progress="none")
+    rerun.fit(train_epochs=3, steps_per_loop=4)
+    assert _same_weights(trainer, rerun)
+
+
+def test_the_evaluation_due_in_skipped_steps_is_made(tmp_path):
+    trainer = Poisoned(skip_steps="29-31", model_dir=str(tmp_path), progress="none")
+    trainer.fit(train_steps=31, steps_per_loop=10, eval_every_steps=10)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if row["split"] == "eval"] == [10, 20, 31]
