@@ -165,6 +165,10 @@ class SaveCheckpoints(EveryNSteps):
         self.checkpointer.save(step)
         self._saved_at = time.monotonic()
 
+    def on_train_end(self, step, logs):
+        super().on_train_end(step, logs)
+        self.checkpointer.wait()  # --async_checkpoint: the last save is on disk when fit returns
+
 
 class KeepBest(Callback):
     """Keeps `DIRECTORY` (MODEL_DIR/best/) at the best evaluation value of `metric`.

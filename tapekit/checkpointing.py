@@ -2,7 +2,10 @@
 
 Every worker calls `save` (under MultiWorkerMirroredStrategy saving may run collective
 ops); only the chief writes into `MODEL_DIR/checkpoints`, the others into a temporary
-directory of their own that is deleted right after (TensorFlow's convention).
+directory of their own that is deleted right after (TensorFlow's convention). With
+`async_save` (`--async_checkpoint`) a save returns once the state is copied to host memory
+and is written in the background; `CheckpointManager` lists it, and deletes the oldest,
+only once it is written whole (its write callback), and `wait` joins it.
 
 Restores never half-succeed: the checkpoint's variables are compared with the trainer's
 (names and shapes) first, every mismatch is listed in one error, and
@@ -97,8 +100,11 @@ class Checkpointer:
     """
 
     def __init__(self, objects: Dict[str, object], model_dir: Optional[str], is_chief: bool,
-                 max_to_keep: int = 3, task_id: int = 0, subdirectory: str = "checkpoints"):
+                 max_to_keep: int = 3, task_id: int = 0, subdirectory: str = "checkpoints",
+                 async_save: bool = False):
         self.checkpoint = tf.train.Checkpoint(**objects)
+        self._options = tf.train.CheckpointOptions(enable_async=True) if async_save else None
+        self._in_flight = None  # the path of the checkpoint written in the background
         self._objects = dict(objects)  # what `checkpoint` tracks, by name
         self.directory = os.path.join(model_dir, subdirectory) if model_dir else None
         self.is_chief = is_chief
@@ -160,6 +166,7 @@ class Checkpointer:
         """Restores every object from `path`; raises one TapekitError if anything does not
         match. Not `checked`: without first comparing `path`'s names and shapes with what
         this checkpointer would write (a checkpoint this run just wrote: a rollback)."""
+        self.wait()
         mismatches = self._mismatches(path) if checked else []
         if mismatches:
             shown = "; ".join(mismatches[:12]) + (f"; … {len(mismatches) - 12} more"
@@ -214,8 +221,35 @@ class Checkpointer:
         return shapes + extra + missing
 
     def save(self, step: int) -> None:
-        path = self.manager.save(checkpoint_number=step)
+        """Saves a checkpoint at `step`. With `async_save`, returns once the state is copied
+        to host memory (TensorFlow's async checkpoint) and writes it in the background; the
+        one still in flight is waited for first, so one is written at a time."""
+        self.wait()
+        if self._options is None:
+            path = self.manager.save(checkpoint_number=step)
+        else:
+            with compat.keras_variables_copied_in_place():
+                path = self.manager.save(checkpoint_number=step, options=self._options)
         self._fallback = None
+        if self._options is not None:
+            self._in_flight = path
+            return
+        self._saved(path)
+
+    def wait(self) -> None:
+        """Waits until the checkpoint written in the background (if any) is on disk and
+        listed; raises its write's error (a full disk). Called before a restore, at the end
+        of training and before the process exits."""
+        path, self._in_flight = self._in_flight, None
+        if path is None:
+            return
+        self.checkpoint.sync()
+        error = compat.async_checkpoint_error(self.checkpoint)
+        if error is not None:
+            raise error
+        self._saved(path)
+
+    def _saved(self, path: str) -> None:
         if self.is_chief:
             logging.info("saved checkpoint %s", path)
         else:

@@ -51,6 +51,12 @@ def captured_tensors(graph) -> List:
     return [external for external, _ in graph.captures]
 
 
+def captures(graph) -> List[Tuple]:
+    """(outer tensor, the placeholder standing for it inside) for each capture of a
+    `FuncGraph` being traced (`FuncGraph.captures`). Checked on TensorFlow 2.16 and 2.21."""
+    return list(graph.captures)
+
+
 def is_trackable(value) -> bool:
     """Whether `tf.train.Checkpoint` can hold `value` as it is (`tf.__internal__.tracking.
     Trackable`). Checked on TensorFlow 2.16 and 2.21."""
@@ -63,6 +69,18 @@ def write_checkpoint_state(directory: str, latest: str, all_paths: Sequence[str]
     update_checkpoint_state`). Checked on TensorFlow 2.16 and 2.21."""
     tf.compat.v1.train.update_checkpoint_state(directory, latest,
                                                all_model_checkpoint_paths=list(all_paths))
+
+
+def async_checkpoint_error(checkpoint) -> Optional[BaseException]:
+    """The error of `checkpoint`'s last background write (`CheckpointOptions(enable_async=
+    True)`), cleared, or None. After `Checkpoint.sync()` TensorFlow keeps it (in its async
+    helper) until the next save raises it; a run's last save has no next one. Checked on
+    TensorFlow 2.16 and 2.21."""
+    helper = getattr(checkpoint, "_async_checkpointer_impl", None)
+    error = getattr(helper, "_async_error", None) if helper is not None else None
+    if error is not None:
+        helper._async_error = None
+    return error
 
 
 def summary_metadata(plugin: str, data_class: str):
@@ -133,6 +151,42 @@ def instance_attributes(replacements: Sequence[Tuple[object, dict]]) -> Iterator
                 vars(target).pop(name, None)
             else:
                 setattr(target, name, previous)
+
+
+_COPY_TO_CPU_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def keras_variables_copied_in_place() -> Iterator[None]:
+    """While open, TensorFlow's async checkpoint (`CheckpointOptions(enable_async=True)`)
+    can save Keras variables more than once. It copies every variable to the host with a
+    compiled function, from the second save on; Keras's `Variable._copy_trackable_to_cpu`
+    (keras-team/keras#18749) makes a new `tf.Variable` on every call, which fails there
+    ("tf.function only supports singleton tf.Variables created on the first call"). Here a
+    Keras variable is saved as the host copy of the `tf.Variable` it wraps, which
+    TensorFlow updates in place. Installed on the class for the save call only (the copy
+    runs in the calling thread; the write in the background reads the copies). Checked on
+    Keras 3.10 and 3.15 with TensorFlow 2.16 and 2.21."""
+    klass = keras.Variable
+    own = vars(klass).get("_copy_trackable_to_cpu")  # else inherited (the backend's)
+    if getattr(klass, "_copy_trackable_to_cpu", None) is None:
+        raise TapekitError(
+            "this Keras version's variables do not copy themselves for TensorFlow's async "
+            "checkpoint as Keras 3.10-3.15 do; turn --async_checkpoint off.")
+
+    def copy_in_place(variable, object_map):
+        variable.value._copy_trackable_to_cpu(object_map)
+        object_map[variable] = object_map[variable.value]
+
+    with _COPY_TO_CPU_LOCK:
+        klass._copy_trackable_to_cpu = copy_in_place
+        try:
+            yield
+        finally:
+            if own is None:
+                del klass._copy_trackable_to_cpu
+            else:
+                klass._copy_trackable_to_cpu = own
 
 
 class _SeedPatch:

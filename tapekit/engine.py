@@ -306,6 +306,7 @@ class Engine:
             self.checkpointer = Checkpointer(
                 objects, self.model_dir, distribute.is_chief(self.strategy),
                 max_to_keep=self.options.max_checkpoints_to_keep,
+                async_save=self.options.async_checkpoint,
                 task_id=distribute.task_id(self.strategy))
         self.built = True
 

@@ -48,6 +48,7 @@ def _save(engine, step: int) -> str:
         return f"its checkpoint {latest} was saved"
     try:
         checkpointer.save(step)
+        checkpointer.wait()
     except Exception as failure:  # a write failing too: say so, do not hide the first error
         return f"saving its checkpoint failed too ({type(failure).__name__}: {summarize(failure)})"
     return f"saved checkpoint {engine.latest_checkpoint} of that loop first"

@@ -27,6 +27,7 @@ from tapekit import build
 from tapekit import compat
 from tapekit import means
 from tapekit import tracing
+from tapekit import xla
 from tapekit.errors import TapekitError
 from tapekit.runner import LoopResult
 
@@ -115,8 +116,11 @@ class CompiledLoop:
         self._eager_step = replica_step  # as written: breakpoint() stops in the user's source
         self._eager = False  # while a loop runs eagerly (`run_eagerly`)
         self._eager_noted = False
-        self._measured_step = (tf.function(self._measure, jit_compile=True, autograph=False)
-                               if plan.jit_compile else self._measure)
+        self._measured_step = self._measure
+        if plan.jit_compile and strategy.num_replicas_in_sync > 1:  # updates outside XLA
+            self._measured_step = xla.SplitStep(self._measure)
+        elif plan.jit_compile:
+            self._measured_step = tf.function(self._measure, jit_compile=True, autograph=False)
         self._function = tf.function(self._loop, autograph=False)
 
     @property
@@ -136,11 +140,13 @@ class CompiledLoop:
             state["bad_steps"] = tf.zeros([], tf.float32)
         return state
 
-    def _measure(self, batch):
+    def _measure(self, batch, deferred=None):
         """Runs the step on one replica's batch. Returns its metric values [k] and, unless
-        every weight is a constant, their weighted sums [k] and weights [k]."""
+        every weight is a constant, their weighted sums [k] and weights [k]. `deferred`:
+        its updates are recorded there, not applied (`tapekit.xla`)."""
         step = self._eager_step if self._eager else self._user_step
-        with tracing.step(tracing.StepTrace("eager" if self._eager else "loop")):
+        purpose = "eager" if self._eager else "loop"
+        with tracing.step(tracing.StepTrace(purpose, deferred=deferred)):
             outputs = step(batch) or {}
             recorded = [means.recorded(outputs[name]) for name in self.step_metric_names]
         if not self.step_metric_names:

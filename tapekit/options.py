@@ -101,6 +101,11 @@ TRAINER_OPTIONS = (
            "Also save a checkpoint at the first loop end this many seconds after the last one "
            "(a killed run loses minutes, not the run); 0: not by time. Needs a model_dir.",
            minimum=0.0),
+    Option("async_checkpoint", "bool", False,
+           "Write checkpoints in the background (TensorFlow's async checkpoint): training "
+           "waits only while the state is copied to host memory (which then holds a second "
+           "copy). A save in flight is finished before the next save, a restore, the end of "
+           "fit and the process's exit."),
     Option("max_checkpoints_to_keep", "integer", 3, "Checkpoints kept in MODEL_DIR/checkpoints.",
            minimum=1),
     Option("restore_from", "string", None,

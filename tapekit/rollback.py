@@ -315,6 +315,7 @@ class Rollback:
         engine = self.engine
         if self.copy is not None:
             return self.copy.put_back()
+        engine.checkpointer.wait()  # a save in flight: the latest once it is written
         engine.checkpointer.restore(engine.latest_checkpoint, checked=False)  # this run's own
         return engine.current_step
 

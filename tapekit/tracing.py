@@ -47,6 +47,9 @@ class StepTrace:
     # tensor.ref() -> (sum of per-example values or None, number of examples) for each value
     # compute_loss/compute_mean returned (`tapekit.means`).
     means: Dict[Any, Tuple] = dataclasses.field(default_factory=dict)
+    # jit_compile on several replicas: `apply_gradients` records its gradients here
+    # (`tapekit.xla.DeferredUpdates`) and the update runs after the compiled part.
+    deferred: Any = None
 
     def __post_init__(self):
         if self.purpose not in PURPOSES:

@@ -40,6 +40,7 @@ import tensorflow as tf
 
 from tapekit import build
 from tapekit import compat
+from tapekit import tracing
 from tapekit.errors import TapekitError
 from tapekit.precision import DynamicLossScale
 
@@ -284,6 +285,10 @@ def apply_from_tape(updater: GradientUpdater, tape: tf.GradientTape, loss, varia
     # A variable without a gradient is left out, as Keras leaves it out: no momentum or
     # weight decay moves it (and its accumulator, if any, keeps its sum).
     pairs = [(g, v) for g, v in zip(gradients, variables) if g is not None]
+    trace = tracing.current()
+    if trace is not None and trace.deferred is not None:  # XLA part of a step: apply after it
+        trace.deferred.add(updater, [v for _, v in pairs], [g for g, _ in pairs])
+        return
     updater.apply([g for g, _ in pairs], [v for _, v in pairs])
 
 

@@ -174,3 +174,40 @@ class Poisoned(_Reporting, tapekit.Trainer):
     def eval_step(self, batch):
         x, y = batch
         return {"loss": self.compute_loss(tf.square(y - self.model(x)))}
+
+
+class Big(_Reporting, tapekit.Trainer):
+    """About `megabytes` MB of state (a Dense net under Adam: weights and two slots), so that
+    writing a checkpoint takes a while; reports a checksum instead of the weights."""
+
+    default_global_batch_size = 16
+    default_learning_rate = 1e-4
+
+    @classmethod
+    def define_flags(cls):
+        super().define_flags()
+        flags.DEFINE_integer("megabytes", 96, "The state's size.")
+
+    def __init__(self, megabytes=96, **kwargs):
+        self.width = max(int((megabytes * (1 << 20) / 12) ** 0.5), 8)  # 3 copies of w*w floats
+        super().__init__(**kwargs)
+
+    def build(self):
+        self.model = keras.Sequential([keras.Input((self.width,)), keras.layers.Dense(self.width)])
+        self.optimizer = keras.optimizers.Adam(self.learning_rate)
+
+    def train_arrays(self):
+        x = tf.random.stateless_normal([64, self.width], seed=[1, 2]).numpy()
+        return x, x
+
+    def train_step(self, batch):
+        x, y = batch
+        with tf.GradientTape() as tape:
+            loss = self.compute_loss(tf.square(self.model(x) - y))
+        self.apply_gradients(tape, loss, self.model, self.optimizer)
+        return {"loss": loss}
+
+    def results_summary(self):
+        total = sum(float(tf.reduce_sum(tf.cast(v, tf.float64)).numpy())
+                    for v in self.model.trainable_variables)
+        return "WEIGHTS " + json.dumps({"step": self.current_step, "checksum": total})

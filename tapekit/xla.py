@@ -1,0 +1,114 @@
+"""XLA on several replicas: each replica's forward and backward pass compiled, its updates after.
+
+A Keras optimizer sums gradients over replicas with a `merge_call`, which TensorFlow cannot
+put inside an XLA function unless every replica is a GPU (and Keras 3 turns XLA off under
+any tf.distribute strategy, keras-team/keras#18716). So with `jit_compile` on more than one
+replica, tapekit compiles with XLA what is each replica's own — the step up to its
+gradients: the forward pass, the losses, `tape.gradient` — and runs what crosses replicas
+after it, outside XLA, in the same replica function: each `Trainer.apply_gradients` of the
+step, in call order (`tapekit.updates`: the sum over replicas, clipping, accumulation, the
+optimizer). On one replica the whole step is compiled, as before.
+
+The numbers are those of the run without XLA up to float rounding (XLA fuses and reorders
+float operations). What a step cannot do here, it is told before step 1 in one line:
+
+* read, after an `apply_gradients`, weights that call updates (a sequential GAN update:
+  the discriminator's step, then the generator's forward pass through the new
+  discriminator). Run without XLA, it would read the new values; here they are applied
+  after the compiled part, so it would read the old ones;
+* call `optimizer.apply_gradients` itself: its `merge_call` cannot be compiled.
+"""
+
+import dataclasses
+from typing import Any, Callable, List, Optional, Tuple
+
+import keras
+import tensorflow as tf
+
+from tapekit import build
+from tapekit import compat
+from tapekit.errors import TapekitError
+
+# Ops that read a variable's shape, not its value: they do not see an update.
+_NOT_READS = ("VariableShape",)
+
+
+@dataclasses.dataclass
+class DeferredUpdates:
+    """The `apply_gradients` calls of one replica's compiled step, recorded in call order:
+    (updater, variables, gradients) each; and, for each, where in the graph it was called
+    and the handles of the variables it updates (what a later read would use)."""
+
+    updates: List[Tuple[Any, List, List]] = dataclasses.field(default_factory=list)
+    marks: List[Tuple[int, dict]] = dataclasses.field(default_factory=list)
+
+    def add(self, updater, variables, gradients) -> None:
+        graph = tf.compat.v1.get_default_graph()
+        handles = {}
+        for variable in variables:
+            resource = variable.value if isinstance(variable, keras.Variable) else variable
+            handles[resource.handle.ref()] = getattr(variable, "path", None) or resource.name
+        self.marks.append((len(graph.get_operations()), handles))
+        self.updates.append((updater, list(variables), list(gradients)))
+
+    def check_no_read_after_update(self) -> None:
+        """Raises the one error for a step that reads updated weights after their update."""
+        graph = tf.compat.v1.get_default_graph()
+        operations = graph.get_operations()
+        # The graph reads a variable through the placeholder that captures its handle.
+        inside = {external.ref(): internal.ref()
+                  for external, internal in compat.captures(graph)}
+        read = set()
+        for first_op, handles in self.marks:
+            placeholders = {inside[ref]: path for ref, path in handles.items() if ref in inside}
+            placeholders.update(handles)  # a handle made inside the graph is used as it is
+            read |= {placeholders[tensor.ref()] for op in operations[first_op:]
+                     if op.type not in _NOT_READS for tensor in op.inputs
+                     if tensor.ref() in placeholders}
+        if read:
+            read = sorted(read)
+            raise TapekitError(
+                f"with jit_compile on several replicas tapekit compiles each replica's forward "
+                f"and backward pass with XLA and applies the step's updates after it, but this "
+                f"step reads {', '.join(read[:4])}{' …' if len(read) > 4 else ''} after an "
+                "apply_gradients that updates it (a sequential update), which would then see "
+                "the old value. Compute every loss before the first apply_gradients, or train "
+                "without --jit_compile (or on one replica).")
+
+
+class SplitStep:
+    """`measure(batch, deferred)` (`CompiledLoop._measure`) with XLA up to the gradients
+    and the deferred updates applied after it (see the module docstring). Runs per replica."""
+
+    def __init__(self, measure: Callable):
+        self._measure = measure
+        self._compiled = tf.function(self._forward_and_backward, jit_compile=True,
+                                     autograph=False)
+        self._applies: List[Tuple[Any, List]] = []  # (updater, variables): the last trace's
+
+    def __call__(self, batch):
+        values, totals, weights, gradients = self._compiled(batch)
+        start = 0
+        for updater, variables in self._applies:
+            updater.apply(list(gradients[start:start + len(variables)]), variables)
+            start += len(variables)
+        return values, totals, weights
+
+    def _forward_and_backward(self, batch):
+        deferred = DeferredUpdates()
+        try:
+            values, totals, weights = self._measure(batch, deferred)
+        except RuntimeError as error:
+            if "merge_call" not in str(error):
+                raise
+            where = build.user_frame(error)
+            raise TapekitError(
+                f"with jit_compile on several replicas the step's forward and backward pass "
+                f"are compiled with XLA, and something in it needs all replicas at once (a "
+                f"merge_call{f', at {where}' if where else ''}), most often "
+                "optimizer.apply_gradients called directly: use self.apply_gradients(tape, "
+                "loss, model, optimizer), or train without --jit_compile.") from None
+        deferred.check_no_read_after_update()
+        self._applies = [(updater, variables) for updater, variables, _ in deferred.updates]
+        gradients = [g for _, _, grads in deferred.updates for g in grads]
+        return values, totals, weights, gradients
