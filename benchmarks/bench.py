@@ -160,9 +160,62 @@ class Adversarial:
     examples = Supervised.examples
 
 
+REALISTIC = ("ResNet-20", "Transformer")  # models of the size people train (not in --quick)
+
+
 def heavy(work) -> bool:
-    """The two workloads whose steps take milliseconds of kernels, not µs of overhead."""
-    return work.name.startswith(("MLP 784", "conv GAN"))
+    """The workloads whose steps take milliseconds of kernels, not µs of overhead."""
+    return work.name.startswith(("MLP 784", "conv GAN") + REALISTIC)
+
+
+def realistic(work) -> bool:
+    """The workloads of realistic size: steps of a second or so, a few measured per figure."""
+    return work.name.startswith(REALISTIC)
+
+
+def resnet20(classes=10):
+    """A ResNet-20-style CNN for 32x32x3 images (He et al. 2016, CIFAR-10: three stages of
+    three basic blocks, 16/32/64 filters, batch norm, projection shortcuts where the shape
+    changes), as Keras's examples write it: about 0.27M parameters."""
+    inputs = keras.Input((32, 32, 3))
+
+    def conv_bn(x, filters, strides=1, relu=True):
+        x = keras.layers.Conv2D(filters, 3, strides, padding="same", use_bias=False,
+                                kernel_initializer="he_normal")(x)
+        x = keras.layers.BatchNormalization()(x)
+        return keras.layers.ReLU()(x) if relu else x
+
+    x = conv_bn(inputs, 16)
+    for stage, filters in enumerate((16, 32, 64)):
+        for block in range(3):
+            strides = 2 if stage and not block else 1
+            shortcut = x
+            y = conv_bn(x, filters, strides)
+            y = conv_bn(y, filters, relu=False)
+            if strides != 1 or shortcut.shape[-1] != filters:
+                shortcut = keras.layers.Conv2D(filters, 1, strides, use_bias=False)(shortcut)
+                shortcut = keras.layers.BatchNormalization()(shortcut)
+            x = keras.layers.ReLU()(keras.layers.Add()([y, shortcut]))
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(classes)(x), name="resnet20")
+
+
+def transformer_classifier(vocabulary=20000, length=128, width=128, heads=4, layers=4,
+                           classes=2):
+    """A Transformer encoder classifier as Keras's text-classification example writes it:
+    token and position embeddings (sparse gradients), `layers` blocks of multi-head
+    self-attention and a feed-forward net with residuals and layer norm, mean pooling."""
+    tokens = keras.Input((length,), dtype="int32")
+    x = keras.layers.Embedding(vocabulary, width)(tokens)
+    positions = keras.layers.Embedding(length, width)(keras.ops.arange(length))
+    x = x + positions
+    for _ in range(layers):
+        attended = keras.layers.MultiHeadAttention(heads, width // heads)(x, x)
+        x = keras.layers.LayerNormalization(epsilon=1e-6)(x + attended)
+        fed = keras.layers.Dense(4 * width, activation="relu")(x)
+        x = keras.layers.LayerNormalization(epsilon=1e-6)(x + keras.layers.Dense(width)(fed))
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    return keras.Model(tokens, keras.layers.Dense(classes)(x), name="transformer")
 
 
 def workloads(quick):
@@ -189,6 +242,20 @@ def workloads(quick):
     result.append(Adversarial("conv GAN 28×28 (2×Adam, batch 64)", images, 64, 64,
                               lambda: DCGANGenerator(noise_dim=64),
                               lambda: DCGANDiscriminator()))
+    if quick:
+        return result
+    sparse_ce = lambda y, p: keras.losses.sparse_categorical_crossentropy(  # noqa: E731
+        y, p, from_logits=True)
+    cifar_x = rng.standard_normal((1024, 32, 32, 3)).astype(np.float32)
+    cifar_y = rng.integers(0, 10, (1024,)).astype(np.int32)
+    result.append(Supervised("ResNet-20 32×32×3 (SGD+momentum, batch 128)", cifar_x, cifar_y,
+                             128, resnet20, lambda: keras.optimizers.SGD(0.1, momentum=0.9),
+                             sparse_ce))
+    text_x = rng.integers(0, 20000, (256, 128)).astype(np.int32)
+    text_y = rng.integers(0, 2, (256,)).astype(np.int32)
+    result.append(Supervised("Transformer 4×128, vocab 20k, seq 128 (Adam, batch 32)", text_x,
+                             text_y, 32, transformer_classifier,
+                             lambda: keras.optimizers.Adam(1e-3), sparse_ce))
     return result
 
 
@@ -299,8 +366,9 @@ class _KerasGAN(keras.Model):
 
 def keras_steps_per_execution(work):
     # 100 for small models; 20 (every measured run a whole number of executions) for the
-    # heavy ones, where one execution already takes ~0.5 s and the setting cannot matter.
-    return 20 if heavy(work) else 100
+    # heavy ones, where one execution already takes ~0.5 s and the setting cannot matter;
+    # 4 for the realistic ones (steps of about a second).
+    return 4 if realistic(work) else 20 if heavy(work) else 100
 
 
 def _keras_model(work):
@@ -481,7 +549,15 @@ STEP_COUNTS = {
 DEFAULT_COUNTS = ((1000, 4000), (20, 60))
 
 
+REALISTIC_COUNTS = (4, 12)
+# On the realistic workloads: the hand-written loops, Keras fit and tapekit, on both inputs.
+REALISTIC_APPROACHES = ("graph+data", "graph+memory", "keras_fit", "keras_arrays", "tapekit",
+                        "tapekit_memory")
+
+
 def step_counts(name, work, quick):
+    if realistic(work):
+        return REALISTIC_COUNTS
     counts = STEP_COUNTS.get(name, DEFAULT_COUNTS)[int(heavy(work))]
     if quick and name in ("eager", "tf.function"):  # slow per step, and not compared closely
         counts = tuple(max(3, c // 4) for c in counts)
@@ -555,6 +631,8 @@ def measure(work, repeats, quick, only=None, passes=None, instances=1, probes=No
     is built `instances` times and its median instance measured (`probes`, a dict, receives
     each instance's probe figure)."""
     names = [n for n in APPROACHES if only is None or n in only]
+    if realistic(work):
+        names = [n for n in names if n in REALISTIC_APPROACHES]
     if heavy(work) and quick:  # the slowest columns
         names = [n for n in names if n not in ("eager", "tf.function", "keras_arrays")]
     built = {}
@@ -806,6 +884,35 @@ def readme_section(report) -> str:
               ("XLA, so Keras fit is compared with tapekit under `--jit_compile`."
                if xla == {True} else "no XLA here (Keras turns it off without a GPU), so Keras "
                "fit is compared with tapekit without XLA.")]
+    for entry in report.get("merged", []):
+        lines += ["", f"Measured later, in `bench.py --merge` runs on the same machine "
+                  f"(TensorFlow {entry['tensorflow']}, Keras {entry['keras']}): "
+                  + ", ".join(entry["workloads"]) + "."]
+    stall = report.get("checkpoint_stall")
+    if stall:
+        lines += ["", "How long a checkpoint save blocks training, synchronous against "
+                  "`--async_checkpoint` (median ms per save; `benchmarks/checkpoint_stall.py`):",
+                  "", "| state | sync stall | async stall | async, written in the background |",
+                  "|---|---|---|---|"]
+        for row in stall:
+            lines.append(f"| {row['megabytes']} MB | {row['sync_ms']:.0f} | "
+                         f"{row['async_ms']:.0f} | {row['background_ms']:.0f} |")
+    xla_rows = report.get("xla_replicas")
+    if xla_rows:
+        lines += ["", "tapekit with `--jit_compile` against without, on 1 and 2 CPU replicas "
+                  "(median µs per step, tf.data input; `benchmarks/xla_replicas.py`; on 2 "
+                  "replicas XLA compiles each replica's forward and backward pass):", "",
+                  "| workload | replicas | no XLA | XLA | XLA / no XLA |", "|---|---|---|---|---|"]
+        for row in xla_rows:
+            lines.append(f"| {row['workload']} | {row['replicas']} | {row['us_plain']:.0f} | "
+                         f"{row['us_xla']:.0f} | {row['ratio']:.2f} |")
+    build = report.get("build_s")
+    if build:
+        lines += ["", "Build and trace time against model depth (median s from `fit` to the "
+                  "end of step 1, in process; `benchmarks/build_time.py`):", "",
+                  "| Dense layers | parameters | build and trace |", "|---|---|---|"]
+        for row in build:
+            lines.append(f"| {row['layers']} | {row['parameters']:,} | {row['seconds']:.2f} |")
     if report.get("startup_s"):
         lines += ["", "Start-up, from the command to the end of training step 1 (median s; "
                   "`benchmarks/startup.py`): `tapekit-train` against the same work as a plain "
@@ -849,6 +956,9 @@ def main(argv=None):
     parser.add_argument("--processes", type=int, default=None,
                         help=f"fresh processes per small workload (default {PROCESSES}; 1 in "
                              "--quick mode); figures and ratios are medians over them")
+    parser.add_argument("--merge", action="store_true",
+                        help="measure only --workloads and put them into the existing --json "
+                             "report (and --readme), keeping its other workloads and tables")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker_workload", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -897,6 +1007,20 @@ def main(argv=None):
         for target in entry["targets"]:
             mark = "holds" if target["holds"] else "MISSED"
             print(f"      [{mark}] {target['target']} (measured {target['value']:.2f})")
+    if args.merge:
+        with open(args.json) as stream:
+            merged = json.load(stream)
+        merged["workloads"].update(report["workloads"])
+        merged.setdefault("merged", []).append(
+            {"workloads": list(report["workloads"]), "tensorflow": tf.__version__,
+             "keras": keras.__version__, "seconds": time.perf_counter() - started})
+        with open(args.json, "w") as stream:
+            json.dump(merged, stream, indent=2)
+        print(f"\nmerged {len(report['workloads'])} workload(s) into {args.json}")
+        if args.readme:
+            write_readme(args.readme, merged)
+            print(f"rewrote the performance section of {args.readme}")
+        return 0
     mlp = next(w for w in workloads(args.quick) if w.name.startswith("seed MLP"))
     table = steps_per_loop_table(mlp, max(1, repeats // 2 + 1), args.quick)
     report["steps_per_loop"] = {str(k): v for k, v in table.items()}

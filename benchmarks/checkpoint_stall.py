@@ -1,6 +1,6 @@
 """How long a checkpoint save blocks training, synchronous against `--async_checkpoint`.
 
-    .venv/bin/python benchmarks/checkpoint_stall.py [--sizes 10,100,300] [--saves 5]
+    .venv/bin/python benchmarks/checkpoint_stall.py [--sizes 10,100,300] [--saves 5] [--json benchmarks/results.json]
 
 For each state size (a Dense net under Adam, `tests/resumable.py`'s `Big`: weights and two
 slots), one trainer per mode in one process; each save is timed where the training loop
@@ -12,6 +12,7 @@ compare within one run.
 """
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -47,7 +48,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10,100,300")
     parser.add_argument("--saves", type=int, default=5)
+    parser.add_argument("--json", default=None,
+                        help="also put the rows into this bench report (checkpoint_stall)")
     args = parser.parse_args()
+    rows = []
     for megabytes in [int(size) for size in args.sizes.split(",")]:
         results = {}
         for async_save in (False, True):
@@ -61,6 +65,14 @@ def main() -> None:
         print(f"state {megabytes} MB: stall per save sync {sync_stall * 1e3:.0f} ms, async "
               f"{async_stall * 1e3:.0f} ms (then {async_write * 1e3:.0f} ms written in the "
               f"background); {sync_stall / max(async_stall, 1e-9):.1f}x less", flush=True)
+        rows.append({"megabytes": megabytes, "sync_ms": sync_stall * 1e3,
+                     "async_ms": async_stall * 1e3, "background_ms": async_write * 1e3})
+    if args.json:
+        with open(args.json) as stream:
+            report = json.load(stream)
+        report["checkpoint_stall"] = rows
+        with open(args.json, "w") as stream:
+            json.dump(report, stream, indent=2)
 
 
 if __name__ == "__main__":
