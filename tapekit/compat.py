@@ -51,10 +51,18 @@ def captured_tensors(graph) -> List:
     return [external for external, _ in graph.captures]
 
 
-def captures(graph) -> List[Tuple]:
-    """(outer tensor, the placeholder standing for it inside) for each capture of a
-    `FuncGraph` being traced (`FuncGraph.captures`). Checked on TensorFlow 2.16 and 2.21."""
-    return list(graph.captures)
+def traced_operations() -> List:
+    """The operations of the graph being traced so far, in the order they were made (the
+    default graph inside a `tf.function`'s trace). Checked on TensorFlow 2.16 and 2.21."""
+    return tf.compat.v1.get_default_graph().get_operations()
+
+
+def captured_as() -> dict:
+    """outer tensor ref -> ref of the placeholder that stands for it inside the graph being
+    traced (`FuncGraph.captures`: a variable's handle is read through it). Checked on
+    TensorFlow 2.16 and 2.21."""
+    graph = tf.compat.v1.get_default_graph()
+    return {outer.ref(): inner.ref() for outer, inner in getattr(graph, "captures", ())}
 
 
 def is_trackable(value) -> bool:

@@ -43,21 +43,17 @@ class DeferredUpdates:
     marks: List[Tuple[int, dict]] = dataclasses.field(default_factory=list)
 
     def add(self, updater, variables, gradients) -> None:
-        graph = tf.compat.v1.get_default_graph()
         handles = {}
         for variable in variables:
             resource = variable.value if isinstance(variable, keras.Variable) else variable
             handles[resource.handle.ref()] = getattr(variable, "path", None) or resource.name
-        self.marks.append((len(graph.get_operations()), handles))
+        self.marks.append((len(compat.traced_operations()), handles))
         self.updates.append((updater, list(variables), list(gradients)))
 
     def check_no_read_after_update(self) -> None:
         """Raises the one error for a step that reads updated weights after their update."""
-        graph = tf.compat.v1.get_default_graph()
-        operations = graph.get_operations()
-        # The graph reads a variable through the placeholder that captures its handle.
-        inside = {external.ref(): internal.ref()
-                  for external, internal in compat.captures(graph)}
+        operations = compat.traced_operations()
+        inside = compat.captured_as()  # the graph reads a variable through its handle's
         read = set()
         for first_op, handles in self.marks:
             placeholders = {inside[ref]: path for ref, path in handles.items() if ref in inside}
