@@ -888,31 +888,28 @@ def readme_section(report) -> str:
         lines += ["", f"Measured later, in `bench.py --merge` runs on the same machine "
                   f"(TensorFlow {entry['tensorflow']}, Keras {entry['keras']}): "
                   + ", ".join(entry["workloads"]) + "."]
-    stall = report.get("checkpoint_stall")
-    if stall:
-        lines += ["", "How long a checkpoint save blocks training, synchronous against "
-                  "`--async_checkpoint` (median ms per save; `benchmarks/checkpoint_stall.py`):",
-                  "", "| state | sync stall | async stall | async, written in the background |",
-                  "|---|---|---|---|"]
-        for row in stall:
-            lines.append(f"| {row['megabytes']} MB | {row['sync_ms']:.0f} | "
-                         f"{row['async_ms']:.0f} | {row['background_ms']:.0f} |")
-    xla_rows = report.get("xla_replicas")
-    if xla_rows:
-        lines += ["", "tapekit with `--jit_compile` against without, on 1 and 2 CPU replicas "
-                  "(median µs per step, tf.data input; `benchmarks/xla_replicas.py`; on 2 "
-                  "replicas XLA compiles each replica's forward and backward pass):", "",
-                  "| workload | replicas | no XLA | XLA | XLA / no XLA |", "|---|---|---|---|---|"]
-        for row in xla_rows:
-            lines.append(f"| {row['workload']} | {row['replicas']} | {row['us_plain']:.0f} | "
-                         f"{row['us_xla']:.0f} | {row['ratio']:.2f} |")
-    build = report.get("build_s")
-    if build:
-        lines += ["", "Build and trace time against model depth (median s from `fit` to the "
-                  "end of step 1, in process; `benchmarks/build_time.py`):", "",
-                  "| Dense layers | parameters | build and trace |", "|---|---|---|"]
-        for row in build:
-            lines.append(f"| {row['layers']} | {row['parameters']:,} | {row['seconds']:.2f} |")
+    extra_tables = [
+        ("checkpoint_stall", "How long a checkpoint save blocks training, synchronous against "
+         "`--async_checkpoint` (median ms per save; `benchmarks/checkpoint_stall.py`):",
+         ("state", "sync stall", "async stall", "async, written in the background"),
+         lambda r: (f"{r['megabytes']} MB", f"{r['sync_ms']:.0f}", f"{r['async_ms']:.0f}",
+                    f"{r['background_ms']:.0f}")),
+        ("xla_replicas", "tapekit with `--jit_compile` against without, on 1 and 2 CPU replicas "
+         "(median µs per step, tf.data input; `benchmarks/xla_replicas.py`; on 2 replicas XLA "
+         "compiles each replica's forward and backward pass):",
+         ("workload", "replicas", "no XLA", "XLA", "XLA / no XLA"),
+         lambda r: (r["workload"], str(r["replicas"]), f"{r['us_plain']:.0f}",
+                    f"{r['us_xla']:.0f}", f"{r['ratio']:.2f}")),
+        ("build_s", "Build and trace time against model depth (median s from `fit` to the end "
+         "of step 1, in process; `benchmarks/build_time.py`):",
+         ("Dense layers", "parameters", "build and trace"),
+         lambda r: (str(r["layers"]), f"{r['parameters']:,}", f"{r['seconds']:.2f}")),
+    ]
+    for key, title, header, cells in extra_tables:
+        if report.get(key):
+            lines += ["", title, "", "| " + " | ".join(header) + " |",
+                      "|" + "---|" * len(header)]
+            lines += ["| " + " | ".join(cells(row)) + " |" for row in report[key]]
     if report.get("startup_s"):
         lines += ["", "Start-up, from the command to the end of training step 1 (median s; "
                   "`benchmarks/startup.py`): `tapekit-train` against the same work as a plain "

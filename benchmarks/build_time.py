@@ -9,9 +9,9 @@ and run once. Median seconds over `--repeats`. A noisy 2-core machine: compare w
 """
 
 import argparse
-import json
 import os
 import statistics
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -22,6 +22,9 @@ import tensorflow as tf  # noqa: E402
 from absl import logging  # noqa: E402
 
 import tapekit  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import report_rows  # noqa: E402  (benchmarks/report_rows.py)
 
 
 class Deep(tapekit.Trainer):
@@ -74,11 +77,7 @@ def main() -> None:
         print(f"{depth + 1} Dense layers ({parameters:,} parameters): build and trace "
               f"{seconds:.2f} s (median of {args.repeats})", flush=True)
     if args.json:
-        with open(args.json) as stream:
-            report = json.load(stream)
-        report["build_s"] = rows
-        with open(args.json, "w") as stream:
-            json.dump(report, stream, indent=2)
+        report_rows.put(args.json, "build_s", rows)
 
 
 if __name__ == "__main__":

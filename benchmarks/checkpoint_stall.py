@@ -12,7 +12,6 @@ compare within one run.
 """
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -24,6 +23,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 from resumable import Big  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import report_rows  # noqa: E402  (benchmarks/report_rows.py)
 
 
 def _measure(megabytes: int, async_save: bool, saves: int, directory: str):
@@ -68,11 +70,7 @@ def main() -> None:
         rows.append({"megabytes": megabytes, "sync_ms": sync_stall * 1e3,
                      "async_ms": async_stall * 1e3, "background_ms": async_write * 1e3})
     if args.json:
-        with open(args.json) as stream:
-            report = json.load(stream)
-        report["checkpoint_stall"] = rows
-        with open(args.json, "w") as stream:
-            json.dump(report, stream, indent=2)
+        report_rows.put(args.json, "checkpoint_stall", rows)
 
 
 if __name__ == "__main__":

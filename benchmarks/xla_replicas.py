@@ -17,12 +17,14 @@ import statistics
 import subprocess
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import report_rows  # noqa: E402  (benchmarks/report_rows.py)
+
 WORKLOADS = {"seed MLP": (1000, 4000), "ResNet-20": (3, 9)}  # (short, long) steps
 
 
 def _worker(workload: str, replicas: int, jit: bool, repeats: int) -> float:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import bench  # noqa: E402  (benchmarks/bench.py)
     from absl import logging
     logging.set_verbosity(logging.ERROR)
@@ -65,11 +67,7 @@ def main() -> None:
                   f"{figures[True]:.1f} µs/step; XLA / no XLA {figures[True] / figures[False]:.2f}",
                   flush=True)
     if args.json:
-        with open(args.json) as stream:
-            report = json.load(stream)
-        report["xla_replicas"] = rows
-        with open(args.json, "w") as stream:
-            json.dump(report, stream, indent=2)
+        report_rows.put(args.json, "xla_replicas", rows)
 
 
 if __name__ == "__main__":
