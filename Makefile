@@ -40,7 +40,7 @@ demo: $(STAMP)
 	@echo "  gan_generator/, dcgan_generator/   SavedModels (serving_default)"
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 $(OLDEST_STAMP): setup.cfg pyproject.toml Makefile
 	test -x $(OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_VENV)
@@ -49,7 +49,7 @@ $(OLDEST_STAMP): setup.cfg pyproject.toml Makefile
 	touch $(OLDEST_STAMP)
 
 test-oldest: $(OLDEST_STAMP)
-	$(OLDEST_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+	$(OLDEST_VENV)/bin/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py --readme README.md
