@@ -56,7 +56,7 @@ def _seconds(depth: int) -> float:
     trainer = Deep(depth, progress="none")
     start = time.perf_counter()
     trainer.fit(train_steps=1, steps_per_loop=1)
-    return time.perf_counter() - start, trainer.parameters
+    return time.perf_counter() - start, trainer.model.count_params()
 
 
 def main() -> None:
@@ -72,7 +72,7 @@ def main() -> None:
     for depth in [int(d) for d in args.depths.split(",")]:
         runs = [_seconds(depth) for _ in range(args.repeats)]
         seconds = statistics.median(s for s, _ in runs)
-        parameters = runs[0][1]["models"]["model"]["trainable"]
+        parameters = runs[0][1]
         rows.append({"layers": depth + 1, "parameters": parameters, "seconds": seconds})
         print(f"{depth + 1} Dense layers ({parameters:,} parameters): build and trace "
               f"{seconds:.2f} s (median of {args.repeats})", flush=True)
