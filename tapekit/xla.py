@@ -5,9 +5,12 @@ put inside an XLA function unless every replica is a GPU (and Keras 3 turns XLA 
 any tf.distribute strategy, keras-team/keras#18716). So with `jit_compile` on more than one
 replica, tapekit compiles with XLA what is each replica's own — the step up to its
 gradients: the forward pass, the losses, `tape.gradient` — and runs what crosses replicas
-after it, outside XLA, in the same replica function: each `Trainer.apply_gradients` of the
-step, in call order (`tapekit.updates`: the sum over replicas, clipping, accumulation, the
-optimizer). On one replica the whole step is compiled, as before.
+after it, outside XLA, in the same replica function: the Keras variables the step writes
+(BatchNormalization's moving statistics, `keras.metrics`, `SeedGenerator`s: collected in
+Keras's `StatelessScope`, so reads later in the step see the new values) are assigned,
+then each `Trainer.apply_gradients` of the step runs, in call order (`tapekit.updates`: the
+sum over replicas, clipping, accumulation, the optimizer). On one replica the whole step is
+compiled, as before.
 
 The numbers are those of the run without XLA up to float rounding (XLA fuses and reorders
 float operations). What a step cannot do here, it is told before step 1 in one line:
@@ -16,7 +19,8 @@ float operations). What a step cannot do here, it is told before step 1 in one l
   the discriminator's step, then the generator's forward pass through the new
   discriminator). Run without XLA, it would read the new values; here they are applied
   after the compiled part, so it would read the old ones;
-* call `optimizer.apply_gradients` itself: its `merge_call` cannot be compiled.
+* call `optimizer.apply_gradients` itself, or assign a `tf.Variable` (not a Keras one): the
+  `merge_call` either makes cannot be compiled.
 """
 
 import dataclasses
@@ -72,6 +76,21 @@ class DeferredUpdates:
                 "without --jit_compile (or on one replica).")
 
 
+class _WritesCollected(keras.StatelessScope):
+    """Keras's stateless scope: a Keras variable written inside it (BatchNormalization's
+    moving statistics, a `keras.metrics` update, a `SeedGenerator`) keeps its new value in
+    the scope, which later reads inside it see, instead of assigning it (a `merge_call`
+    on a mirrored variable); `written` keeps each such variable, to be assigned after."""
+
+    def __init__(self):
+        super().__init__(initialize_variables=False)
+        self.written = {}
+
+    def add_update(self, update):
+        super().add_update(update)
+        self.written[id(update[0])] = update[0]
+
+
 class SplitStep:
     """`measure(batch, deferred)` (`CompiledLoop._measure`) with XLA up to the gradients
     and the deferred updates applied after it (see the module docstring). Runs per replica."""
@@ -81,9 +100,12 @@ class SplitStep:
         self._compiled = tf.function(self._forward_and_backward, jit_compile=True,
                                      autograph=False)
         self._applies: List[Tuple[Any, List]] = []  # (updater, variables): the last trace's
+        self._written: List[Any] = []  # the Keras variables it writes, in order
 
     def __call__(self, batch):
-        values, totals, weights, gradients = self._compiled(batch)
+        values, totals, weights, gradients, written = self._compiled(batch)
+        for variable, value in zip(self._written, written):
+            variable.assign(value)
         start = 0
         for updater, variables in self._applies:
             updater.apply(list(gradients[start:start + len(variables)]), variables)
@@ -93,7 +115,8 @@ class SplitStep:
     def _forward_and_backward(self, batch):
         deferred = DeferredUpdates()
         try:
-            values, totals, weights = self._measure(batch, deferred)
+            with _WritesCollected() as writes:
+                values, totals, weights = self._measure(batch, deferred)
         except RuntimeError as error:
             if "merge_call" not in str(error):
                 raise
@@ -101,10 +124,13 @@ class SplitStep:
             raise TapekitError(
                 f"with jit_compile on several replicas the step's forward and backward pass "
                 f"are compiled with XLA, and something in it needs all replicas at once (a "
-                f"merge_call{f', at {where}' if where else ''}), most often "
-                "optimizer.apply_gradients called directly: use self.apply_gradients(tape, "
-                "loss, model, optimizer), or train without --jit_compile.") from None
+                f"merge_call{f', at {where}' if where else ''}): optimizer.apply_gradients "
+                "called directly (use self.apply_gradients(tape, loss, model, optimizer)), or "
+                "an assignment to a tf.Variable (not a Keras variable) in the step; or train "
+                "without --jit_compile.") from None
         deferred.check_no_read_after_update()
         self._applies = [(updater, variables) for updater, variables, _ in deferred.updates]
         gradients = [g for _, _, grads in deferred.updates for g in grads]
-        return values, totals, weights, gradients
+        self._written = list(writes.written.values())
+        written = [writes.get_current_value(variable) for variable in self._written]
+        return values, totals, weights, gradients, written
