@@ -885,9 +885,11 @@ def readme_section(report) -> str:
                if xla == {True} else "no XLA here (Keras turns it off without a GPU), so Keras "
                "fit is compared with tapekit without XLA.")]
     for entry in report.get("merged", []):
-        lines += ["", f"Measured later, in `bench.py --merge` runs on the same machine "
-                  f"(TensorFlow {entry['tensorflow']}, Keras {entry['keras']}): "
-                  + ", ".join(entry["workloads"]) + "."]
+        lines += ["", f"Measured later, in a `bench.py --merge` run on the same machine "
+                  f"(TensorFlow {entry['tensorflow']}, Keras {entry['keras']}; "
+                  f"{entry.get('repeats', '?')} repeats, {entry.get('instances', '?')} "
+                  f"instance(s), {entry.get('processes', '?')} process(es): noisier than the "
+                  "rows above): " + ", ".join(entry["workloads"]) + "."]
     extra_tables = [
         ("checkpoint_stall", "What a checkpoint save costs training, synchronous against "
          "`--async_checkpoint`: the stall is the extra time of loops of 5 steps with a save "
@@ -1014,7 +1016,8 @@ def main(argv=None):
         merged["workloads"].update(report["workloads"])
         merged.setdefault("merged", []).append(
             {"workloads": list(report["workloads"]), "tensorflow": tf.__version__,
-             "keras": keras.__version__, "seconds": time.perf_counter() - started})
+             "keras": keras.__version__, "seconds": time.perf_counter() - started,
+             "repeats": repeats, "instances": instances, "processes": processes})
         with open(args.json, "w") as stream:
             json.dump(merged, stream, indent=2)
         print(f"\nmerged {len(report['workloads'])} workload(s) into {args.json}")

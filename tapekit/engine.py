@@ -91,6 +91,7 @@ class Engine:
         self._restored = False
         self._train_iterator = None
         self._dataset = None  # what prepare_training trains on (None: the trainer's input)
+        self._rollback: Optional[rollback_lib.Rollback] = None
         self.input = inputs.RunInput(self.strategy, trainer, lambda: self.global_batch_size,
                                      options.seed)
 
@@ -191,9 +192,7 @@ class Engine:
                 "train_steps": train_steps, "steps_per_loop": steps_per_loop,
                 "eval_every_steps": eval_every_steps, "eval_steps": eval_steps, **by_epochs})
             options = self.options
-            rollback = rollback_lib.Rollback(self)
-            if not (rollback.rolls_back or rollback.skipped):
-                rollback = None
+            rollback = self._rollback_for_fit()
             keep_best = best.keep_best_of(self, self._eval_data) if self._eval_data else None
             write_dir = self.model_dir if distribute.is_chief(self.strategy) else None
             defaults = controller_lib.default_callbacks(
@@ -211,6 +210,16 @@ class Engine:
                                            by_epochs.get("eval_every_epochs"))
         self.history.extend(history)
         return history
+
+    def _rollback_for_fit(self) -> Optional[rollback_lib.Rollback]:
+        """The run's `tapekit.rollback.Rollback` (skipped steps, nan_policy=rollback), made
+        once (its state copy is traced once) and again only if training by epochs changes
+        what the state holds; None when there is nothing to skip or roll back."""
+        if self._rollback is None or self._rollback.by_epochs != self._by_epochs:
+            self._rollback = rollback_lib.Rollback(self)
+        self._rollback.begin_fit()
+        rollback = self._rollback
+        return rollback if rollback.rolls_back or rollback.skipped else None
 
     @contextlib.contextmanager
     def _evaluation_input(self, eval_every_steps, eval_steps):

@@ -135,6 +135,7 @@ class Rollback:
     def __init__(self, engine):
         options = engine.options
         self.engine = engine
+        self.by_epochs = engine.by_epochs  # what the state (and its copy) holds
         self.rolls_back = options.nan_policy == "rollback"  # else: only skips skip_steps
         self.max_rollbacks = options.max_rollbacks
         self.threshold = options.spike_threshold
@@ -171,6 +172,12 @@ class Rollback:
                          else "not copied: rollback_from=checkpoint")
             if engine.latest_checkpoint is None:  # something to go back to
                 engine.checkpointer.save(engine.current_step)
+
+    def begin_fit(self) -> None:
+        """A new `fit` of the same run: no replay or row of rollbacks carries over, and the
+        input is where the step is."""
+        self.probe, self._data_at, self.in_a_row = None, None, 0
+        self.recorded_until = self.engine.current_step
 
     # ------------------------------------------------------------------ before a loop
 

@@ -150,13 +150,16 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
+@pytest.mark.parametrize("writes", ["sync", "async"])
 def test_a_full_disk_stops_the_job_with_one_line_and_the_same_command_resumes(
-        small_disk, tmp_path, cli_env):
+        small_disk, tmp_path, cli_env, writes):
     from helpers import TESTS, let_go, paused_cli, reported_weights, run_cli
     # Keeping 2: a save that failed at step 30 must not have deleted ckpt-10 to make room.
+    # With --async_checkpoint the write fails in the background; the next save (or the end)
+    # waits for it and stops the job the same way.
     common = ["--trainer=resumable:Regression", "--deterministic", "--train_steps=60",
               "--steps_per_loop=10", "--checkpoint_every_steps=10", "--progress=log",
-              "--max_checkpoints_to_keep=2"]
+              "--max_checkpoints_to_keep=2"] + (["--async_checkpoint"] if writes == "async" else [])
     whole = run_cli(common + [f"--model_dir={tmp_path / 'whole'}"], cli_env, cwd=TESTS)
     assert whole.returncode == 0, whole.stderr[-2000:]
     model_dir, pause = small_disk / "run", str(tmp_path / "paused")
@@ -166,8 +169,10 @@ def test_a_full_disk_stops_the_job_with_one_line_and_the_same_command_resumes(
         _, stderr = process.communicate(timeout=300)
     assert process.returncode == 74, stderr[-2000:]  # a failed write, not a crash (1)
     last = stderr.strip().splitlines()[-1]
-    assert last.startswith("tapekit-train: error: a write failed at step 30 (No space left on "
-                           "device") and f"{model_dir}/checkpoints/ckpt-20" in last, last
+    noticed = 30 if writes == "sync" else 40  # async: when the next save waits for it
+    assert last.startswith(f"tapekit-train: error: a write failed at step {noticed} (No space "
+                           "left on device") and f"{model_dir}/checkpoints/ckpt-20" in last, last
+    assert "ckpt-30_temp" in last  # the checkpoint whose write failed
     saved = sorted(p.name for p in (model_dir / "checkpoints").glob("ckpt-*.index"))
     assert saved == ["ckpt-10.index", "ckpt-20.index"]  # nothing saved was lost
     os.remove(small_disk / "filler")  # space freed: the same command resumes
