@@ -151,12 +151,7 @@ class Engine:
                                     self.current_step)
         if self.train_loop.in_memory is not None:  # batches are a function of the step
             return steps
-        for done in range(steps):
-            try:
-                next(self._train_iterator)
-            except (StopIteration, tf.errors.OutOfRangeError):
-                return done
-        return steps
+        return inputs.read_and_drop(self._train_iterator, steps)
 
     def stopped_by(self, error: BaseException, step: int) -> Exception:
         return faults.stopped_by(self, error, step)

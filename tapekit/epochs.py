@@ -14,6 +14,7 @@ from typing import Optional
 
 import tensorflow as tf
 
+from tapekit import inputs
 from tapekit.errors import TapekitError
 from tapekit.runner import LoopResult
 
@@ -76,12 +77,7 @@ class EpochPasses:
             return min(steps, in_memory.steps_per_epoch - (step - int(self.start_step.numpy())))
         if self._iterator is None:
             self._iterator = self._pass(run_input, self._source, self.epochs_done, 0)
-        for done in range(steps):
-            try:
-                next(self._iterator)
-            except (StopIteration, tf.errors.OutOfRangeError):
-                return done
-        return steps
+        return inputs.read_and_drop(self._iterator, steps)
 
     def run_loop(self, call_loop, loop, run_input, num_steps: int, step: int,
                  stopped=lambda: False):

@@ -152,6 +152,17 @@ class RunInput:
         return data
 
 
+def read_and_drop(iterator, steps: int) -> int:
+    """Reads and drops up to `steps` elements of `iterator` (steps' batches skipped);
+    returns how many there were before it ran out."""
+    for done in range(steps):
+        try:
+            next(iterator)
+        except (StopIteration, tf.errors.OutOfRangeError):
+            return done
+    return steps
+
+
 def positioned_iterator(make_iterator: Callable[[int], object], checkpointer,
                         path: Optional[str], may_save: bool = True):
     """The training iterator, positioned where checkpoint `path` (None: a new run) left off.
