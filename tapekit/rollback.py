@@ -125,7 +125,8 @@ def loss_window(strategy, options, metric_names: Sequence[str]) -> Optional[Loss
 
 
 class Rollback:
-    """The controller's side of `nan_policy=rollback` for one `fit` of `engine` (every worker).
+    """The controller's side of skipped steps and `nan_policy=rollback` for `engine`'s run
+    (every worker): made by its first `fit`, which the later ones reuse (`begin_fit`).
 
     The controller asks, before each loop, `skip_due` (steps to skip now) and `steps_for`
     (the loop's length: never into a skipped range; one step while replaying), calls
