@@ -227,9 +227,13 @@ def test_default_callbacks_are_progress_then_records_then_checkpoints(tmp_path):
 class FakeCheckpointer:
     def __init__(self):
         self.saved = []
+        self.waited_after = []  # the saves made when each wait came
 
     def save(self, step):
         self.saved.append(step)
+
+    def wait(self):  # (an async save in flight is finished here)
+        self.waited_after.append(list(self.saved))
 
 
 def test_checkpoints_by_steps_by_time_and_at_the_end(monkeypatch):
@@ -248,6 +252,7 @@ def test_checkpoints_by_steps_by_time_and_at_the_end(monkeypatch):
     controller(FakeRunner(script=tick), [saver]).train(train_steps=130, steps_per_loop=20)
     # 40: 80 s since the start; 60 and 100: past a multiple of 50; 130: 80 s after 100.
     assert checkpointer.saved == [40, 60, 100, 130]
+    assert checkpointer.waited_after == [[40, 60, 100, 130]]  # once, after the last save
     # Workers vote only at loop ends where no save is due by steps.
     assert votes == [False, True, False, False, True]
 
