@@ -1018,12 +1018,7 @@ def main(argv=None):
             {"workloads": list(report["workloads"]), "tensorflow": tf.__version__,
              "keras": keras.__version__, "seconds": time.perf_counter() - started,
              "repeats": repeats, "instances": instances, "processes": processes})
-        with open(args.json, "w") as stream:
-            json.dump(merged, stream, indent=2)
-        print(f"\nmerged {len(report['workloads'])} workload(s) into {args.json}")
-        if args.readme:
-            write_readme(args.readme, merged)
-            print(f"rewrote the performance section of {args.readme}")
+        _write(merged, args, f"merged {len(report['workloads'])} workload(s) into {args.json}")
         return 0
     mlp = next(w for w in workloads(args.quick) if w.name.startswith("seed MLP"))
     table = steps_per_loop_table(mlp, max(1, repeats // 2 + 1), args.quick)
@@ -1046,10 +1041,15 @@ def main(argv=None):
         print()
         startup.report(report["startup_s"])
     report["seconds"] = time.perf_counter() - started
+    _write(report, args, f"wrote {args.json} in {report['seconds']:.0f} s")
+
+
+def _write(report, args, done: str) -> None:
+    """Writes `report` to --json and, with --readme, its block into that README."""
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as stream:
         json.dump(report, stream, indent=2)
-    print(f"\nwrote {args.json} in {report['seconds']:.0f} s")
+    print(f"\n{done}")
     if args.readme:
         write_readme(args.readme, report)
         print(f"rewrote the performance section of {args.readme}")
