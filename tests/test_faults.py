@@ -153,7 +153,7 @@ def small_disk(tmp_path):
 @pytest.mark.parametrize("writes", ["sync", "async"])
 def test_a_full_disk_stops_the_job_with_one_line_and_the_same_command_resumes(
         small_disk, tmp_path, cli_env, writes):
-    from helpers import TESTS, let_go, paused_cli, reported_weights, run_cli
+    from helpers import TESTS, let_go, paused_cli, reported_weights, run_cli, wait_for
     # Keeping 2: a save that failed at step 30 must not have deleted ckpt-10 to make room.
     # With --async_checkpoint the write fails in the background; the next save (or the end)
     # waits for it and stops the job the same way.
@@ -164,6 +164,9 @@ def test_a_full_disk_stops_the_job_with_one_line_and_the_same_command_resumes(
     assert whole.returncode == 0, whole.stderr[-2000:]
     model_dir, pause = small_disk / "run", str(tmp_path / "paused")
     with paused_cli(common + [f"--model_dir={model_dir}"], cli_env, TESTS, pause, 20) as process:
+        # async: ckpt-20 may still be writing at the pause; the disk fills after it is whole
+        wait_for(model_dir / "checkpoints" / "checkpoint", process, containing='"ckpt-20"')
+        wait_for(model_dir / "checkpoints" / "ckpt-20.index", process)
         _fill(small_disk)  # the disk fills under the running job
         let_go(pause)
         _, stderr = process.communicate(timeout=300)
