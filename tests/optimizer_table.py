@@ -125,8 +125,7 @@ def by_hand(cases: List[str], steps: int) -> Dict[str, keras.Model]:
     models = {case: make_model(case) for case in cases}
     optimizers = {case: make_optimizer(case) for case in cases}
 
-    @tf.function
-    def step(batch):
+    def step(batch):  # eager: 8 steps cost less than tracing them (8 s against 14 s)
         for case in cases:
             model = models[case]
             with tf.GradientTape() as tape:

@@ -53,12 +53,13 @@ def runs(tmp_path_factory) -> TableRuns:
     for optimizer in OPTIMIZERS:
         cases = [case for case in CASES if case.startswith(optimizer + "/")]
         result.by_hand.update(table.model_weights(table.by_hand(cases, STEPS)))
-        one = fit(OptimizerTable(cases, progress="none", deterministic=True), STEPS)
+        # The uninterrupted run saves at step 4; a new trainer resumes from that checkpoint.
         model_dir = str(tmp_path_factory.mktemp(optimizer) / "run")
-        fit(OptimizerTable(cases, progress="none", deterministic=True, model_dir=model_dir),
-            RESUME_STEP)
-        resumed = fit(OptimizerTable(cases, progress="none", deterministic=True,
-                                     model_dir=model_dir), STEPS)
+        one = fit(OptimizerTable(cases, progress="none", deterministic=True, model_dir=model_dir,
+                                 checkpoint_every_steps=RESUME_STEP), STEPS)
+        resumed = fit(OptimizerTable(
+            cases, progress="none", deterministic=True,
+            restore_from=f"{model_dir}/checkpoints/ckpt-{RESUME_STEP}"), STEPS)
         assert resumed.history[0]["step"] == RESUME_STEP + STEPS_PER_LOOP  # resumed at step 4
         two = fit(OptimizerTable(cases, progress="none", **TWO_REPLICAS), STEPS)
         result.one_replica.update(table.model_weights(one.models))
