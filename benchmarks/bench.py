@@ -847,6 +847,18 @@ README_COLUMNS = [("eager", "seed-style eager"), ("tf.function", "tf.function st
                   ("tapekit_memory", "tapekit, in memory")]
 
 
+def _latest_merges(merges):
+    """(merge entry, its workloads no later merge measured again), oldest first, for the
+    entries that still hold rows of the report."""
+    result, later = [], set()
+    for entry in reversed(merges):
+        shown = [w for w in entry["workloads"] if w not in later]
+        later.update(entry["workloads"])
+        if shown:
+            result.append((entry, shown))
+    return result[::-1]
+
+
 def readme_section(report) -> str:
     """The README's performance table, ratios, targets and start-up times, from one report."""
     lines = [README_START,
@@ -884,12 +896,14 @@ def readme_section(report) -> str:
               ("XLA, so Keras fit is compared with tapekit under `--jit_compile`."
                if xla == {True} else "no XLA here (Keras turns it off without a GPU), so Keras "
                "fit is compared with tapekit without XLA.")]
-    for entry in report.get("merged", []):
-        lines += ["", f"Measured later, in a `bench.py --merge` run on the same machine "
-                  f"(TensorFlow {entry['tensorflow']}, Keras {entry['keras']}; "
-                  f"{entry.get('repeats', '?')} repeats, {entry.get('instances', '?')} "
-                  f"instance(s), {entry.get('processes', '?')} process(es): noisier than the "
-                  "rows above): " + ", ".join(entry["workloads"]) + "."]
+    for entry, shown in _latest_merges(report.get("merged", [])):
+        where = entry.get("machine") or report["machine"]
+        lines += ["", "Measured later, in a `bench.py --merge` run on "
+                  + ("the same machine" if where == report["machine"] else where)
+                  + f" (TensorFlow {entry['tensorflow']}, Keras {entry['keras']}; "
+                  f"{entry.get('repeats', '?')} interleaved repeats, the median of "
+                  f"{entry.get('instances', '?')} instance(s), one process per heavy "
+                  "workload; compare within its rows): " + ", ".join(shown) + "."]
     extra_tables = [
         ("checkpoint_stall", "What a checkpoint save costs training, synchronous against "
          "`--async_checkpoint`: the stall is the extra time of loops of 5 steps with a save "
@@ -1015,7 +1029,8 @@ def main(argv=None):
             merged = json.load(stream)
         merged["workloads"].update(report["workloads"])
         merged.setdefault("merged", []).append(
-            {"workloads": list(report["workloads"]), "tensorflow": tf.__version__,
+            {"workloads": list(report["workloads"]), "machine": report["machine"],
+             "tensorflow": tf.__version__,
              "keras": keras.__version__, "seconds": time.perf_counter() - started,
              "repeats": repeats, "instances": instances, "processes": processes})
         _write(merged, args, f"merged {len(report['workloads'])} workload(s) into {args.json}")

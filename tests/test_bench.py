@@ -214,3 +214,22 @@ def test_figures_and_ratios_are_medians_over_processes_and_noisy_in_most_is_left
     assert result["ratios"]["tapekit / graph+data"] == 1.0  # the median of 1.2, 0.95 and 1.0
     assert "keras_fit / tapekit" not in result["ratios"]  # trusted in one process of three
     assert len(result["processes"]) == 3
+
+
+def test_the_readme_names_each_merge_that_still_holds_rows_and_its_machine(tmp_path):
+    entry = {"us_per_step": {"graph+data": 200.0, "tapekit": 205.0},
+             "ratios": {"tapekit / graph+data": 1.025}, "keras_xla": False, "targets": []}
+    merge = {"tensorflow": "2.x", "keras": "3.x", "repeats": 7, "instances": 3}
+    report = {"machine": "Test CPU", "tensorflow": "2.x", "keras": "3.x", "repeats": 5,
+              "workloads": {"A": entry, "B": entry},
+              "merged": [dict(merge, workloads=["A", "B"], machine="Test CPU"),
+                         dict(merge, workloads=["B"], machine="Other CPU")]}
+    text = bench.readme_section(report)
+    later = [line for line in text.splitlines() if line.startswith("Measured later")]
+    assert len(later) == 2
+    assert later[0].startswith("Measured later, in a `bench.py --merge` run on the same machine")
+    assert later[0].endswith("): A.")  # B's rows are the later merge's
+    assert later[1].startswith("Measured later, in a `bench.py --merge` run on Other CPU (")
+    assert later[1].endswith("): B.") and "7 interleaved repeats" in later[1]
+    report["merged"][1]["workloads"] = ["A", "B"]  # every row measured again: one note
+    assert bench.readme_section(report).count("Measured later") == 1
