@@ -902,8 +902,9 @@ def readme_section(report) -> str:
                   + ("the same machine" if where == report["machine"] else where)
                   + f" (TensorFlow {entry['tensorflow']}, Keras {entry['keras']}; "
                   f"{entry.get('repeats', '?')} interleaved repeats, the median of "
-                  f"{entry.get('instances', '?')} instance(s), one process per heavy "
-                  "workload; compare within its rows): " + ", ".join(shown) + "."]
+                  f"{entry.get('instances', '?')} instance(s), in "
+                  f"{entry.get('processes', '?')} process(es) per small workload and one per "
+                  "heavy one; compare within its rows): " + ", ".join(shown) + "."]
     extra_tables = [
         ("checkpoint_stall", "What a checkpoint save costs training, synchronous against "
          "`--async_checkpoint`: the stall is the extra time of loops of 5 steps with a save "

@@ -216,7 +216,7 @@ def test_figures_and_ratios_are_medians_over_processes_and_noisy_in_most_is_left
     assert len(result["processes"]) == 3
 
 
-def test_the_readme_names_each_merge_that_still_holds_rows_and_its_machine(tmp_path):
+def test_the_readme_names_each_merge_that_still_holds_rows_and_its_machine():
     entry = {"us_per_step": {"graph+data": 200.0, "tapekit": 205.0},
              "ratios": {"tapekit / graph+data": 1.025}, "keras_xla": False, "targets": []}
     merge = {"tensorflow": "2.x", "keras": "3.x", "repeats": 7, "instances": 3}
