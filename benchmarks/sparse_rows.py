@@ -1,4 +1,4 @@
-"""What summing repeated sparse rows costs a step (`tapekit.updates.combined_rows`).
+"""What summing repeated sparse rows costs a step (`tapekit.compiled.updates.combined_rows`).
 
     .venv/bin/python benchmarks/sparse_rows.py [--repeats 5] [--quick]
 
@@ -31,7 +31,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tapekit  # noqa: E402
-from tapekit import distribute, updates  # noqa: E402
+from tapekit import distribute  # noqa: E402
+from tapekit.compiled import updates  # noqa: E402
 
 TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
 

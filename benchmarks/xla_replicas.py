@@ -6,7 +6,7 @@ Each configuration trains in a fresh process (the replica count splits the CPU b
 TensorFlow starts), tapekit on the tf.data pipeline of `benchmarks/bench.py`'s workload;
 its marginal cost per step (time for `long` steps minus `short` steps, over the difference)
 is measured `--repeats` times after a warm-up, the median reported. On 2 replicas
-`--jit_compile` compiles each replica's forward and backward pass (`tapekit/xla.py`); on 1,
+`--jit_compile` compiles each replica's forward and backward pass (`tapekit/compiled/xla.py`); on 1,
 the whole step. A noisy 2-core machine: compare within one run.
 """
 

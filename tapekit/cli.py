@@ -313,7 +313,7 @@ def post_mortem(error: BaseException) -> None:
     the innermost frame of user code."""
     import pdb
 
-    from tapekit import build
+    from tapekit.compiled import build
 
     while isinstance(error, TapekitError) and error.__context__ is not None:
         error = error.__context__

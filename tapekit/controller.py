@@ -1,6 +1,6 @@
 """The outer loop: how long to train and what happens between compiled loops.
 
-Separate from the inner loop (`tapekit.loop.CompiledLoop`, what one call runs in the
+Separate from the inner loop (`tapekit.compiled.loop.CompiledLoop`, what one call runs in the
 graph) in the spirit of Orbit's controller: this object decides loop lengths, times
 them, stops on a non-finite loop before anything records or saves it, evaluates on
 schedule, reacts to SIGTERM, Ctrl-C and to input that runs out, and hands each loop's

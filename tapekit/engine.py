@@ -2,8 +2,8 @@
 
 A `Trainer` (the user's contract) holds one `Engine` and nothing else of tapekit's. The
 engine owns the run's state — the strategy, the global step, the random generator, the
-optimizers' updaters (`tapekit.updates.Updaters`), the compiled training and evaluation
-loops (`tapekit.loop`), the input (`tapekit.inputs`) and the checkpointer — and offers the
+optimizers' updaters (`tapekit.compiled.updates.Updaters`), the compiled training and evaluation
+loops (`tapekit.compiled.loop`), the input (`tapekit.inputs`) and the checkpointer — and offers the
 outer loop (`tapekit.controller.Controller`) the narrow interface of `tapekit.runner.Runner`.
 Starting where a run left off is `tapekit.resume`; MODEL_DIR/best/ is `tapekit.best`.
 Everything here runs eagerly, on every worker.
@@ -23,7 +23,7 @@ import tensorflow as tf
 from absl import logging
 
 from tapekit import best
-from tapekit import build as build_lib
+from tapekit.compiled import build as build_lib
 from tapekit import checkpointing
 from tapekit import compat
 from tapekit import controller as controller_lib
@@ -32,15 +32,15 @@ from tapekit import epochs as epochs_lib
 from tapekit import faults
 from tapekit import inputs
 from tapekit import options as options_lib
-from tapekit import precision as precision_lib
+from tapekit.compiled import precision as precision_lib
 from tapekit import record as record_lib
 from tapekit import resume
 from tapekit import rollback as rollback_lib
 from tapekit import state as state_lib
-from tapekit import updates
+from tapekit.compiled import updates
 from tapekit.checkpointing import Checkpointer
 from tapekit.errors import TapekitError, user_message
-from tapekit.loop import CompiledLoop, LoopPlan
+from tapekit.compiled.loop import CompiledLoop, LoopPlan
 from tapekit.namespace import check_namespace
 from tapekit.runner import LoopResult, RunStatus
 
@@ -282,8 +282,8 @@ class Engine:
     def ensure_built(self, dataset=None, in_memory=None) -> None:
         """Creates every model variable and optimizer slot before the first step. Eager, once:
         `build()` in the strategy scope under the precision policy, one real trace of
-        `train_step` (`tapekit.build`), the optimizers built on what the step updates
-        (`tapekit.updates.Updaters`), the checkpoint checked to cover every variable."""
+        `train_step` (`tapekit.compiled.build`), the optimizers built on what the step updates
+        (`tapekit.compiled.updates.Updaters`), the checkpoint checked to cover every variable."""
         if self.built:
             return
         check_namespace(self.trainer)

@@ -3,7 +3,7 @@
 A trainer owns what its public attributes hold — Keras models and layers, optimizers,
 `keras.metrics`, Keras `SeedGenerator`s, `tf.Variable`s, `tf.Module`s, `tf.random.Generator`s,
 or lists, tuples and dicts of these — plus tapekit's own state (the global step, `rng`, the
-update state of `tapekit.updates`).
+update state of `tapekit.compiled.updates`).
 
 `tf.train.Checkpoint` follows TensorFlow's object graph, which misses some Keras 3 state:
 a `SeedGenerator`'s state variable (Dropout, `keras.random`, augmentation layers;

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from tapekit import callbacks as callbacks_lib
-from tapekit import means
+from tapekit.compiled import means
 from tapekit import options as options_lib
 from tapekit.engine import Engine
 from tapekit.errors import TapekitError
@@ -196,7 +196,7 @@ class Trainer:
         `TapekitError` naming it, unless `allow_none_gradients=True`.
 
         `optimizer` gets the gradient one device would see for the global batch, on any
-        number of replicas (`tapekit.updates`): the rows of a sparse gradient (an
+        number of replicas (`tapekit.compiled.updates`): the rows of a sparse gradient (an
         Embedding's) that share an index are summed first, so Adam & co. update as on the
         dense gradient, and the optimizer's own `clipnorm`/`global_clipnorm`/`clipvalue`
         clip the sum over replicas, not each replica's part. The optimizer object is not

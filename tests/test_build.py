@@ -1,4 +1,4 @@
-"""tapekit.build: the trainer is built by a real trace of its step; errors name the user's line."""
+"""tapekit.compiled.build: the trainer is built by a real trace of its step; errors name the user's line."""
 
 import os
 import threading
@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 import tapekit
-from tapekit import build
+from tapekit.compiled import build
 
 HERE = os.path.basename(__file__)
 

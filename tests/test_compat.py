@@ -10,7 +10,9 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO
-from tapekit import compat, distribute, tracing
+from tapekit import compat
+from tapekit import distribute
+from tapekit.compiled import tracing
 
 # What reaching into TensorFlow/Keras looks like in a line of source.
 PRIVATE = {

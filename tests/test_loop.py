@@ -1,11 +1,11 @@
-"""`tapekit.loop.CompiledLoop`: many steps in one tf.function, metrics summed in the graph."""
+"""`tapekit.compiled.loop.CompiledLoop`: many steps in one tf.function, metrics summed in the graph."""
 
 import pytest
 import tensorflow as tf
 
-from tapekit import build
+from tapekit.compiled import build
 from tapekit.errors import TapekitError
-from tapekit.loop import CompiledLoop, LoopPlan, describe_spec_changes
+from tapekit.compiled.loop import CompiledLoop, LoopPlan, describe_spec_changes
 
 STRATEGY = tf.distribute.get_strategy()
 

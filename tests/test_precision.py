@@ -1,4 +1,4 @@
-"""`tapekit.precision`: mixed precision with tapekit's dynamic loss scaling, and its checks."""
+"""`tapekit.compiled.precision`: mixed precision with tapekit's dynamic loss scaling, and its checks."""
 
 import keras
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 import tapekit
-from tapekit import precision
+from tapekit.compiled import precision
 from tapekit.trainers import RegressionTrainer
 
 

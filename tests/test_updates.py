@@ -1,4 +1,4 @@
-"""tapekit.updates: gradient accumulation and clipping, on one and two replicas."""
+"""tapekit.compiled.updates: gradient accumulation and clipping, on one and two replicas."""
 
 import numpy as np
 import pytest

@@ -28,9 +28,9 @@ import tensorflow as tf
 from absl import logging
 
 from tapekit import compat
-from tapekit import means
+from tapekit.compiled import means
 from tapekit import state as state_lib
-from tapekit import tracing
+from tapekit.compiled import tracing
 from tapekit.errors import TapekitError, summarize
 
 

@@ -8,7 +8,7 @@ gradients: the forward pass, the losses, `tape.gradient` — and runs what cross
 after it, outside XLA, in the same replica function: the Keras variables the step writes
 (BatchNormalization's moving statistics, `keras.metrics`, `SeedGenerator`s: collected in
 Keras's `StatelessScope`, so reads later in the step see the new values) are assigned,
-then each `Trainer.apply_gradients` of the step runs, in call order (`tapekit.updates`: the
+then each `Trainer.apply_gradients` of the step runs, in call order (`tapekit.compiled.updates`: the
 sum over replicas, clipping, accumulation, the optimizer). On one replica the whole step is
 compiled, as before.
 
@@ -29,7 +29,7 @@ from typing import Any, Callable, List, Optional, Tuple
 import keras
 import tensorflow as tf
 
-from tapekit import build
+from tapekit.compiled import build
 from tapekit import compat
 from tapekit.errors import TapekitError
 

@@ -3,7 +3,7 @@
 Python runs once per loop, not once per step: the `tf.function` below holds a
 `tf.while_loop` that reads the distributed iterator, runs the step on every replica
 and keeps per-replica running sums of the step's metrics (weighted by the examples behind
-them, `tapekit.means`) and, with `skip_step`, the steps where one was not finite. Cross-replica
+them, `tapekit.compiled.means`) and, with `skip_step`, the steps where one was not finite. Cross-replica
 reduction happens once, after the loop. `keras.metrics` objects the step updates are reset
 when the loop starts and read (exactly, across replicas) when it ends.
 
@@ -14,7 +14,7 @@ is advanced once per loop unless the step reads it; per-step counts are carried 
 some weight is known only at run time. Both are decided before the loop is traced, from
 what the build trace found (`LoopPlan`). The loop's own code is traced
 without AutoGraph; the user's step is converted by AutoGraph as a `tf.function` would
-(`tapekit.build.autographed`).
+(`tapekit.compiled.build.autographed`).
 """
 
 import dataclasses
@@ -23,11 +23,11 @@ from typing import Any, Callable, Optional, Sequence
 import tensorflow as tf
 from absl import logging
 
-from tapekit import build
+from tapekit.compiled import build
 from tapekit import compat
-from tapekit import means
-from tapekit import tracing
-from tapekit import xla
+from tapekit.compiled import means
+from tapekit.compiled import tracing
+from tapekit.compiled import xla
 from tapekit.errors import TapekitError
 from tapekit.runner import LoopResult
 
@@ -40,7 +40,7 @@ SHORT_EPOCH = 8
 @dataclasses.dataclass(frozen=True)
 class LoopPlan:
     """How a `CompiledLoop` runs its step: what the step's build trace found
-    (`tapekit.build.BuildReport`) and the run's options that change the loop."""
+    (`tapekit.compiled.build.BuildReport`) and the run's options that change the loop."""
 
     metric_names: Sequence[str]  # the keys of the dict the step returns
     keras_metrics: Sequence = ()  # keras.metrics the step updates
@@ -84,7 +84,7 @@ class CompiledLoop:
 
     The contract of `replica_step(batch) -> dict[str, scalar tensor]`: it is traced (never
     run eagerly), runs once per replica per step, and returns replica-local values. Each is
-    averaged over the loop weighted by the examples behind it (see `tapekit.means`).
+    averaged over the loop weighted by the examples behind it (see `tapekit.compiled.means`).
     `plan.keras_metrics` are `keras.metrics.Metric`s the step updates: reset as the loop
     starts, their `result()` reported under their names as it ends.
 
@@ -143,7 +143,7 @@ class CompiledLoop:
     def _measure(self, batch, deferred=None):
         """Runs the step on one replica's batch. Returns its metric values [k] and, unless
         every weight is a constant, their weighted sums [k] and weights [k]. `deferred`:
-        its updates are recorded there, not applied (`tapekit.xla`)."""
+        its updates are recorded there, not applied (`tapekit.compiled.xla`)."""
         step = self._eager_step if self._eager else self._user_step
         purpose = "eager" if self._eager else "loop"
         with tracing.step(tracing.StepTrace(purpose, deferred=deferred)):

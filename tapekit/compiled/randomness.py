@@ -14,7 +14,7 @@ replica nothing changes. `tf.random.Generator`s created in a strategy scope (the
 
 Outside tapekit's steps (e.g. Keras `fit` in the same process) Keras behaves as it always
 has: the patch of `SeedGenerator.next` is installed only while a step's trace is open
-(`tapekit.tracing.step`), and folds only seeds drawn inside one.
+(`tapekit.compiled.tracing.step`), and folds only seeds drawn inside one.
 """
 
 import tensorflow as tf

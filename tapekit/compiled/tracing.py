@@ -5,17 +5,17 @@ A user's step calls tapekit back — `Trainer.apply_gradients`, `compute_loss`,
 depends on why the step is running, and that is held by one visible object, a `StepTrace`,
 carried in a `contextvars.ContextVar` rather than in module globals:
 
-- `purpose="build"` (`tapekit.build.trace_step`): the step is traced once before step 1.
+- `purpose="build"` (`tapekit.compiled.build.trace_step`): the step is traced once before step 1.
   `apply_gradients` records which optimizer updates which variables instead of applying,
   and the `keras.metrics` the step updates are recorded.
-- `purpose="loop"` (`tapekit.loop.CompiledLoop`): the step is traced into a compiled loop;
+- `purpose="loop"` (`tapekit.compiled.loop.CompiledLoop`): the step is traced into a compiled loop;
   `apply_gradients` updates.
 - `purpose="eager"`: the step runs eagerly, op by op, for debugging; `apply_gradients`
   updates.
 
 In every purpose `compute_loss`/`compute_mean` note the examples behind each value they
 return (`means`), which the loop uses for exact means, and each seed a `SeedGenerator`
-hands out is folded with the replica's id (`tapekit.randomness`).
+hands out is folded with the replica's id (`tapekit.compiled.randomness`).
 
 A trace is opened per replica, inside the function the strategy runs: MirroredStrategy
 runs each replica's function in a thread of its own, which starts with a fresh context.
@@ -28,7 +28,7 @@ import dataclasses
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from tapekit import compat
-from tapekit import randomness
+from tapekit.compiled import randomness
 
 PURPOSES = ("build", "loop", "eager")
 
@@ -45,10 +45,10 @@ class StepTrace:
     updates: List[Tuple[Any, List]] = dataclasses.field(default_factory=list)
     keras_metrics: Dict[int, Any] = dataclasses.field(default_factory=dict)
     # tensor.ref() -> (sum of per-example values or None, number of examples) for each value
-    # compute_loss/compute_mean returned (`tapekit.means`).
+    # compute_loss/compute_mean returned (`tapekit.compiled.means`).
     means: Dict[Any, Tuple] = dataclasses.field(default_factory=dict)
     # jit_compile on several replicas: `apply_gradients` records its gradients here
-    # (`tapekit.xla.DeferredUpdates`) and the update runs after the compiled part.
+    # (`tapekit.compiled.xla.DeferredUpdates`) and the update runs after the compiled part.
     deferred: Any = None
 
     def __post_init__(self):

@@ -38,11 +38,11 @@ from typing import Any, Callable, Dict, List, Optional
 import keras
 import tensorflow as tf
 
-from tapekit import build
+from tapekit.compiled import build
 from tapekit import compat
-from tapekit import tracing
+from tapekit.compiled import tracing
 from tapekit.errors import TapekitError
-from tapekit.precision import DynamicLossScale
+from tapekit.compiled.precision import DynamicLossScale
 
 SUM = tf.distribute.ReduceOp.SUM
 
@@ -300,7 +300,7 @@ class Updaters:
     """The run's `GradientUpdater`s, one per optimizer/variables pair the step updates.
 
     Added eagerly, in the strategy scope, after the build trace recorded the pairs
-    (`tapekit.build.BuildReport.updates`); each optimizer is built on its variables here
+    (`tapekit.compiled.build.BuildReport.updates`); each optimizer is built on its variables here
     (building one in a replica context fails under MirroredStrategy, keras-team/keras#19246).
     """
 
@@ -324,7 +324,7 @@ class Updaters:
 
     def apply(self, tape, loss, models_or_variables, optimizer, allow_none_gradients: bool) -> None:
         """`Trainer.apply_gradients` (traced, per replica): recorded while the step is traced
-        to build the trainer (`tapekit.tracing`), applied by the pair's updater otherwise."""
+        to build the trainer (`tapekit.compiled.tracing`), applied by the pair's updater otherwise."""
         variables = trainable_variables(models_or_variables)
         if not variables:
             raise TapekitError(

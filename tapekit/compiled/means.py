@@ -3,7 +3,7 @@
 A compiled loop reports, for each metric a step returns, sum(value × weight) / sum(weight)
 over every step on every replica. The weight of a value that `Trainer.compute_loss` or
 `Trainer.compute_mean` returned is the number of examples (or the total sample weight)
-behind it, which they record in the step's trace (`tapekit.tracing`); any other value is weighted
+behind it, which they record in the step's trace (`tapekit.compiled.tracing`); any other value is weighted
 by the size of the replica's batch. So a partial last batch, or an empty batch that
 tf.distribute hands a replica at the end of the data, counts for exactly what it holds.
 When every weight is a constant (static batch shapes) the loop keeps plain sums instead.
@@ -14,12 +14,12 @@ from typing import Optional, Tuple
 import tensorflow as tf
 from absl import logging
 
-from tapekit import tracing
+from tapekit.compiled import tracing
 from tapekit.errors import TapekitError
 
 
 def record(value: tf.Tensor, total, count) -> None:
-    """Remembers, in the step's trace (`tapekit.tracing`), that `value` (a scalar the step
+    """Remembers, in the step's trace (`tapekit.compiled.tracing`), that `value` (a scalar the step
     may return) stands for total / count (`total` None: value × count, computed only if the
     loop needs it). Outside a step's trace there is nothing to remember it for."""
     trace = tracing.current()
