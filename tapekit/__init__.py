@@ -20,6 +20,6 @@ def __getattr__(name):
         from tapekit.trainer import Trainer
         return Trainer
     if name == "per_replica_batches":
-        from tapekit.data import per_replica_batches
+        from tapekit.input.data import per_replica_batches
         return per_replica_batches
     raise AttributeError(f"module 'tapekit' has no attribute {name!r}")

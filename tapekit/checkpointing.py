@@ -211,7 +211,7 @@ class Checkpointer:
             shutil.rmtree(scratch, ignore_errors=True)
         shapes = [f"{_short(name)} has shape {saved[name]} in the checkpoint, {shape} here"
                   for name, shape in expected.items() if name in saved and saved[name] != shape]
-        # Training by epochs adds its position (tapekit.epochs); a trainer restoring without
+        # Training by epochs adds its position (tapekit.input.epochs); a trainer restoring without
         # training by epochs leaves it unread.
         extra = [f"{_short(name)} in the checkpoint is not in this trainer"
                  for name in saved if name not in expected

@@ -3,7 +3,7 @@
 A `Trainer` (the user's contract) holds one `Engine` and nothing else of tapekit's. The
 engine owns the run's state — the strategy, the global step, the random generator, the
 optimizers' updaters (`tapekit.compiled.updates.Updaters`), the compiled training and evaluation
-loops (`tapekit.compiled.loop`), the input (`tapekit.inputs`) and the checkpointer — and offers the
+loops (`tapekit.compiled.loop`), the input (`tapekit.input.run_input`) and the checkpointer — and offers the
 outer loop (`tapekit.controller.Controller`) the narrow interface of `tapekit.runner.Runner`.
 Starting where a run left off is `tapekit.resume`; MODEL_DIR/best/ is `tapekit.best`.
 Everything here runs eagerly, on every worker.
@@ -28,9 +28,9 @@ from tapekit import checkpointing
 from tapekit import compat
 from tapekit import controller as controller_lib
 from tapekit import distribute
-from tapekit import epochs as epochs_lib
+from tapekit.input import epochs as epochs_lib
 from tapekit import faults
-from tapekit import inputs
+from tapekit.input import run_input
 from tapekit import options as options_lib
 from tapekit.compiled import precision as precision_lib
 from tapekit import record as record_lib
@@ -92,7 +92,7 @@ class Engine:
         self._train_iterator = None
         self._dataset = None  # what prepare_training trains on (None: the trainer's input)
         self._rollback: Optional[rollback_lib.Rollback] = None
-        self.input = inputs.RunInput(self.strategy, trainer, lambda: self.global_batch_size,
+        self.input = run_input.RunInput(self.strategy, trainer, lambda: self.global_batch_size,
                                      options.seed)
 
     def _running(self):
@@ -151,7 +151,7 @@ class Engine:
                                     self.current_step)
         if self.train_loop.in_memory is not None:  # batches are a function of the step
             return steps
-        return inputs.read_and_drop(self._train_iterator, steps)
+        return run_input.read_and_drop(self._train_iterator, steps)
 
     def stopped_by(self, error: BaseException, step: int) -> Exception:
         return faults.stopped_by(self, error, step)
@@ -176,7 +176,7 @@ class Engine:
             eval_every_steps: Optional[int], eval_steps: Optional[int],
             by_epochs: Optional[Dict[str, Optional[int]]] = None) -> List[Dict[str, float]]:
         """`Trainer.fit` (arguments validated there); `by_epochs`: its train_epochs,
-        eval_every_epochs and checkpoint_every_epochs (`tapekit.epochs`)."""
+        eval_every_epochs and checkpoint_every_epochs (`tapekit.input.epochs`)."""
         by_epochs = by_epochs or {}
         self._by_epochs = by_epochs.get("train_epochs") is not None
         if self._by_epochs and self.checkpointer is not None:  # built by restore/evaluate

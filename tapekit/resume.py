@@ -13,7 +13,7 @@ from absl import logging
 from tapekit import checkpointing
 from tapekit import compat
 from tapekit import distribute
-from tapekit import inputs
+from tapekit.input import run_input
 from tapekit import options as options_lib
 from tapekit import record as record_lib
 from tapekit import state as state_lib
@@ -25,7 +25,7 @@ def start(engine, dataset, in_memory, fit_settings: Dict[str, Any], positioned: 
     """Checks and writes the run record (`tapekit.record`), restores `restore_from` or the
     latest checkpoint, and returns the training iterator positioned where the run left off
     (None for in-memory input, which is a function of the step, and when not `positioned`:
-    training by epochs positions its own, `tapekit.epochs`). A learning rate given
+    training by epochs positions its own, `tapekit.input.epochs`). A learning rate given
     explicitly for a resumed run replaces the checkpoint's."""
     fallback = _fallback(engine)
     learning_rate_change = record_run(engine, fit_settings, fallback)  # may refuse: first
@@ -150,7 +150,7 @@ def _restore_and_position(engine, dataset, needs_iterator: bool):
         if path:  # no model_dir: restore the state, nothing is saved later
             restore_read_only(engine, path)
         return engine.input.train_iterator(dataset, engine.current_step) if needs_iterator else None
-    iterator = None if not needs_iterator else inputs.positioned_iterator(
+    iterator = None if not needs_iterator else run_input.positioned_iterator(
         lambda skip_steps: engine.input.train_iterator(dataset, skip_steps), checkpointer, path,
         may_save=engine.options.nan_policy != "rollback")
     if path:

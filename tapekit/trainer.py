@@ -227,14 +227,14 @@ class Trainer:
             last loop is clamped to what is left.
           dataset: None uses `train_arrays()` or else `train_dataset`; a `tf.data.Dataset`
             of GLOBAL batches is split across replicas; arrays (or a tuple/dict of arrays)
-            of examples take the device-resident path (`tapekit.data.InMemoryExamples`).
+            of examples take the device-resident path (`tapekit.input.data.InMemoryExamples`).
           callbacks: extra `tapekit.Callback`s, called after tapekit's own.
           eval_every_steps: evaluate (`evaluate(eval_steps)`) after each loop that passes a
             multiple of this, and at the end; None: never.
           eval_steps: steps per evaluation; None: the whole evaluation data (which must end).
           train_epochs: instead of `train_steps`, train for this many passes over training
             data that ends (each pass re-iterates it; shuffled as its pipeline says; in-memory
-            arrays: permuted). A resume mid-epoch sees the same batches (`tapekit.epochs`).
+            arrays: permuted). A resume mid-epoch sees the same batches (`tapekit.input.epochs`).
             Rows then carry `epoch`; callbacks get `on_epoch_end`.
           eval_every_epochs: with `train_epochs`, evaluate after every this many epochs and
             at the end.

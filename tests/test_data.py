@@ -1,12 +1,12 @@
-"""`tapekit.data`: in-memory examples batched in the graph, and files sharded per worker."""
+"""`tapekit.input.data`: in-memory examples batched in the graph, and files sharded per worker."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import tapekit
-from tapekit import data
-from tapekit.data import InMemoryExamples
+from tapekit.input import data
+from tapekit.input.data import InMemoryExamples
 
 
 def _batches(source):

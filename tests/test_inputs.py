@@ -1,11 +1,11 @@
-"""`tapekit.inputs`: a trainer's input as distributed batches, and where a resume picks it up."""
+"""`tapekit.input.run_input`: a trainer's input as distributed batches, and where a resume picks it up."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from tapekit import distribute as distribute_lib
-from tapekit import inputs
+from tapekit.input import run_input
 from tapekit.checkpointing import Checkpointer
 from tapekit.errors import TapekitError
 
@@ -18,22 +18,22 @@ def batches(distributed, limit=100):
 
 def test_arrays_for_evaluation_are_read_once_in_order_keeping_the_partial_batch():
     x = np.arange(10, dtype=np.float32)
-    distributed = inputs.distribute(STRATEGY, x, None, global_batch_size=4, seed=0,
+    distributed = run_input.distribute(STRATEGY, x, None, global_batch_size=4, seed=0,
                                     evaluation=True)
     assert batches(distributed) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
 
 def test_arrays_for_training_repeat_shuffled_and_resume_at_a_step():
     x = np.arange(10, dtype=np.float32)
-    full = batches(inputs.distribute(STRATEGY, x, None, 4, seed=3), limit=7)
+    full = batches(run_input.distribute(STRATEGY, x, None, 4, seed=3), limit=7)
     assert all(len(b) == 4 for b in full) and sorted(full[0] + full[1]) != list(range(8))
-    resumed = batches(inputs.distribute(STRATEGY, x, None, 4, seed=3, skip_steps=2), limit=5)
+    resumed = batches(run_input.distribute(STRATEGY, x, None, 4, seed=3, skip_steps=2), limit=5)
     assert resumed == full[2:]
 
 
 def test_a_dataset_of_global_batches_skips_consumed_steps():
     dataset = tf.data.Dataset.range(12).batch(3)
-    assert batches(inputs.distribute(STRATEGY, dataset, None, 3, 0, skip_steps=2)) == [
+    assert batches(run_input.distribute(STRATEGY, dataset, None, 3, 0, skip_steps=2)) == [
         [6, 7, 8], [9, 10, 11]]
 
 
@@ -44,23 +44,23 @@ def test_a_dataset_function_gets_an_input_context_and_is_skipped_per_local_repli
         seen.append(context.num_replicas_in_sync)
         return tf.data.Dataset.range(8).batch(2)
 
-    assert batches(inputs.distribute(STRATEGY, None, dataset_fn, 2, 0, skip_steps=3)) == [[6, 7]]
+    assert batches(run_input.distribute(STRATEGY, None, dataset_fn, 2, 0, skip_steps=3)) == [[6, 7]]
     assert seen == [1]
 
 
 def test_what_cannot_be_read_is_one_clear_error():
     with pytest.raises(TapekitError, match="got a dataset of type str; pass a tf.data.Dataset"):
-        inputs.distribute(STRATEGY, "data.csv", None, 4, 0)
+        run_input.distribute(STRATEGY, "data.csv", None, 4, 0)
     with pytest.raises(TapekitError, match="must return a tf.data.Dataset, got list"):
-        inputs.distribute(STRATEGY, None, lambda context: [1, 2], 4, 0)
+        run_input.distribute(STRATEGY, None, lambda context: [1, 2], 4, 0)
     endless = tf.data.Dataset.range(4).repeat()
     with pytest.raises(TapekitError, match="the evaluation data repeats forever"):
-        inputs.distribute(STRATEGY, endless, None, 4, 0, must_end=True)
+        run_input.distribute(STRATEGY, endless, None, 4, 0, must_end=True)
     mirrored = distribute_lib.resolve_strategy("mirrored", cpu_replicas=2)
     distributed = mirrored.experimental_distribute_dataset(tf.data.Dataset.range(4).batch(2))
-    assert inputs.distribute(mirrored, distributed, None, 2, 0) is distributed
+    assert run_input.distribute(mirrored, distributed, None, 2, 0) is distributed
     with pytest.raises(TapekitError, match="cannot resume a tf.distribute.DistributedDataset"):
-        inputs.distribute(mirrored, distributed, None, 2, 0, skip_steps=1)
+        run_input.distribute(mirrored, distributed, None, 2, 0, skip_steps=1)
 
 
 class _NoArrays:
@@ -69,7 +69,7 @@ class _NoArrays:
 
 
 def test_in_memory_examples_are_copied_to_the_devices_once_per_set_of_arrays():
-    run_input = inputs.RunInput(STRATEGY, _NoArrays(), lambda: 4, 0)
+    run_input = run_input.RunInput(STRATEGY, _NoArrays(), lambda: 4, 0)
     x, y = np.zeros([8, 2], np.float32), np.ones([8, 1], np.float32)
     first = run_input.in_memory_examples((x, y))
     assert run_input.in_memory_examples((x, y)) is first
@@ -93,11 +93,11 @@ def test_a_saveable_iterator_is_tracked_and_restored_with_the_checkpoint(tmp_pat
         return iter(tf.data.Dataset.range(100))
 
     checkpointer, _ = _checkpoint_at(tmp_path, 0)
-    iterator = inputs.positioned_iterator(make_iterator, checkpointer, None)
+    iterator = run_input.positioned_iterator(make_iterator, checkpointer, None)
     assert [int(next(iterator)) for _ in range(3)] == [0, 1, 2]
     checkpointer.save(3)
     fresh = Checkpointer({"global_step": tf.Variable(0, dtype=tf.int64)}, str(tmp_path), True)
-    resumed = inputs.positioned_iterator(make_iterator, fresh, checkpointer.latest)
+    resumed = run_input.positioned_iterator(make_iterator, fresh, checkpointer.latest)
     fresh.restore(checkpointer.latest)
     assert int(next(resumed)) == 3
 
@@ -110,6 +110,6 @@ def test_an_iterator_running_python_code_is_recreated_and_skipped(tmp_path, capl
         return iter(dataset.skip(skip_steps))
 
     checkpointer, path = _checkpoint_at(tmp_path, 5)
-    iterator = inputs.positioned_iterator(make_iterator, checkpointer, path)
+    iterator = run_input.positioned_iterator(make_iterator, checkpointer, path)
     assert int(next(iterator)) == 5
     assert "the input pipeline's iterator cannot be checkpointed" in caplog.text

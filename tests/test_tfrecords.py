@@ -1,4 +1,4 @@
-"""`tapekit.tfrecords` and `--data=GLOB`: examples from TFRecord files, sharded per worker."""
+"""`tapekit.input.tfrecords` and `--data=GLOB`: examples from TFRecord files, sharded per worker."""
 
 import subprocess
 import sys
@@ -9,11 +9,11 @@ import tensorflow as tf
 
 import tapekit
 from helpers import run_cli
-from tapekit import tfrecords
+from tapekit.input import tfrecords
 from tapekit.trainers import GANTrainer, RegressionTrainer
 from tapekit.trainers.datasets import seed_linear
 
-TAPEKIT_DATA = [sys.executable, "-c", "from tapekit.tfrecords import main; main()"]
+TAPEKIT_DATA = [sys.executable, "-c", "from tapekit.input.tfrecords import main; main()"]
 
 
 def _line_npz(tmp_path, count=1000):

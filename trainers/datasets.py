@@ -8,7 +8,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from tapekit import tfrecords
+from tapekit.input import tfrecords
 from tapekit.errors import TapekitError
 
 
@@ -173,7 +173,7 @@ def is_file_pattern(data: Optional[str]) -> bool:
 
 
 class FileData:
-    """--data as a glob of TFRecord files of tf.train.Example (`tapekit.tfrecords`): read by
+    """--data as a glob of TFRecord files of tf.train.Example (`tapekit.input.tfrecords`): read by
     each worker from its own files, never loaded whole into memory."""
 
     def __init__(self, pattern: str, names: Sequence[str]):

@@ -106,7 +106,7 @@ class CompiledLoop:
         self.metric_names = self.step_metric_names + tuple(m.name for m in self.keras_metrics)
         self.step_counter = step_counter
         self.name = plan.name
-        self.in_memory = in_memory  # a tapekit.data.InMemoryExamples, or None: read an iterator
+        self.in_memory = in_memory  # a tapekit.input.data.InMemoryExamples, or None: read an iterator
         self.endless = endless  # the iterator never runs out: no per-step end-of-data check
         self.trace_count = 0
         self._traced_spec = None
@@ -316,7 +316,7 @@ class CompiledLoop:
         return state, steps_run
 
     def _in_memory_steps(self, state, num_steps):
-        """`num_steps` steps of in-memory examples (`tapekit.data.InMemoryExamples`).
+        """`num_steps` steps of in-memory examples (`tapekit.input.data.InMemoryExamples`).
         Returns (steps run, state)."""
         first_step = self.step_counter.read_value()
         steps_per_epoch = self.in_memory.steps_per_epoch

@@ -1,7 +1,7 @@
 """How a trainer's input becomes distributed batches, and where a resumed run picks it up.
 
 Eager code, run once per `fit`/`evaluate` (never per step). The input is one of:
-`train_arrays()`/NumPy arrays (the device-resident path, `tapekit.data.InMemoryExamples`),
+`train_arrays()`/NumPy arrays (the device-resident path, `tapekit.input.data.InMemoryExamples`),
 a `tf.data.Dataset` of global batches, or the trainer's `train_dataset`/`eval_dataset`
 functions of a `tf.distribute.InputContext`.
 """
@@ -13,7 +13,7 @@ import tensorflow as tf
 from absl import logging
 
 from tapekit import checkpointing
-from tapekit import data as data_lib
+from tapekit.input import data as data_lib
 from tapekit.errors import TapekitError
 
 
@@ -132,7 +132,7 @@ class RunInput:
         return next(iter(self.distribute(dataset, self.trainer.train_dataset)))
 
     def epoch_data(self, dataset):
-        """The distributed training data that each pass of `tapekit.epochs` iterates again
+        """The distributed training data that each pass of `tapekit.input.epochs` iterates again
         (see `training_data`)."""
         return self.training_data(dataset)
 

@@ -5,7 +5,7 @@ Each example holds float features (e.g. `x`, and `y` for regression), stored fla
 `tapekit-data npz-to-tfrecord --input=F.npz --output_pattern=DIR/part --num_shards=N`
 writes DIR/part-00000-of-0000N.tfrecord, ...: example i goes to shard i mod N.
 
-Reading (`dataset`) shards by file per worker (`tapekit.data.shard_files`), so each worker
+Reading (`dataset`) shards by file per worker (`tapekit.input.data.shard_files`), so each worker
 reads only its files. `feature_shapes` reads the first example of every file first, so
 that a file that is not a TFRecord of `tf.train.Example`, a missing feature or a shape that
 differs between files is one clear error before training.
@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
-from tapekit import data as data_lib
+from tapekit.input import data as data_lib
 from tapekit.errors import TapekitError
 
 

@@ -7,14 +7,14 @@ began at, are checkpointed; a resumed run makes (and drops) the earlier passes' 
 which gives its pass the same order, then reads and drops the steps already trained. So a
 run resumed mid-epoch sees the batches an uninterrupted run would (for a pipeline that is
 a deterministic function of its seed). In-memory arrays have `steps_per_epoch` steps per
-pass (`tapekit.data.InMemoryExamples`), each a permutation of the examples.
+pass (`tapekit.input.data.InMemoryExamples`), each a permutation of the examples.
 """
 
 from typing import Optional
 
 import tensorflow as tf
 
-from tapekit import inputs
+from tapekit.input import run_input
 from tapekit.errors import TapekitError
 from tapekit.runner import LoopResult
 
@@ -77,7 +77,7 @@ class EpochPasses:
             return min(steps, in_memory.steps_per_epoch - (step - int(self.start_step.numpy())))
         if self._iterator is None:
             self._iterator = self._pass(run_input, self._source, self.epochs_done, 0)
-        return inputs.read_and_drop(self._iterator, steps)
+        return run_input.read_and_drop(self._iterator, steps)
 
     def run_loop(self, call_loop, loop, run_input, num_steps: int, step: int,
                  stopped=lambda: False):
