@@ -15,7 +15,7 @@ from typing import Callable, Dict, Optional
 
 from absl import logging
 
-from tapekit import files
+from tapekit.checkpoint import files
 
 Logs = Dict[str, float]
 
@@ -376,7 +376,7 @@ class TensorBoard(EveryNSteps):
 
     def _learning_rates(self) -> Dict[str, float]:
         import tensorflow as tf
-        from tapekit import state
+        from tapekit.checkpoint import state
         optimizers = state.optimizers(vars(self.trainer))
         # convert_to_tensor reads distributed (mirrored) variables too, where float() cannot
         return {("learning_rate" if len(optimizers) == 1 else f"learning_rate/{name}"):

@@ -19,9 +19,9 @@ from tapekit.callbacks import EarlyStopping
 from tapekit import controller
 from tapekit import distribute
 from tapekit import options as options_lib
-from tapekit import record
+from tapekit.checkpoint import record
 from tapekit.errors import EXIT_ERROR, EXIT_WRITE_FAILED, TapekitError, user_message
-from tapekit.export import check_export_dir
+from tapekit.checkpoint.export import check_export_dir
 from tapekit.trainer import Trainer
 
 FLAGS = flags.FLAGS

@@ -5,7 +5,7 @@ engine owns the run's state — the strategy, the global step, the random genera
 optimizers' updaters (`tapekit.compiled.updates.Updaters`), the compiled training and evaluation
 loops (`tapekit.compiled.loop`), the input (`tapekit.input.run_input`) and the checkpointer — and offers the
 outer loop (`tapekit.controller.Controller`) the narrow interface of `tapekit.runner.Runner`.
-Starting where a run left off is `tapekit.resume`; MODEL_DIR/best/ is `tapekit.best`.
+Starting where a run left off is `tapekit.checkpoint.resume`; MODEL_DIR/best/ is `tapekit.checkpoint.best`.
 Everything here runs eagerly, on every worker.
 
 Process-wide settings (BUILD.md, "Architecture"): the constructor calls
@@ -22,9 +22,9 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from tapekit import best
+from tapekit.checkpoint import best
 from tapekit.compiled import build as build_lib
-from tapekit import checkpointing
+from tapekit.checkpoint import checkpointing
 from tapekit import compat
 from tapekit import controller as controller_lib
 from tapekit import distribute
@@ -33,12 +33,12 @@ from tapekit import faults
 from tapekit.input import run_input
 from tapekit import options as options_lib
 from tapekit.compiled import precision as precision_lib
-from tapekit import record as record_lib
-from tapekit import resume
+from tapekit.checkpoint import record as record_lib
+from tapekit.checkpoint import resume
 from tapekit import rollback as rollback_lib
-from tapekit import state as state_lib
+from tapekit.checkpoint import state as state_lib
 from tapekit.compiled import updates
-from tapekit.checkpointing import Checkpointer
+from tapekit.checkpoint.checkpointing import Checkpointer
 from tapekit.errors import TapekitError, user_message
 from tapekit.compiled.loop import CompiledLoop, LoopPlan
 from tapekit.namespace import check_namespace
@@ -231,7 +231,7 @@ class Engine:
 
     def prepare_training(self, dataset=None, fit_settings: Optional[Dict[str, Any]] = None) -> None:
         """Builds the trainer (once), compiles the loop for this kind of input, and on the
-        first call starts where the run left off (`tapekit.resume.start`)."""
+        first call starts where the run left off (`tapekit.checkpoint.resume.start`)."""
         in_memory = self.input.in_memory_examples(dataset)
         self.ensure_built(dataset, in_memory)
         self._dataset = dataset
@@ -324,7 +324,7 @@ class Engine:
         return self.updaters.loss_scales
 
     def owned_state(self) -> Dict[str, Any]:
-        """Everything a checkpoint holds (`tapekit.state.run_state`)."""
+        """Everything a checkpoint holds (`tapekit.checkpoint.state.run_state`)."""
         return state_lib.run_state(self.global_step, self.rng, vars(self.trainer),
                                    {**self.updaters.checkpointed(),
                                     **(self.epochs.state() if self._by_epochs else {}),

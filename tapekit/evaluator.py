@@ -20,7 +20,7 @@ from typing import Optional
 import tensorflow as tf
 from absl import logging
 
-from tapekit import best
+from tapekit.checkpoint import best
 from tapekit import callbacks as callbacks_lib
 from tapekit.errors import TapekitError
 

@@ -11,7 +11,7 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from tapekit import files
+from tapekit.checkpoint import files
 from tapekit.errors import TapekitError
 
 CHANNELS = (1, 3, 4)  # grey, RGB, RGBA: what PNG stores

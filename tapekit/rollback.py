@@ -32,8 +32,8 @@ from absl import logging
 
 from tapekit import distribute
 from tapekit import options as options_lib
-from tapekit import record as record_lib
-from tapekit import state as state_lib
+from tapekit.checkpoint import record as record_lib
+from tapekit.checkpoint import state as state_lib
 from tapekit.errors import TapekitError
 
 WINDOW = 20  # good loops whose median loss the spike threshold compares with

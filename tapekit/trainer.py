@@ -48,7 +48,7 @@ class Trainer:
 
     def __new__(cls, *args, **kwargs):
         trainer = super().__new__(cls)
-        # The subclass's own constructor arguments, for the run record (`tapekit.record`).
+        # The subclass's own constructor arguments, for the run record (`tapekit.checkpoint.record`).
         object.__setattr__(trainer, "_arguments", (args, kwargs))
         return trainer
 
@@ -304,7 +304,7 @@ class Trainer:
         Eager, after training (the chief's job). Raises a TapekitError if the trainer has
         nothing to export or `export_dir` exists and is not empty. Returns `export_dir`.
         """
-        from tapekit.export import export_saved_model  # keeps `import tapekit` light
+        from tapekit.checkpoint.export import export_saved_model  # keeps `import tapekit` light
         exported = self.export_model()
         if exported is None:
             raise TapekitError(f"{type(self).__name__} has nothing to export: override export_model().")

@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from helpers import TESTS, let_go, paused_cli
 from resumable import Poisoned
-from tapekit import checkpointing
+from tapekit.checkpoint import checkpointing
 
 STEPS = dict(steps_per_loop=10)
 

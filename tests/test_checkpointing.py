@@ -1,4 +1,4 @@
-"""`tapekit.checkpointing`: checked restores, writable model dirs, nothing saved is lost."""
+"""`tapekit.checkpoint.checkpointing`: checked restores, writable model dirs, nothing saved is lost."""
 
 import os
 

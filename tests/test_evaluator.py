@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 import tapekit
-from tapekit import checkpointing
+from tapekit.checkpoint import checkpointing
 from helpers import TESTS, run_cli, start_cli
 from small_trainers import Unshuffled
 from tapekit.trainers import RegressionTrainer

@@ -1,4 +1,4 @@
-"""SavedModel export (tapekit.export): round trips, refusing to overwrite, tapekit-export."""
+"""SavedModel export (tapekit.checkpoint.export): round trips, refusing to overwrite, tapekit-export."""
 
 
 import numpy as np
@@ -8,7 +8,7 @@ import tensorflow as tf
 import tapekit
 from conftest import REPO
 from helpers import TAPEKIT_EXPORT, run_cli
-from tapekit.export import export_saved_model
+from tapekit.checkpoint.export import export_saved_model
 from tapekit.trainers import GANTrainer, RegressionTrainer
 
 

@@ -6,7 +6,7 @@ import tensorflow as tf
 
 from tapekit import distribute as distribute_lib
 from tapekit.input import run_input
-from tapekit.checkpointing import Checkpointer
+from tapekit.checkpoint.checkpointing import Checkpointer
 from tapekit.errors import TapekitError
 
 STRATEGY = tf.distribute.get_strategy()  # the default strategy: one replica

@@ -1,4 +1,4 @@
-"""`tapekit.record`: MODEL_DIR/run.json and flags.txt, and resumes that cannot silently change a run."""
+"""`tapekit.checkpoint.record`: MODEL_DIR/run.json and flags.txt, and resumes that cannot silently change a run."""
 
 import json
 import os
@@ -143,7 +143,7 @@ def test_flags_txt_starts_the_same_run_again_and_the_command_line_refuses_change
 def test_a_python_api_run_after_a_command_line_run_records_its_own_command(tmp_path):
     """The command line's argv and flags belong to the run it starts, not to the process."""
     import sys
-    from tapekit import record
+    from tapekit.checkpoint import record
 
     by_command, by_python = tmp_path / "command", tmp_path / "python"
     with record.command_line(["tapekit-train", "--trainer=regression"], "--trainer=regression\n"):

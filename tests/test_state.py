@@ -1,4 +1,4 @@
-"""tapekit.state: a checkpoint holds every variable the trainer owns, Keras-untracked ones too."""
+"""tapekit.checkpoint.state: a checkpoint holds every variable the trainer owns, Keras-untracked ones too."""
 
 import gc
 import logging as python_logging
@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 import tapekit
-from tapekit import state
+from tapekit.checkpoint import state
 
 
 class Everything(tapekit.Trainer):

@@ -29,7 +29,7 @@ from absl import logging
 
 from tapekit import compat
 from tapekit.compiled import means
-from tapekit import state as state_lib
+from tapekit.checkpoint import state as state_lib
 from tapekit.compiled import tracing
 from tapekit.errors import TapekitError, summarize
 

@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tapekit import checkpointing
+from tapekit.checkpoint import checkpointing
 from tapekit.input import data as data_lib
 from tapekit.errors import TapekitError
 

@@ -23,7 +23,7 @@ import tensorflow as tf
 from absl import logging
 
 from tapekit import compat
-from tapekit import files
+from tapekit.checkpoint import files
 from tapekit.errors import TapekitError, summarize
 
 ITERATOR_KEY = "train_iterator"

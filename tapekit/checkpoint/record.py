@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
 
-from tapekit import files
+from tapekit.checkpoint import files
 from tapekit.errors import TapekitError
 
 RECORD_FILE = "run.json"

@@ -5,7 +5,7 @@ from typing import Optional
 
 from tapekit import distribute
 from tapekit.callbacks import KeepBest, evaluation_metric
-from tapekit.checkpointing import Checkpointer
+from tapekit.checkpoint.checkpointing import Checkpointer
 from tapekit.errors import TapekitError
 
 

@@ -10,19 +10,19 @@ from typing import Any, Dict, Optional
 import tensorflow as tf
 from absl import logging
 
-from tapekit import checkpointing
+from tapekit.checkpoint import checkpointing
 from tapekit import compat
 from tapekit import distribute
 from tapekit.input import run_input
 from tapekit import options as options_lib
-from tapekit import record as record_lib
-from tapekit import state as state_lib
-from tapekit.checkpointing import Checkpointer
+from tapekit.checkpoint import record as record_lib
+from tapekit.checkpoint import state as state_lib
+from tapekit.checkpoint.checkpointing import Checkpointer
 from tapekit.errors import TapekitError
 
 
 def start(engine, dataset, in_memory, fit_settings: Dict[str, Any], positioned: bool = True):
-    """Checks and writes the run record (`tapekit.record`), restores `restore_from` or the
+    """Checks and writes the run record (`tapekit.checkpoint.record`), restores `restore_from` or the
     latest checkpoint, and returns the training iterator positioned where the run left off
     (None for in-memory input, which is a function of the step, and when not `positioned`:
     training by epochs positions its own, `tapekit.input.epochs`). A learning rate given
