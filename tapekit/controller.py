@@ -75,7 +75,7 @@ class Controller:
       nan_policy: "stop" raises at the end of a loop that saw a non-finite metric, before
         any callback records or saves it; "skip_step" (the steps were skipped) warns.
       profile_steps, profile_dir: record a profiler trace of global steps START..END.
-      rollback: with skipped steps or nan_policy="rollback", the `tapekit.rollback.Rollback`
+      rollback: with skipped steps or nan_policy="rollback", the `tapekit.faults.rollback.Rollback`
         that skips them, and rolls a bad loop back (before anything records or saves it).
     """
 
@@ -84,7 +84,7 @@ class Controller:
                  nan_policy: str = "stop", profile_steps: Optional[Tuple[int, int]] = None,
                  profile_dir: Optional[str] = None, rollback=None):
         self.runner = runner
-        self.rollback = rollback  # a tapekit.rollback.Rollback: skipped steps, rollbacks
+        self.rollback = rollback  # a tapekit.faults.rollback.Rollback: skipped steps, rollbacks
         self.callbacks = list(callbacks)
         self.eval_every_steps = eval_every_steps
         self.eval_steps = eval_steps

@@ -29,13 +29,13 @@ from tapekit import compat
 from tapekit import controller as controller_lib
 from tapekit import distribute
 from tapekit.input import epochs as epochs_lib
-from tapekit import faults
+from tapekit.faults import between_loops
 from tapekit.input import run_input
 from tapekit import options as options_lib
 from tapekit.compiled import precision as precision_lib
 from tapekit.checkpoint import record as record_lib
 from tapekit.checkpoint import resume
-from tapekit import rollback as rollback_lib
+from tapekit.faults import rollback as rollback_lib
 from tapekit.checkpoint import state as state_lib
 from tapekit.compiled import updates
 from tapekit.checkpoint.checkpointing import Checkpointer
@@ -73,7 +73,7 @@ class Engine:
             # For randomness inside train_step that must resume exactly (checkpointed).
             self.rng = tf.random.Generator.from_seed(options.seed)
         self.epochs = epochs_lib.EpochPasses(self.strategy)  # training by train_epochs
-        self.stop = faults.StopFlag(self.strategy)  # a signal's, read by the loop each step
+        self.stop = between_loops.StopFlag(self.strategy)  # a signal's, read by the loop each step
         self._by_epochs = False
         self.status = RunStatus()
         self.history: List[Dict[str, float]] = []
@@ -137,7 +137,7 @@ class Engine:
         return self._by_epochs
 
     def reposition_input(self, step: int) -> None:
-        """Puts the training input at `step` of the restored state (`tapekit.rollback`)."""
+        """Puts the training input at `step` of the restored state (`tapekit.faults.rollback`)."""
         if self._by_epochs:
             self.epochs.begin(self.input, self._dataset, self.train_loop.in_memory, step)
         elif self.train_loop.in_memory is None:
@@ -154,7 +154,7 @@ class Engine:
         return run_input.read_and_drop(self._train_iterator, steps)
 
     def stopped_by(self, error: BaseException, step: int) -> Exception:
-        return faults.stopped_by(self, error, step)
+        return between_loops.stopped_by(self, error, step)
 
     def request_stop(self, requested: bool = True) -> None:
         self.stop.request(requested)
@@ -207,7 +207,7 @@ class Engine:
         return history
 
     def _rollback_for_fit(self) -> Optional[rollback_lib.Rollback]:
-        """The run's `tapekit.rollback.Rollback` (skipped steps, nan_policy=rollback), made
+        """The run's `tapekit.faults.rollback.Rollback` (skipped steps, nan_policy=rollback), made
         once (its state copy is traced once) and again only if training by epochs changes
         what the state holds; None when there is nothing to skip or roll back."""
         if self._rollback is None or self._rollback.by_epochs != self._by_epochs:

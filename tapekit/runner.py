@@ -63,7 +63,7 @@ class Runner(Protocol):
 
     def stopped_by(self, error: BaseException, step: int) -> Exception:
         """The error to stop with after `error` was raised between loops at `step` (after
-        saving that loop's checkpoint, unless a write failed: `tapekit.faults`)."""
+        saving that loop's checkpoint, unless a write failed: `tapekit.faults.between_loops`)."""
 
     def request_stop(self, requested: bool = True) -> None:
         """Ends the running loop at its next step (called from a signal watcher thread)."""

@@ -28,7 +28,7 @@ from tapekit.errors import TapekitError, summarize
 
 ITERATOR_KEY = "train_iterator"
 EPOCH_KEYS = ("tapekit_epochs_done/", "tapekit_epoch_start_step/")
-# nan_policy=rollback's loss window (tapekit.rollback): a run may start or stop judging
+# nan_policy=rollback's loss window (tapekit.faults.rollback): a run may start or stop judging
 # spikes on resume; a checkpoint without it starts an empty window.
 OPTIONAL_KEYS = ("tapekit_loss_window_values/", "tapekit_loss_window_count/")
 _IGNORED_KEYS = ("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter/")

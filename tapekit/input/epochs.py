@@ -71,7 +71,7 @@ class EpochPasses:
 
     def read(self, run_input, in_memory, steps: int, step: int) -> int:
         """Reads and drops up to `steps` batches of the pass in progress, never past its end
-        (`tapekit.rollback`'s skipped steps); returns how many. The next loop ends a pass
+        (`tapekit.faults.rollback`'s skipped steps); returns how many. The next loop ends a pass
         that was read to its end."""
         if in_memory is not None:  # batches are a function of the step
             return min(steps, in_memory.steps_per_epoch - (step - int(self.start_step.numpy())))
