@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tapekit  # noqa: E402
-from tapekit import distribute  # noqa: E402
+from tapekit.run import distribute  # noqa: E402
 from tapekit.compiled import updates  # noqa: E402
 
 TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")

@@ -15,7 +15,7 @@ __all__ = ["Callback", "TapekitError", "Trainer", "per_replica_batches", "__vers
 
 def __getattr__(name):
     # TensorFlow is imported on first use of Trainer or per_replica_batches, so that the
-    # TensorFlow-free parts (tapekit.controller, tapekit.options, ...) import without it.
+    # TensorFlow-free parts (tapekit.run.controller, tapekit.options, ...) import without it.
     if name == "Trainer":
         from tapekit.trainer import Trainer
         return Trainer

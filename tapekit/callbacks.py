@@ -4,7 +4,7 @@ Hooks run eagerly in Python on every worker, at loop boundaries only (never per 
 They get the loop's metrics (`logs`), may read the user's trainer (`self.trainer`: its
 models and hooks) and ask the loop to stop by setting `self.trainer.stop_training = True`;
 they never reach into the compiled step or tapekit's engine. tapekit's own callbacks
-are assembled, in order, by `tapekit.controller.default_callbacks`.
+are assembled, in order, by `tapekit.run.controller.default_callbacks`.
 """
 
 import json

@@ -16,8 +16,8 @@ import tensorflow as tf
 from absl import app, flags, logging
 
 from tapekit.callbacks import EarlyStopping
-from tapekit import controller
-from tapekit import distribute
+from tapekit.run import controller
+from tapekit.run import distribute
 from tapekit import options as options_lib
 from tapekit.checkpoint import record
 from tapekit.errors import EXIT_ERROR, EXIT_WRITE_FAILED, TapekitError, user_message

@@ -8,8 +8,8 @@ A subclass writes only the science:
   `compute_loss`, updates variables with `apply_gradients` and returns metrics.
 
 This file is that contract. The machinery behind it — the strategy, building, the
-compiled loops, input, checkpoints — is `tapekit.engine.Engine`, held in one private
-attribute; the outer loop is `tapekit.controller`; the options are `tapekit.options`.
+compiled loops, input, checkpoints — is `tapekit.run.engine.Engine`, held in one private
+attribute; the outer loop is `tapekit.run.controller`; the options are `tapekit.options`.
 """
 
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -21,7 +21,7 @@ import tensorflow as tf
 from tapekit import callbacks as callbacks_lib
 from tapekit.compiled import means
 from tapekit import options as options_lib
-from tapekit.engine import Engine
+from tapekit.run.engine import Engine
 from tapekit.errors import TapekitError
 from tapekit.namespace import TAPEKIT_ATTRIBUTES
 
@@ -281,11 +281,11 @@ class Trainer:
     def evaluate_checkpoints(self, steps: Optional[int] = None, until_step: Optional[int] = None,
                              timeout_secs: Optional[float] = None, latest_only: bool = False) -> int:
         """Evaluates each new checkpoint a training job writes to MODEL_DIR/checkpoints, once
-        (the evaluator beside a training job; `tapekit.evaluator`). Eager; writes
+        (the evaluator beside a training job; `tapekit.run.evaluator`). Eager; writes
         MODEL_DIR/eval_metrics.jsonl, summaries/eval and best/, never checkpoints/. Returns
         after the checkpoint at `until_step`, or after `timeout_secs` without a new one (or,
         `latest_only`, after the latest or `restore_from`), with how many it evaluated."""
-        from tapekit.evaluator import evaluate_checkpoints
+        from tapekit.run.evaluator import evaluate_checkpoints
         return evaluate_checkpoints(self._engine, steps, until_step, timeout_secs, latest_only)
 
     def restore(self, checkpoint: Optional[str] = None) -> int:

@@ -8,7 +8,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from tapekit import distribute  # noqa: E402
+from tapekit.run import distribute  # noqa: E402
 
 # Before any TensorFlow op runs in this process.
 distribute.split_cpu(2)

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from conftest import REPO
 from tapekit import compat
-from tapekit import distribute
+from tapekit.run import distribute
 from tapekit.compiled import tracing
 
 # What reaching into TensorFlow/Keras looks like in a line of source.

@@ -1,4 +1,4 @@
-"""The outer loop (`tapekit.controller`) on a fake engine: plain Python, no TensorFlow.
+"""The outer loop (`tapekit.run.controller`) on a fake engine: plain Python, no TensorFlow.
 
 The fake runner reports scripted `LoopResult`s; these tests check loop lengths, the
 evaluation cadence, stopping (callbacks, data running out, SIGTERM, Ctrl-C, another
@@ -17,10 +17,10 @@ import types
 import pytest
 
 from tapekit import callbacks as callbacks_lib
-from tapekit import controller as controller_lib
-from tapekit.controller import Controller
+from tapekit.run import controller as controller_lib
+from tapekit.run.controller import Controller
 from tapekit.errors import TapekitError
-from tapekit.runner import LoopResult, RunStatus
+from tapekit.run.runner import LoopResult, RunStatus
 
 from helpers import TESTS
 
@@ -28,7 +28,7 @@ REPO = os.path.dirname(TESTS)
 
 
 class FakeRunner:
-    """A `tapekit.runner.Runner` whose loops add steps and report loss = 1 / step.
+    """A `tapekit.run.runner.Runner` whose loops add steps and report loss = 1 / step.
 
     `script(loop_index, num_steps)` may return a LoopResult to report instead, or call
     anything (e.g. send a signal) while "the loop runs".

@@ -30,7 +30,7 @@ def test_in_memory_batches_cover_each_epoch_once_and_differ_between_epochs():
 
 
 def test_in_memory_batches_split_the_global_batch_across_replicas():
-    strategy = tapekit.distribute.resolve_strategy("mirrored", cpu_replicas=2)
+    strategy = tapekit.run.distribute.resolve_strategy("mirrored", cpu_replicas=2)
     examples = np.arange(40, dtype=np.int64)
     one = InMemoryExamples(tf.distribute.get_strategy(), examples, 8, seed=1)
     two = InMemoryExamples(strategy, examples, 8, seed=1)

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 import tapekit
-from tapekit import distribute
+from tapekit.run import distribute
 from tapekit.trainers import GANTrainer, RegressionTrainer
 
 
@@ -141,7 +141,7 @@ def test_a_stopped_worker_is_named_and_this_worker_never_is():
     """TensorFlow 2.16 lists the reporting task among the unhealthy ones; 2.21 does not."""
     import types
 
-    from tapekit import distribute
+    from tapekit.run import distribute
     report = RuntimeError(
         "Collective ops is aborted by: ... The following tasks are unhealthy (stopped sending "
         "heartbeats): /job:worker/replica:0/task:1 and /job:worker/replica:0/task:0")

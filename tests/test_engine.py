@@ -1,4 +1,4 @@
-"""`tapekit.engine`: the machinery behind a trainer, kept off the user's namespace."""
+"""`tapekit.run.engine`: the machinery behind a trainer, kept off the user's namespace."""
 
 import keras
 import numpy as np
@@ -6,8 +6,8 @@ import pytest
 import tensorflow as tf
 
 import tapekit
-from tapekit import runner as runner_lib
-from tapekit.engine import Engine
+from tapekit.run import runner as runner_lib
+from tapekit.run.engine import Engine
 from tapekit.namespace import TAPEKIT_ATTRIBUTES
 
 

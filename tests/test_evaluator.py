@@ -1,4 +1,4 @@
-"""`tapekit.evaluator` and best/: an evaluator process beside training, best checkpoints, modes."""
+"""`tapekit.run.evaluator` and best/: an evaluator process beside training, best checkpoints, modes."""
 
 import json
 import os

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tapekit import distribute as distribute_lib
+from tapekit.run import distribute as distribute_lib
 from tapekit.input import run_input
 from tapekit.checkpoint.checkpointing import Checkpointer
 from tapekit.errors import TapekitError

@@ -1,12 +1,12 @@
-"""`tapekit.runner`: the narrow interface between the controller and the engine."""
+"""`tapekit.run.runner`: the narrow interface between the controller and the engine."""
 
 import inspect
 
 import numpy as np
 
-from tapekit import runner
+from tapekit.run import runner
 from tapekit.trainers import RegressionTrainer
-from tapekit.engine import Engine
+from tapekit.run.engine import Engine
 
 
 def test_the_engine_implements_the_runner_interface_as_declared():

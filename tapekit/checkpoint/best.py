@@ -3,7 +3,7 @@
 import os
 from typing import Optional
 
-from tapekit import distribute
+from tapekit.run import distribute
 from tapekit.callbacks import KeepBest, evaluation_metric
 from tapekit.checkpoint.checkpointing import Checkpointer
 from tapekit.errors import TapekitError

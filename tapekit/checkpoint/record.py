@@ -58,7 +58,7 @@ def make_record(trainer_class: type, arguments: Dict[str, Any], settings: Dict[s
     import keras
     import tensorflow as tf
     import tapekit
-    from tapekit import distribute
+    from tapekit.run import distribute
     try:
         devices = [str(d) for d in strategy.extended.worker_devices]
     except RuntimeError:  # the default strategy: TensorFlow's default device

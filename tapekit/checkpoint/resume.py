@@ -12,7 +12,7 @@ from absl import logging
 
 from tapekit.checkpoint import checkpointing
 from tapekit import compat
-from tapekit import distribute
+from tapekit.run import distribute
 from tapekit.input import run_input
 from tapekit import options as options_lib
 from tapekit.checkpoint import record as record_lib

@@ -29,7 +29,7 @@ from tapekit.compiled import means
 from tapekit.compiled import tracing
 from tapekit.compiled import xla
 from tapekit.errors import TapekitError
-from tapekit.runner import LoopResult
+from tapekit.run.runner import LoopResult
 
 NO_BAD_STEP = tf.int64.max
 # Below this many steps per epoch, in-memory input checks its epoch at every step rather

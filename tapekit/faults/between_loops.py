@@ -2,7 +2,7 @@
 
 A stop request (SIGTERM, Ctrl-C) during a loop sets a `StopFlag` the loop reads each step.
 
-Called by the controller (`tapekit.controller`) when a callback, a user hook it calls
+Called by the controller (`tapekit.run.controller`) when a callback, a user hook it calls
 (`sample_images`), an evaluation or an export raises after a loop completed. A failed write
 (a full disk, a lost permission, a vanished file system: `tapekit.errors.write_failure`)
 stops the job with one line naming the cause, the path and the last intact checkpoint, and
@@ -12,7 +12,7 @@ so that the work is not lost, then stops with the error's own line (naming the u
 
 import tensorflow as tf
 
-from tapekit import distribute
+from tapekit.run import distribute
 from tapekit.compiled.build import user_frame
 from tapekit.errors import TapekitError, WriteFailed, summarize, user_message, write_failure
 
@@ -56,7 +56,7 @@ def _save(engine, step: int) -> str:
 
 class StopFlag:
     """A stop request for the running compiled loop: set by the signal watcher
-    (`tapekit.controller`), read by the loop once per step (`CompiledLoop.stop_flag`).
+    (`tapekit.run.controller`), read by the loop once per step (`CompiledLoop.stop_flag`).
     None on several workers, which instead agree between loops (`Runner.any_worker`), as
     they must all stop at the same step."""
 

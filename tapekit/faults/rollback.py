@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tapekit import distribute
+from tapekit.run import distribute
 from tapekit import options as options_lib
 from tapekit.checkpoint import record as record_lib
 from tapekit.checkpoint import state as state_lib

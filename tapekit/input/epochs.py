@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from tapekit.input import run_input
 from tapekit.errors import TapekitError
-from tapekit.runner import LoopResult
+from tapekit.run.runner import LoopResult
 
 
 class EpochPasses:

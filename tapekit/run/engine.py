@@ -4,7 +4,7 @@ A `Trainer` (the user's contract) holds one `Engine` and nothing else of tapekit
 engine owns the run's state — the strategy, the global step, the random generator, the
 optimizers' updaters (`tapekit.compiled.updates.Updaters`), the compiled training and evaluation
 loops (`tapekit.compiled.loop`), the input (`tapekit.input.run_input`) and the checkpointer — and offers the
-outer loop (`tapekit.controller.Controller`) the narrow interface of `tapekit.runner.Runner`.
+outer loop (`tapekit.run.controller.Controller`) the narrow interface of `tapekit.run.runner.Runner`.
 Starting where a run left off is `tapekit.checkpoint.resume`; MODEL_DIR/best/ is `tapekit.checkpoint.best`.
 Everything here runs eagerly, on every worker.
 
@@ -26,8 +26,8 @@ from tapekit.checkpoint import best
 from tapekit.compiled import build as build_lib
 from tapekit.checkpoint import checkpointing
 from tapekit import compat
-from tapekit import controller as controller_lib
-from tapekit import distribute
+from tapekit.run import controller as controller_lib
+from tapekit.run import distribute
 from tapekit.input import epochs as epochs_lib
 from tapekit.faults import between_loops
 from tapekit.input import run_input
@@ -42,7 +42,7 @@ from tapekit.checkpoint.checkpointing import Checkpointer
 from tapekit.errors import TapekitError, user_message
 from tapekit.compiled.loop import CompiledLoop, LoopPlan
 from tapekit.namespace import check_namespace
-from tapekit.runner import LoopResult, RunStatus
+from tapekit.run.runner import LoopResult, RunStatus
 
 
 class Engine:

@@ -5,7 +5,7 @@ graph) in the spirit of Orbit's controller: this object decides loop lengths, ti
 them, stops on a non-finite loop before anything records or saves it, evaluates on
 schedule, reacts to SIGTERM, Ctrl-C and to input that runs out, and hands each loop's
 metrics to the callbacks (logging, metrics file, TensorBoard, checkpoints). It drives a
-`tapekit.runner.Runner` (the engine) and nothing else, eagerly, once per loop; it imports
+`tapekit.run.runner.Runner` (the engine) and nothing else, eagerly, once per loop; it imports
 no TensorFlow until it profiles.
 """
 
@@ -22,7 +22,7 @@ from absl import logging
 from tapekit import callbacks as callbacks_lib
 from tapekit.callbacks import Callback
 from tapekit.errors import TapekitError
-from tapekit.runner import LoopResult, Runner
+from tapekit.run.runner import LoopResult, Runner
 
 
 def default_callbacks(runner: Runner, options, train_steps: Optional[int],
@@ -66,7 +66,7 @@ class Controller:
     """Drives `runner`'s compiled training loop until its global step reaches `train_steps`.
 
     Args:
-      runner: the engine (`tapekit.runner.Runner`).
+      runner: the engine (`tapekit.run.runner.Runner`).
       callbacks: called after each loop, in order; they are given `trainer`.
       trainer: what callbacks see as `self.trainer` (the user's trainer).
       eval_every_steps: evaluate after each loop that passes a multiple of this, and at the

@@ -1,7 +1,7 @@
 """What the outer loop drives: the narrow interface between `Controller` and the engine.
 
-The controller (`tapekit.controller`) decides how long to train, when to evaluate and what
-happens between loops; it needs only what `Runner` lists. `tapekit.engine.Engine` is the
+The controller (`tapekit.run.controller`) decides how long to train, when to evaluate and what
+happens between loops; it needs only what `Runner` lists. `tapekit.run.engine.Engine` is the
 real one (TensorFlow, strategies, compiled loops); tests drive the controller with a fake
 one in plain Python. Nothing here imports TensorFlow.
 """
