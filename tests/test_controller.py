@@ -238,7 +238,7 @@ class FakeCheckpointer:
 
 def test_checkpoints_by_steps_by_time_and_at_the_end(monkeypatch):
     clock = [0.0]
-    monkeypatch.setattr(callbacks_lib.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(callbacks_lib.save_checkpoints.time, "monotonic", lambda: clock[0])
     checkpointer, votes = FakeCheckpointer(), []
 
     def vote(overdue):
