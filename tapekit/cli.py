@@ -20,7 +20,7 @@ from tapekit.run import controller
 from tapekit.run import distribute
 from tapekit import options as options_lib
 from tapekit.checkpoint import record
-from tapekit.errors import EXIT_ERROR, EXIT_WRITE_FAILED, TapekitError, user_message
+from tapekit.errors import EXIT_ERROR, EXIT_WRITE_FAILED, TapekitError, is_user_code, user_message
 from tapekit.checkpoint.export import check_export_dir
 from tapekit.trainer import Trainer
 
@@ -313,8 +313,6 @@ def post_mortem(error: BaseException) -> None:
     the innermost frame of user code."""
     import pdb
 
-    from tapekit.compiled import build
-
     while isinstance(error, TapekitError) and error.__context__ is not None:
         error = error.__context__
 
@@ -322,7 +320,7 @@ def post_mortem(error: BaseException) -> None:
         def setup(self, frame, traceback):
             result = super().setup(frame, traceback)
             for index in range(len(self.stack) - 1, -1, -1):
-                if build.is_user_code(self.stack[index][0].f_code.co_filename):
+                if is_user_code(self.stack[index][0].f_code.co_filename):
                     self.curindex = index
                     self.curframe = self.stack[index][0]
                     self.curframe_locals = self.curframe.f_locals

@@ -1,9 +1,16 @@
-"""The one exception type tapekit raises for mistakes a user can fix, and message helpers."""
+"""The one exception type tapekit raises for mistakes a user can fix, and errors for people:
+one line that names the user's own line of code (never a tapekit frame) and what to do.
+
+Imports no TensorFlow (the command line and the controller use it without).
+"""
 
 import errno
+import functools
 import os
 import re
-from typing import Optional
+import threading
+import traceback
+from typing import Optional, Tuple
 
 # Exit codes of the command line (BUILD.md, "Faults and what tapekit does"): 0 done or
 # preempted (requeue resumes), 1 a crash (a Python traceback), 2 a TapekitError,
@@ -93,3 +100,88 @@ def summarize(error: BaseException) -> str:
     useful = [line for line in lines if line and not line.startswith(
         ("Exception encountered when calling", "Arguments received by", "•"))]
     return useful[0] if useful else type(error).__name__
+
+
+def describe_spec(spec) -> str:
+    """'(float32[100, 5], float32[100, 1])' for a structure of TensorSpecs."""
+    import tensorflow as tf
+    def one(s):
+        shape = getattr(s, "shape", None)
+        dtype = getattr(getattr(s, "dtype", None), "name", "?")
+        return f"{dtype}{list(shape) if shape is not None and shape.rank is not None else '[?]'}"
+    parts = [one(s) for s in tf.nest.flatten(spec)]
+    return parts[0] if len(parts) == 1 else "(" + ", ".join(parts) + ")"
+
+
+# ------------------------------------------------------------------ the user's code
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)[^\n]*\n\s*(.*)')
+# A layer refusing its input, or an op refusing the dtype it was fed: the data's fault.
+_DATA_ERRORS = re.compile(
+    r"is incompatible with the layer|expected axis .* of input shape|expected shape=|"
+    r"found shape=|DataType \w+ not in list of allowed values|Cannot convert .* to EagerTensor"
+    r"|could not convert string|expected [\w ]*dtype|incompatible with the expected dtype")
+
+
+@functools.lru_cache(maxsize=1)
+def _framework_dirs() -> Tuple[str, ...]:
+    """TensorFlow, Keras, absl, the standard library, and tapekit's whole package (every
+    subpackage, judged from its root: this file's folder) and its models."""
+    import absl
+    import keras
+    import tensorflow as tf
+
+    from tapekit import models
+    dirs = [os.path.dirname(module.__file__) for module in (tf, keras, absl, threading, models)]
+    dirs.append(os.path.dirname(os.path.abspath(__file__)))  # tapekit/, with its subpackages
+    return tuple(os.path.realpath(d) + os.sep for d in dirs)
+
+
+def user_frame(error: BaseException) -> Optional[str]:
+    """'path/to/file.py:42 (`code`)' for the innermost line of user code behind `error`:
+    from AutoGraph's "in user code" trace (listed outermost first) when there is one, else
+    from the traceback."""
+    traced = [(m.group(1), int(m.group(2)), m.group(4).strip()) for m in _FRAME.finditer(str(error))]
+    raised = [(f.filename, f.lineno, (f.line or "").strip())
+              for f in traceback.extract_tb(error.__traceback__)]
+    for frames in (traced, raised):
+        mine = [frame for frame in frames if is_user_code(frame[0])]
+        if mine:
+            path, line, code = mine[-1]
+            relative = os.path.relpath(path)
+            shown = path if relative.startswith("..") else relative
+            return f"{shown}:{line}" + (f" (`{code}`)" if code else "")
+    return None
+
+
+def calling_user_frame() -> Optional[str]:
+    """'path/to/file.py:42 (`code`)' for the innermost line of user code calling tapekit now
+    (None inside AutoGraph's generated code, whose lines are not the user's)."""
+    frames = [frame for frame in traceback.extract_stack() if is_user_code(frame.filename)]
+    if not frames:
+        return None
+    frame = frames[-1]
+    relative = os.path.relpath(frame.filename)
+    shown = frame.filename if relative.startswith("..") else relative
+    return f"{shown}:{frame.lineno}" + (f" (`{frame.line.strip()}`)" if frame.line else "")
+
+
+def is_user_code(path: str) -> bool:
+    return not (path.startswith("<") or os.path.basename(path).startswith("__autograph_generated")
+                or os.path.realpath(path).startswith(_framework_dirs()))
+
+
+def blames_data(error: BaseException) -> bool:
+    """Whether the original message (not Keras' echo of the arguments) is an input error."""
+    return bool(_DATA_ERRORS.search(summarize(error)))
+
+
+_EAGER_ONLY = re.compile(r"object has no attribute 'numpy'|as a Python `bool` is not allowed|"
+                         r"iterating over `tf.Tensor` is not allowed|"
+                         r"Cannot convert a symbolic tf.Tensor|__array__\(\) on a symbolic")
+
+
+def needs_eager(error: BaseException) -> bool:
+    """Whether `error` is the classic compiled-mode mistake: a tensor's value (`.numpy()`,
+    NumPy on a tensor) or a Python `if`/`for` on one, in code AutoGraph does not convert."""
+    return bool(_EAGER_ONLY.search(str(error)))

@@ -32,10 +32,18 @@ PRIVATE = {
 
 
 def package_sources():
+    """Every module of tapekit (its subpackages too), models/ and trainers/, but compat.py."""
     for folder in ("tapekit", "models", "trainers"):
-        for path in sorted(glob.glob(os.path.join(REPO, folder, "*.py"))):
-            if os.path.basename(path) != "compat.py":
+        for path in sorted(glob.glob(os.path.join(REPO, folder, "**", "*.py"), recursive=True)):
+            if os.path.relpath(path, REPO) != os.path.join("tapekit", "compat.py"):
                 yield path
+
+
+def test_the_scan_walks_every_subpackage():
+    scanned = {os.path.relpath(os.path.dirname(path), REPO) for path in package_sources()}
+    subpackages = {os.path.relpath(os.path.dirname(path), REPO)
+                   for path in glob.glob(os.path.join(REPO, "tapekit", "*", "__init__.py"))}
+    assert subpackages and subpackages <= scanned
 
 
 def code_lines(path):

@@ -69,13 +69,13 @@ class _NoArrays:
 
 
 def test_in_memory_examples_are_copied_to_the_devices_once_per_set_of_arrays():
-    run_input = run_input.RunInput(STRATEGY, _NoArrays(), lambda: 4, 0)
+    source = run_input.RunInput(STRATEGY, _NoArrays(), lambda: 4, 0)
     x, y = np.zeros([8, 2], np.float32), np.ones([8, 1], np.float32)
-    first = run_input.in_memory_examples((x, y))
-    assert run_input.in_memory_examples((x, y)) is first
-    assert run_input.in_memory_examples((x, y.copy())) is not first
-    assert run_input.in_memory_examples(tf.data.Dataset.range(4)) is None  # not arrays
-    assert run_input.in_memory_examples(None) is None  # and train_arrays() gives none
+    first = source.in_memory_examples((x, y))
+    assert source.in_memory_examples((x, y)) is first
+    assert source.in_memory_examples((x, y.copy())) is not first
+    assert source.in_memory_examples(tf.data.Dataset.range(4)) is None  # not arrays
+    assert source.in_memory_examples(None) is None  # and train_arrays() gives none
 
 
 def _checkpoint_at(tmp_path, step, iterator=None):

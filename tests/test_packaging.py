@@ -41,6 +41,10 @@ def test_wheel_maps_models_and_trainers_under_tapekit(tmp_path):
     top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top_level == {"tapekit"}
     assert "tapekit/models/mlp.py" in names and "tapekit/trainers/main.py" in names
+    sources = {os.path.relpath(os.path.join(folder, name), REPO)
+               for folder, _, found in os.walk(os.path.join(REPO, "tapekit"))
+               for name in found if name.endswith(".py")}
+    assert len(sources) > 30 and sources <= set(names), sorted(sources - set(names))  # every subpackage
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "tapekit-train = tapekit.trainers.main:run" in zipfile.ZipFile(
         tmp_path / "dist" / wheel).read(entry_points).decode()

@@ -16,7 +16,7 @@ import keras
 import tensorflow as tf
 
 from tapekit.errors import TapekitError, summarize
-from tapekit.compiled.build import describe_spec
+from tapekit.errors import describe_spec
 
 ENDPOINT = "serve"
 

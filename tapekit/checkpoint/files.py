@@ -38,7 +38,7 @@ def open_for_writing(path: str, append: bool = False, binary: bool = False):
     flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC) | os.O_NOFOLLOW
     try:
         descriptor = os.open(path, flags, 0o666)
-    except OSError as error:
+    except OSError:
         if os.path.islink(path):
             raise TapekitError(f"{path} is a symbolic link; tapekit never writes through one. "
                                "Remove it.") from None

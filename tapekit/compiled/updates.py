@@ -41,6 +41,7 @@ import tensorflow as tf
 from tapekit.compiled import build
 from tapekit import compat
 from tapekit.compiled import tracing
+from tapekit import errors
 from tapekit.errors import TapekitError
 from tapekit.compiled.precision import DynamicLossScale
 
@@ -346,7 +347,7 @@ class Updaters:
         held = models_or_variables if isinstance(models_or_variables, (list, tuple)) else [
             models_or_variables]
         names = [f"self.{name}" for name in map(self._attribute_name, held) if name]
-        where = build.calling_user_frame()
+        where = errors.calling_user_frame()
         return ((f" of {', '.join(names)}" if names else "")
                 + (f" (in apply_gradients at {where})" if where else ""))
 

@@ -24,14 +24,13 @@ float operations). What a step cannot do here, it is told before step 1 in one l
 """
 
 import dataclasses
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Tuple
 
 import keras
 import tensorflow as tf
 
-from tapekit.compiled import build
 from tapekit import compat
-from tapekit.errors import TapekitError
+from tapekit.errors import TapekitError, user_frame
 
 # Ops that read a variable's shape, not its value: they do not see an update.
 _NOT_READS = ("VariableShape",)
@@ -120,7 +119,7 @@ class SplitStep:
         except RuntimeError as error:
             if "merge_call" not in str(error):
                 raise
-            where = build.user_frame(error)
+            where = user_frame(error)
             raise TapekitError(
                 f"with jit_compile on several replicas the step's forward and backward pass "
                 f"are compiled with XLA, and something in it needs all replicas at once (a "

@@ -13,7 +13,7 @@ so that the work is not lost, then stops with the error's own line (naming the u
 import tensorflow as tf
 
 from tapekit.run import distribute
-from tapekit.compiled.build import user_frame
+from tapekit.errors import user_frame
 from tapekit.errors import TapekitError, WriteFailed, summarize, user_message, write_failure
 
 

@@ -14,7 +14,7 @@ from typing import Optional
 
 import tensorflow as tf
 
-from tapekit.input import run_input
+from tapekit.input.run_input import read_and_drop
 from tapekit.errors import TapekitError
 from tapekit.run.runner import LoopResult
 
@@ -77,7 +77,7 @@ class EpochPasses:
             return min(steps, in_memory.steps_per_epoch - (step - int(self.start_step.numpy())))
         if self._iterator is None:
             self._iterator = self._pass(run_input, self._source, self.epochs_done, 0)
-        return run_input.read_and_drop(self._iterator, steps)
+        return read_and_drop(self._iterator, steps)
 
     def run_loop(self, call_loop, loop, run_input, num_steps: int, step: int,
                  stopped=lambda: False):
