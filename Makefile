@@ -52,7 +52,7 @@ test-oldest: $(OLDEST_STAMP)
 	$(OLDEST_VENV)/bin/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench.py --readme README.md
+	$(PY) benchmarks/bench.py --readme benchmarks/README.md
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/bench.py --quick --json benchmarks/results-quick.json

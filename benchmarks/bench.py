@@ -1,7 +1,7 @@
 """Side-by-side speed of tapekit and the other ways to write the same training loop.
 
-    .venv/bin/python benchmarks/bench.py [--quick] [--json benchmarks/results.json] [--readme README.md]
-    make bench            # the full run; rewrites benchmarks/results.json and README's table
+    .venv/bin/python benchmarks/bench.py [--quick] [--json benchmarks/results.json] [--readme benchmarks/README.md]
+    make bench            # the full run; rewrites benchmarks/results.json and benchmarks/README.md's tables
 
 For each workload, in ONE process, every approach below trains the same model on the same
 data with the same batch size; each is timed by its marginal cost per step (time for
@@ -860,7 +860,8 @@ def _latest_merges(merges):
 
 
 def readme_section(report) -> str:
-    """The README's performance table, ratios, targets and start-up times, from one report."""
+    """benchmarks/README.md's block: the performance table, ratios, targets and side tables
+    (checkpoint stall, XLA by replicas, build time, start-up), from one report."""
     lines = [README_START,
              f"One run of `make bench` on {report['machine']}; TensorFlow {report['tensorflow']}, "
              f"Keras {report['keras']}; {report['repeats']} interleaved repeats, medians"
@@ -968,7 +969,8 @@ def main(argv=None):
     parser.add_argument("--workloads", default=None,
                         help="comma-separated prefixes of workload names to run")
     parser.add_argument("--readme", default=None,
-                        help="rewrite this README's block between the bench markers")
+                        help="rewrite the block between the bench markers in this file "
+                             "(make bench: benchmarks/README.md)")
     parser.add_argument("--startup_repeats", type=int, default=None,
                         help="start-up runs per command (default 5; 0 in --quick mode)")
     parser.add_argument("--processes", type=int, default=None,
