@@ -66,7 +66,7 @@ def test_the_python_blocks_run_as_written(page, tmp_path, monkeypatch):
     for language, line, code in fenced_blocks(read(page)):
         if language != "python":
             continue
-        code = code.replace('"/tmp/', f'"{tmp_path}/')
+        code = code.replace('"/tmp/', f'"{tmp_path}/').replace("'/tmp/", f"'{tmp_path}/")
         # Padded so that a traceback names the Markdown file's own line.
         block = compile("\n" * (line - 1) + code, os.path.join(REPO, page), "exec")
         exec(block, namespace)  # noqa: S102 (running the docs' own code is the point)
@@ -128,6 +128,22 @@ def test_every_flag_the_docs_name_exists():
 
 
 # ------------------------------------------------------------------ links, names and paths
+
+def test_the_architecture_in_build_md_names_every_module():
+    """Each module of tapekit/ is named in its folder's row of BUILD.md's table."""
+    rows = {match.group(1): match.group(0) for match in re.finditer(
+        r"^\| `(tapekit/(?:\w+/|\*\.py))` \|.*$", read("BUILD.md"), re.MULTILINE)}
+    unnamed = []
+    for path in sorted(glob.glob(os.path.join(REPO, "tapekit", "**", "*.py"), recursive=True)):
+        relative = os.path.relpath(path, REPO)
+        folder, name = os.path.split(relative)
+        if name == "__init__.py":
+            continue
+        row = rows.get(folder + "/" if folder != "tapekit" else "tapekit/*.py", "")
+        if f"`{name}`" not in row:
+            unnamed.append(relative)
+    assert not unnamed, f"BUILD.md's architecture table does not name: {', '.join(unnamed)}"
+
 
 def heading_anchors(text: str) -> set:
     """GitHub's anchors for the page's headings."""
