@@ -5,7 +5,7 @@
 1. The seed's example 2 (the sigmoid MLP, Adam, batch 100, in memory) trained with
    nan_policy=stop and with nan_policy=rollback (rollback_from=memory) in one process, loops
    of 100 steps (the default), interleaved after a warm-up: median µs per step and the ratio.
-2. The copy alone (`tapekit.faults.rollback.StateCopy.keep`) for 10, 100 and 300 MB of float32
+2. The copy alone (`tapekit.faults.good_state.StateCopy.keep`) for 10, 100 and 300 MB of float32
    variables: median ms per copy, what a loop pays at that state size.
 A noisy 2-core machine: compare within one run.
 """
@@ -19,7 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402
 
-from tapekit.faults.rollback import StateCopy  # noqa: E402
+from tapekit.faults.good_state import StateCopy  # noqa: E402
 from tapekit.trainers.regression import RegressionTrainer  # noqa: E402
 
 STEPS_PER_LOOP = 100

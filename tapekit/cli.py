@@ -16,7 +16,7 @@ import tensorflow as tf
 from absl import app, flags, logging
 
 from tapekit.callbacks import EarlyStopping
-from tapekit.run import controller
+from tapekit.faults import stop
 from tapekit.run import distribute
 from tapekit import options as options_lib
 from tapekit.checkpoint import record
@@ -221,7 +221,6 @@ def _train(program: str, trainer_class: Type[Trainer], own_flags: List[str], arg
         # The debugger is most use where the step runs as Python, with values.
         eager = {"run_eagerly": True} if FLAGS.pdb_post_mortem else {}
         trainer = trainer_class(**trainer_kwargs(own_flags, **eager))
-        controller.kill_on_second_interrupt()
         fit_arguments = {name: FLAGS[name].value
                          for name in options_lib.names(options_lib.FIT_OPTIONS)}
         if fit_arguments["train_epochs"] and not FLAGS["train_steps"].present:
@@ -231,7 +230,8 @@ def _train(program: str, trainer_class: Type[Trainer], own_flags: List[str], arg
             fit_arguments["eval_every_steps"] = (FLAGS.checkpoint_every_steps
                                                  or FLAGS.steps_per_loop)
         try:
-            with record.command_line(command, flags_text(own_flags), FLAGS.mode):
+            with record.command_line(command, flags_text(own_flags), FLAGS.mode), \
+                    stop.second_interrupt_kills():
                 trainer.fit(callbacks=callbacks, **fit_arguments)
         except KeyboardInterrupt:  # Ctrl-C: the loop finished and was saved (and logged)
             sys.exit(130)

@@ -1,9 +1,9 @@
 """The outer loop (`tapekit.run.controller`) on a fake engine: plain Python, no TensorFlow.
 
-The fake runner reports scripted `LoopResult`s; these tests check loop lengths, the
-evaluation cadence, stopping (callbacks, data running out, SIGTERM, Ctrl-C, another
-worker's vote), the non-finite stop before anything records a loop, and the order of
-tapekit's default callbacks.
+The fake runner (`tests/fake_runner.py`) reports scripted `LoopResult`s; these tests check
+loop lengths, the evaluation cadence, stopping (callbacks, data running out, SIGTERM,
+Ctrl-C, another worker's vote), the non-finite stop before anything records a loop, and
+the order of tapekit's default callbacks. Fault policies and epochs: test_fault_hooks.py.
 """
 
 import json
@@ -20,54 +20,12 @@ from tapekit import callbacks as callbacks_lib
 from tapekit.run import controller as controller_lib
 from tapekit.run.controller import Controller
 from tapekit.errors import TapekitError
-from tapekit.run.runner import LoopResult, RunStatus
+from tapekit.run.runner import LoopResult
 
+from fake_runner import FakeRunner
 from helpers import TESTS
 
 REPO = os.path.dirname(TESTS)
-
-
-class FakeRunner:
-    """A `tapekit.run.runner.Runner` whose loops add steps and report loss = 1 / step.
-
-    `script(loop_index, num_steps)` may return a LoopResult to report instead, or call
-    anything (e.g. send a signal) while "the loop runs".
-    """
-
-    def __init__(self, step=0, script=None, latest="ckpt-dir/ckpt-0", votes=None):
-        self.status = RunStatus()
-        self.step = step
-        self.script = script
-        self.latest = latest
-        self.votes = votes or (lambda flag, step: flag)
-        self.loops, self.evaluations = [], []
-
-    @property
-    def current_step(self):
-        return self.step
-
-    @property
-    def examples_per_step(self):
-        return 10
-
-    @property
-    def latest_checkpoint(self):
-        return self.latest
-
-    def run_train_loop(self, num_steps):
-        self.loops.append(num_steps)
-        result = self.script(len(self.loops) - 1, num_steps) if self.script else None
-        if result is None:
-            result = LoopResult({"loss": 1.0 / (self.step + num_steps)}, num_steps, 0, None, None)
-        self.step += result.steps_run
-        return result
-
-    def evaluate(self, steps):
-        self.evaluations.append((self.step, steps))
-        return {"loss": 0.5}
-
-    def any_worker(self, flag):
-        return self.votes(flag, self.step)
 
 
 class FakeTrainer:
@@ -181,7 +139,8 @@ def test_a_signal_during_a_loop_stops_after_it_without_evaluating(signum, flag):
     script = textwrap.dedent(f"""
         import json, os, signal, sys
         sys.path.insert(0, {TESTS!r})
-        from test_controller import FakeRunner, Recorder, controller
+        from fake_runner import FakeRunner
+        from test_controller import Recorder, controller
         previous = signal.getsignal({int(signum)})
 
         def signal_in_second(index, num_steps):
@@ -193,7 +152,7 @@ def test_a_signal_during_a_loop_stops_after_it_without_evaluating(signum, flag):
         controller(runner, [recorder], eval_every_steps=20).train(100, 10)
         print(json.dumps({{"loops": runner.loops, "evaluations": runner.evaluations,
                           "flag": runner.status.{flag}, "stop": runner.status.stop_training,
-                          "last_call": recorder.calls[-1],
+                          "last_call": recorder.calls[-1], "requests": runner.stop_requests,
                           "handler_put_back": signal.getsignal({int(signum)}) is previous}}))
     """)
     env = {**os.environ, "PYTHONPATH": REPO}
@@ -202,6 +161,7 @@ def test_a_signal_during_a_loop_stops_after_it_without_evaluating(signum, flag):
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout) == {"loops": [10, 10], "evaluations": [], "flag": True,
                                          "stop": True, "last_call": ["end", 20],
+                                         "requests": [True],  # the loop was asked to stop
                                          "handler_put_back": True}
     assert f"{flag} at step 20, checkpoint run/checkpoints/ckpt-20 saved" in result.stderr
 
@@ -273,7 +233,8 @@ def test_the_controller_and_callbacks_import_and_run_without_tensorflow():
         sys.modules["tensorflow"] = None  # any import of TensorFlow now fails
         sys.modules["keras"] = None
         sys.path.insert(0, {TESTS!r})
-        from test_controller import FakeRunner, Recorder, controller
+        from fake_runner import FakeRunner
+        from test_controller import Recorder, controller
         recorder = Recorder()
         history = controller(FakeRunner(), [recorder], eval_every_steps=20).train(40, 10)
         print(len(history), recorder.calls[-1])

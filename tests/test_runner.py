@@ -3,20 +3,25 @@
 import inspect
 
 import numpy as np
+import pytest
 
 from tapekit.run import runner
 from tapekit.trainers import RegressionTrainer
 from tapekit.run.engine import Engine
 
+from fake_runner import FakeRunner
 
-def test_the_engine_implements_the_runner_interface_as_declared():
+
+@pytest.mark.parametrize("implementation", [Engine, FakeRunner], ids=["Engine", "FakeRunner"])
+def test_the_engine_and_the_fake_implement_the_whole_runner_protocol(implementation):
     members = {name: member for name, member in vars(runner.Runner).items()
                if not name.startswith("_")}
-    assert sorted(members) == ["any_worker", "current_step", "epochs_done", "evaluate",
-                               "examples_per_step", "latest_checkpoint", "request_stop",
-                               "run_train_loop", "stopped_by"]
+    assert sorted(members) == [
+        "any_worker", "current_step", "epochs_done", "evaluate", "examples_per_step",
+        "keep_good_state", "latest_checkpoint", "record_skipped", "reposition_input",
+        "request_stop", "restore_good_state", "run_train_loop", "skip_steps", "stopped_by"]
     for name, member in members.items():
-        real = getattr(Engine, name)
+        real = getattr(implementation, name)
         assert isinstance(real, property) == isinstance(member, property), name
         if not isinstance(member, property):
             declared = list(inspect.signature(member).parameters)

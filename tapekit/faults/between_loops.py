@@ -1,7 +1,5 @@
 """Faults a running job meets between loops and inside one, and how it leaves the run.
 
-A stop request (SIGTERM, Ctrl-C) during a loop sets a `StopFlag` the loop reads each step.
-
 Called by the controller (`tapekit.run.controller`) when a callback, a user hook it calls
 (`sample_images`), an evaluation or an export raises after a loop completed. A failed write
 (a full disk, a lost permission, a vanished file system: `tapekit.errors.write_failure`)
@@ -10,8 +8,7 @@ touches nothing saved. Anything else first saves a checkpoint of the last comple
 so that the work is not lost, then stops with the error's own line (naming the user's code).
 """
 
-import tensorflow as tf
-
+from tapekit.checkpoint import checkpointing
 from tapekit.run import distribute
 from tapekit.errors import user_frame
 from tapekit.errors import TapekitError, WriteFailed, summarize, user_message, write_failure
@@ -44,7 +41,7 @@ def _save(engine, step: int) -> str:
     if distribute.is_multi_worker(engine.strategy):  # the others would wait for it forever
         return f"not saved on one worker alone; the last checkpoint is {engine.latest_checkpoint}"
     latest = engine.latest_checkpoint
-    if latest and latest.rsplit("-", 1)[-1] == str(step):
+    if latest and checkpointing.step_of(latest) == step:
         return f"its checkpoint {latest} was saved"
     try:
         checkpointer.save(step)
@@ -52,23 +49,3 @@ def _save(engine, step: int) -> str:
     except Exception as failure:  # a write failing too: say so, do not hide the first error
         return f"saving its checkpoint failed too ({type(failure).__name__}: {summarize(failure)})"
     return f"saved checkpoint {engine.latest_checkpoint} of that loop first"
-
-
-class StopFlag:
-    """A stop request for the running compiled loop: set by the signal watcher
-    (`tapekit.run.controller`), read by the loop once per step (`CompiledLoop.stop_flag`).
-    None on several workers, which instead agree between loops (`Runner.any_worker`), as
-    they must all stop at the same step."""
-
-    def __init__(self, strategy: tf.distribute.Strategy):
-        self.variable = None
-        if not distribute.is_multi_worker(strategy):
-            with tf.device("/CPU:0"):  # read by the loop's condition on the host, every step
-                self.variable = tf.Variable(False, trainable=False, name="stop_requested")
-
-    def request(self, requested: bool = True) -> None:
-        if self.variable is not None:
-            self.variable.assign(requested)
-
-    def requested(self) -> bool:
-        return self.variable is not None and bool(self.variable.numpy())

@@ -1,27 +1,29 @@
 """The outer loop: how long to train and what happens between compiled loops.
 
-Separate from the inner loop (`tapekit.compiled.loop.CompiledLoop`, what one call runs in the
-graph) in the spirit of Orbit's controller: this object decides loop lengths, times
-them, stops on a non-finite loop before anything records or saves it, evaluates on
-schedule, reacts to SIGTERM, Ctrl-C and to input that runs out, and hands each loop's
-metrics to the callbacks (logging, metrics file, TensorBoard, checkpoints). It drives a
-`tapekit.run.runner.Runner` (the engine) and nothing else, eagerly, once per loop; it imports
-no TensorFlow until it profiles.
+Separate from the inner loop (`tapekit.compiled.loop.CompiledLoop`, what one call runs in
+the graph) in the spirit of Orbit's controller: this object decides loop lengths, times
+them, evaluates on schedule, stops on a request (SIGTERM, Ctrl-C, a callback) or when the
+input runs out, and hands each loop's metrics to the callbacks (logging, metrics file,
+TensorBoard, checkpoints). What goes wrong is not its business: fault policies (skipped
+steps and rollbacks, the non-finite check) and the profiler are `LoopHook`s it calls
+around each loop. It drives a `tapekit.run.runner.Runner` (the engine) and nothing else,
+eagerly, once per loop; it imports no TensorFlow.
 """
 
 import contextlib
 import os
-import signal
 import sys
-import threading
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
 
 from tapekit import callbacks as callbacks_lib
 from tapekit.callbacks import Callback
-from tapekit.errors import TapekitError
+from tapekit.faults.nonfinite import NonFiniteCheck
+from tapekit.faults.stop import StopSignals
+from tapekit.run.hooks import LoopHook
+from tapekit.run.profiler import Profiler
 from tapekit.run.runner import LoopResult, Runner
 
 
@@ -73,23 +75,26 @@ class Controller:
         end; None: never.
       eval_steps: steps per evaluation; None: the evaluation data to its end.
       nan_policy: "stop" raises at the end of a loop that saw a non-finite metric, before
-        any callback records or saves it; "skip_step" (the steps were skipped) warns.
+        any callback records or saves it; "skip_step" (the steps were skipped) warns
+        (`tapekit.faults.nonfinite`).
       profile_steps, profile_dir: record a profiler trace of global steps START..END.
-      rollback: with skipped steps or nan_policy="rollback", the `tapekit.faults.rollback.Rollback`
-        that skips them, and rolls a bad loop back (before anything records or saves it).
+      rollback: with skipped steps or nan_policy="rollback", the
+        `tapekit.faults.rollback.Rollback` that skips them, and rolls a bad loop back
+        (before anything records or saves it).
     """
 
     def __init__(self, runner: Runner, callbacks: Sequence[Callback] = (), trainer=None,
                  eval_every_steps: Optional[int] = None, eval_steps: Optional[int] = None,
                  nan_policy: str = "stop", profile_steps: Optional[Tuple[int, int]] = None,
-                 profile_dir: Optional[str] = None, rollback=None):
+                 profile_dir: Optional[str] = None, rollback: Optional[LoopHook] = None):
         self.runner = runner
-        self.rollback = rollback  # a tapekit.faults.rollback.Rollback: skipped steps, rollbacks
         self.callbacks = list(callbacks)
         self.eval_every_steps = eval_every_steps
         self.eval_steps = eval_steps
-        self.nan_policy = nan_policy
-        self.profiler = _Profiler(profile_steps, profile_dir) if profile_steps else None
+        # In the order they act on a loop: undo it, then judge what is kept.
+        self.hooks: List[LoopHook] = [hook for hook in (
+            rollback, NonFiniteCheck(nan_policy, lambda: runner.latest_checkpoint),
+            Profiler(profile_steps, profile_dir) if profile_steps else None) if hook is not None]
         for callback in self.callbacks:
             callback.set_trainer(trainer)
 
@@ -111,115 +116,135 @@ class Controller:
         follows each `eval_every_epochs`-th epoch.
         """
         runner, status = self.runner, self.runner.status
-        step = runner.current_step
+        self._goal = (train_steps, train_epochs, eval_every_epochs)
+        step, history, logs = runner.current_step, [], None
         status.stop_training = status.preempted = status.interrupted = False
-        history: List[Dict[str, float]] = []
-        for callback in self.callbacks:
-            callback.on_train_begin(step)
-        logs = None
-        with _StopSignals(getattr(runner, "request_stop", None)) as signals:
-            while self._more(step, train_steps, train_epochs) and not status.stop_training:
-                num_steps = (steps_per_loop if train_steps is None
-                             else min(steps_per_loop, train_steps - step))
-                rollback = self.rollback
-                if rollback is not None:
-                    step, skipped = self._skip(step, train_steps, train_epochs)
-                    if skipped == "all":
-                        continue
-                    if skipped == "ran out":
-                        break
-                    num_steps = rollback.steps_for(step, num_steps)
-                    rollback.before_loop(step)
-                if self.profiler:
-                    num_steps = self.profiler.before_loop(step, num_steps)
+        self._each("on_train_begin", step)
+        with StopSignals(runner.request_stop) as signals:
+            while self._more(step) and not status.stop_training:
+                step, skipped = self._skip(step)
+                if skipped:
+                    continue
+                num_steps = self._loop_length(step, steps_per_loop)
                 start_step, start = step, time.perf_counter()
                 result = runner.run_train_loop(num_steps)
                 seconds = max(time.perf_counter() - start, 1e-9)
                 step += result.steps_run  # what the loop added to the global step
-                if self.profiler:
-                    self.profiler.after_loop(step)
                 epoch_ended = train_epochs is not None and result.epoch_ended
-                stopping = signals.terminated or signals.interrupted  # the loop ended early
-                if stopping and result.steps_run == 0:  # asked to stop before it began
+                if signals.stopping and result.steps_run == 0:  # asked to stop before it began
                     self._stop_on_signal(signals)
                     break
-                if rollback is not None and rollback.rolls_back and result.steps_run:
-                    why = rollback.bad(result)  # before anything records or saves the loop
-                    if why is not None:
-                        step = rollback.roll_back(step, result.steps_run, why)
-                        continue
-                    rollback.good(step, full=result.steps_run == num_steps or epoch_ended)
-                # A replay from a checkpoint of loops already recorded: not recorded again.
-                replayed = rollback is not None and not rollback.records(step)
-                if epoch_ended and result.steps_run == 0:  # the pass ended with the last loop
-                    if not replayed:
-                        with self._between_loops(step):
-                            self._end_epoch(step, start_step, train_epochs, eval_every_epochs)
+                back_to = self._after_loop(step, result, num_steps, epoch_ended)
+                if back_to is not None:  # undone before anything recorded or saved it
+                    step = back_to
                     continue
-                if result.steps_run < num_steps and not epoch_ended and not stopping:
-                    logging.warning(
-                        "the training data ran out: %d of this loop's %d steps ran, training "
-                        "stops at step %d", result.steps_run, num_steps, step)
+                replayed = any(hook.replayed(step) for hook in self.hooks)
+                if result.steps_run < num_steps and not epoch_ended and not signals.stopping:
+                    logging.warning("the training data ran out: %d of this loop's %d steps ran, "
+                                    "training stops at step %d", result.steps_run, num_steps, step)
                     status.stop_training = True
-                if result.steps_run == 0:
+                if result.steps_run:
+                    logs = self._logs(result, seconds, epoch_ended)
+                    if not replayed:
+                        history.append({"step": step, **logs})
+                elif not epoch_ended:
                     break
-                self._check_finite(step, result)  # before anything records or saves the loop
-                logs = dict(result.metrics)
-                if result.nonfinite_steps:
-                    logs["nonfinite_steps"] = float(result.nonfinite_steps)
-                logs["steps_per_sec"] = result.steps_run / seconds
-                logs["examples_per_sec"] = result.steps_run * runner.examples_per_step / seconds
-                if train_epochs is not None:
-                    logs["epoch"] = runner.epochs_done + (0 if epoch_ended else 1)
-                if not replayed:
-                    history.append({"step": step, **logs})
                 with self._between_loops(step):
-                    for callback in ([] if replayed else self.callbacks):
-                        callback.on_loop_end(step, logs)
-                    if runner.any_worker(signals.terminated or signals.interrupted):
-                        self._stop_on_signal(signals)
-                    elif epoch_ended and not replayed:
-                        self._end_epoch(step, start_step, train_epochs, eval_every_epochs)
-                    elif not replayed and self._evaluation_due(start_step, step, train_steps):
-                        # (not when stopping on a signal: the grace period is for the checkpoint)
-                        self._evaluate(step)
-        if self.profiler:
-            self.profiler.stop()
+                    self._after(step, start_step, logs if result.steps_run else None,
+                                replayed, signals, epoch_ended)
+        self._end(step, logs)
+        return history
+
+    def _loop_length(self, step: int, steps_per_loop: int) -> int:
+        train_steps = self._goal[0]
+        num_steps = steps_per_loop if train_steps is None else min(steps_per_loop,
+                                                                     train_steps - step)
+        for hook in self.hooks:
+            num_steps = hook.loop_length(step, num_steps)
+        for hook in self.hooks:
+            hook.before_loop(step)
+        return num_steps
+
+    def _after_loop(self, step: int, result: LoopResult, num_steps: int,
+                    epoch_ended: bool) -> Optional[int]:
+        """The hooks' say on a loop that ran, before anything records or saves it: the step
+        the run went back to when one undid it (None: kept)."""
+        for hook in self.hooks:
+            back_to = hook.after_loop(step, result, result.steps_run == num_steps or epoch_ended)
+            if back_to is not None:
+                return back_to
+        return None
+
+    def _logs(self, result: LoopResult, seconds: float, epoch_ended: bool) -> Dict[str, float]:
+        logs = dict(result.metrics)
+        if result.nonfinite_steps:
+            logs["nonfinite_steps"] = float(result.nonfinite_steps)
+        logs["steps_per_sec"] = result.steps_run / seconds
+        logs["examples_per_sec"] = result.steps_run * self.runner.examples_per_step / seconds
+        if self._goal[1] is not None:
+            logs["epoch"] = self.runner.epochs_done + (0 if epoch_ended else 1)
+        return logs
+
+    def _after(self, step: int, start_step: int, logs: Optional[Dict[str, float]],
+               replayed: bool, signals: StopSignals, epoch_ended: bool) -> None:
+        """Between loops: callbacks, then a stop on a signal (every worker agreeing), the end
+        of an epoch, or the evaluation due. Not for a replay of loops already recorded."""
+        if logs is not None:
+            if not replayed:
+                self._each("on_loop_end", step, logs)
+            if self.runner.any_worker(signals.stopping):  # every worker stops at this step
+                self._stop_on_signal(signals)
+                return  # not evaluating: the grace period is for the checkpoint
+        if replayed:
+            return
+        if epoch_ended:
+            self._end_epoch(step, start_step)
+        elif self._evaluation_due(start_step, step):
+            self._evaluate(step)
+
+    def _end(self, step: int, logs: Optional[Dict[str, float]]) -> None:
+        for hook in self.hooks:
+            hook.end()
         with self._between_loops(step):
-            for callback in self.callbacks:
-                callback.on_train_end(step, logs)
-        latest = runner.latest_checkpoint
+            self._each("on_train_end", step, logs)
+        status, latest = self.runner.status, self.runner.latest_checkpoint
         saved = f"checkpoint {latest} saved" if latest else "nothing saved (no model_dir)"
         if status.preempted:
             logging.warning("preempted at step %d, %s", step, saved)
         if status.interrupted:
             logging.warning("interrupted at step %d, %s", step, saved)
-        return history
 
-    def _skip(self, step: int, train_steps: Optional[int], train_epochs: Optional[int]):
-        """Skips the steps due (`rollback.skip_due`: their batches are read, not trained on)
-        and makes the evaluation that falls in them. Returns (the step, "all" when steps
-        were skipped, "ran out" when the data ended, None when nothing or, by epochs, only
-        the rest of the pass was: the next loop ends it)."""
-        due = self.rollback.skip_due(step, train_steps)
-        if not due:
-            return step, None
-        skipped = self.rollback.skip(due)
-        if skipped:
-            logging.info("skipped %s (read, not trained on)", f"step {step + 1}"
-                         if skipped == 1 else f"steps {step + 1}-{step + skipped}")
-            with self._between_loops(step + skipped):
-                if self._evaluation_due(step, step + skipped, train_steps):
-                    self._evaluate(step + skipped)
-        if skipped == due:
-            return step + skipped, "all"
-        if train_epochs is None:
-            logging.warning("the training data ran out while skipping steps; training stops "
-                            "at step %d", step + skipped)
-            return step + skipped, "ran out"
-        return step + skipped, None
+    def _each(self, hook: str, *args) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(*args)
 
-    def _stop_on_signal(self, signals) -> None:
+    def _skip(self, step: int) -> Tuple[int, bool]:
+        """Skips the steps a hook says are due (their batches are read, not trained on) and
+        makes the evaluation that falls in them. Returns the step, and whether to go round
+        again before a loop (steps were skipped, or the data ran out while skipping)."""
+        train_steps, train_epochs = self._goal[:2]
+        for hook in self.hooks:
+            due = hook.steps_to_skip(step, train_steps)
+            if not due:
+                continue
+            skipped = hook.skip(due)
+            if skipped:
+                logging.info("skipped %s (read, not trained on)", f"step {step + 1}"
+                             if skipped == 1 else f"steps {step + 1}-{step + skipped}")
+                with self._between_loops(step + skipped):
+                    if self._evaluation_due(step, step + skipped):
+                        self._evaluate(step + skipped)
+            step += skipped
+            if skipped == due:
+                return step, True
+            if train_epochs is None:
+                logging.warning("the training data ran out while skipping steps; training "
+                                "stops at step %d", step)
+                self.runner.status.stop_training = True
+                return step, True
+        return step, False
+
+    def _stop_on_signal(self, signals: StopSignals) -> None:
         status = self.runner.status
         status.stop_training = True
         status.interrupted = signals.interrupted
@@ -238,186 +263,33 @@ class Controller:
                 raise
             raise stopped from None
 
-    def _more(self, step: int, train_steps: Optional[int], train_epochs: Optional[int]) -> bool:
+    def _more(self, step: int) -> bool:
+        train_steps, train_epochs, _ = self._goal
         if train_epochs is not None:
             return self.runner.epochs_done < train_epochs
         return step < train_steps
 
     def _evaluate(self, step: int) -> None:
         eval_logs = self.runner.evaluate(self.eval_steps)
-        for callback in self.callbacks:
-            callback.on_eval_end(step, eval_logs)
+        self._each("on_eval_end", step, eval_logs)
 
-    def _end_epoch(self, step: int, start_step: int, train_epochs: int,
-                   eval_every_epochs: Optional[int]) -> None:
+    def _end_epoch(self, step: int, start_step: int) -> None:
         """After the loop that finished a pass: epoch callbacks, then the evaluation due
         (every `eval_every_epochs` epochs, after the last, or by `eval_every_steps`)."""
+        _, train_epochs, eval_every_epochs = self._goal
         epoch = self.runner.epochs_done
         logging.info("epoch %d/%d ended at step %d", epoch, train_epochs, step)
-        for callback in self.callbacks:
-            callback.on_epoch_end(step, epoch)
+        self._each("on_epoch_end", step, epoch)
         last = epoch >= train_epochs or self.runner.status.stop_training
         if ((eval_every_epochs and (epoch % eval_every_epochs == 0 or last))
                 or (self.eval_every_steps and (last or step // self.eval_every_steps
                                                > start_step // self.eval_every_steps))):
             self._evaluate(step)
 
-    def _check_finite(self, step: int, result: LoopResult) -> None:
-        """With nan_policy="stop", one error for a loop that saw a NaN or infinite metric (the
-        last good checkpoint stays the latest); with "skip_step", a warning."""
-        if not result.nonfinite_steps:
-            return
-        first_step = step - result.steps_run + 1
-        if result.first_nonfinite_offset is None:  # nan_policy=stop checks the loop's sums
-            where = (f"at step {step}" if result.steps_run == 1 else
-                     f"in steps {first_step}-{step} (one loop; --steps_per_loop=1 from the last "
-                     "checkpoint finds the step)")
-        else:
-            where = f"at step {first_step + result.first_nonfinite_offset}"
-        if self.nan_policy == "skip_step":  # checks every step: the first bad one is known
-            logging.warning("%d step(s) with non-finite values were skipped (first: %s %s)",
-                            result.nonfinite_steps, result.first_nonfinite_metric, where)
-            return
-        latest = self.runner.latest_checkpoint
-        kept = f"the last good checkpoint {latest} is kept" if latest else "nothing was saved"
-        raise TapekitError(
-            f"non-finite {result.first_nonfinite_metric} {where}; training stopped "
-            f"and this state was not checkpointed ({kept}). Check the data, lower the learning "
-            "rate, or use --nan_policy=rollback (go back, skip the bad batches) or skip_step.")
-
-    def _evaluation_due(self, start_step: int, step: int, train_steps: int) -> bool:
-        every = self.eval_every_steps
+    def _evaluation_due(self, start_step: int, step: int) -> bool:
+        every, train_steps = self.eval_every_steps, self._goal[0]
         if not every:
             return False
         return (step // every > start_step // every
                 or (train_steps is not None and step >= train_steps)
                 or self.runner.status.stop_training)
-
-
-class _Profiler:
-    """Records a TensorBoard profiler trace of global steps START..END (inclusive).
-
-    Profiling starts and stops between loops, so loops are cut to begin at START and to
-    end at END.
-    """
-
-    def __init__(self, steps: Tuple[int, int], logdir: str):
-        self.start, self.end = steps
-        self.logdir = logdir
-        self.active = False
-
-    def before_loop(self, step: int, num_steps: int) -> int:
-        if step < self.start - 1:
-            return min(num_steps, self.start - 1 - step)
-        if step < self.end:
-            if not self.active:
-                import tensorflow as tf
-                tf.profiler.experimental.start(self.logdir)
-                self.active = True
-                logging.info("profiling steps %d to %d into %s", step + 1, self.end, self.logdir)
-            return min(num_steps, self.end - step)
-        return num_steps
-
-    def after_loop(self, step: int) -> None:
-        if self.active and step >= self.end:
-            self.stop()
-
-    def stop(self) -> None:
-        if self.active:
-            import tensorflow as tf
-            tf.profiler.experimental.stop()
-            self.active = False
-
-
-# What a second Ctrl-C does: raise KeyboardInterrupt once Python runs again (the default,
-# for notebooks and scripts), or kill the process at once, even inside a long TensorFlow
-# call (the command line sets this).
-_second_interrupt_kills = False
-
-
-def kill_on_second_interrupt(kill: bool = True) -> None:
-    """Makes a second Ctrl-C during `fit` end the process at once (as the command line does)."""
-    global _second_interrupt_kills
-    _second_interrupt_kills = kill
-
-
-class _StopSignals:
-    """Records SIGTERM (what schedulers send before preemption) and a first SIGINT (Ctrl-C)
-    instead of dying at once; training stops at the next step and saves a checkpoint.
-
-    Python runs a signal handler only between bytecodes, so not while a compiled loop runs:
-    a watcher thread woken by the signal itself (`signal.set_wakeup_fd`) acknowledges it
-    at once with a line, calls `on_stop` (the runner's `request_stop`: the loop ends at its
-    next step) and, on a second Ctrl-C from the command line, ends the process at once.
-    Installed only in the main thread (Python's rule); the previous handlers are put back.
-    """
-
-    def __init__(self, on_stop: Optional[Callable[[], None]] = None):
-        self.terminated = False
-        self.interrupted = False
-        self._on_stop = on_stop or (lambda: None)
-        self._previous = {}
-        self._wakeup = None  # (read end, write end, the previous wakeup fd)
-        self._watcher = None
-
-    def _on_sigterm(self, signum, frame):
-        self.terminated = True
-
-    def _on_sigint(self, signum, frame):
-        self.interrupted = True
-        signal.signal(signal.SIGINT, signal.SIG_DFL if _second_interrupt_kills
-                      else signal.default_int_handler)
-
-    def _watch(self, read_end: int) -> None:
-        try:
-            self._relay(read_end)
-        finally:
-            os.close(read_end)  # here, not in __exit__: the thread may outlive its join
-
-    def _relay(self, read_end: int) -> None:
-        interrupts = 0
-        while True:
-            try:
-                received = os.read(read_end, 64)
-            except OSError:
-                return
-            if not received:  # the write end closed: training is over
-                return
-            for signum in received:
-                if signum == signal.SIGTERM:
-                    logging.warning("SIGTERM received: stopping at the next step, then saving "
-                                    "a checkpoint")
-                    self._on_stop()
-                elif signum == signal.SIGINT:
-                    interrupts += 1
-                    if interrupts == 1:
-                        logging.warning("Ctrl-C: stopping at the next step, then saving a "
-                                        "checkpoint; press Ctrl-C again to abort at once")
-                        self._on_stop()
-                    elif _second_interrupt_kills:
-                        sys.stderr.write("second Ctrl-C: aborted, nothing more saved\n")
-                        sys.stderr.flush()
-                        os._exit(130)
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
-            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_sigint)
-            read_end, write_end = os.pipe()
-            os.set_blocking(write_end, False)
-            previous = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
-            self._wakeup = (write_end, previous)
-            self._watcher = threading.Thread(target=self._watch, args=(read_end,),
-                                             name="tapekit-signals", daemon=True)
-            self._watcher.start()
-        return self
-
-    def __exit__(self, *exc):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        if self._wakeup is not None:
-            write_end, previous = self._wakeup
-            signal.set_wakeup_fd(previous)
-            os.close(write_end)  # the watcher reads the end of the pipe and closes its end
-            self._watcher.join(timeout=5)
-            self._wakeup = None

@@ -228,3 +228,15 @@ def peers_stopping_explained(runner):
             f"{runner.current_step}; the last checkpoint is "
             f"{runner.latest_checkpoint or 'none (none was saved)'}. "
             "Restart all workers to resume from it.") from None
+
+
+def any_worker(strategy: tf.distribute.Strategy, flag: bool) -> bool:
+    """True if `flag` is True on any worker (a collective only when multi-worker).
+
+    Used at loop ends so that a SIGTERM sent to one worker stops all of them at the same
+    step, where every worker then takes part in saving the checkpoint.
+    """
+    if not is_multi_worker(strategy):
+        return bool(flag)
+    votes = strategy.run(lambda: tf.constant(float(flag)))
+    return float(strategy.reduce(tf.distribute.ReduceOp.SUM, votes, axis=None)) > 0

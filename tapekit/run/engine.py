@@ -1,12 +1,11 @@
 """The machinery behind a `Trainer`: strategy, build, compiled loops, input, checkpoints.
 
 A `Trainer` (the user's contract) holds one `Engine` and nothing else of tapekit's. The
-engine owns the run's state — the strategy, the global step, the random generator, the
-optimizers' updaters (`tapekit.compiled.updates.Updaters`), the compiled training and evaluation
-loops (`tapekit.compiled.loop`), the input (`tapekit.input.run_input`) and the checkpointer — and offers the
-outer loop (`tapekit.run.controller.Controller`) the narrow interface of `tapekit.run.runner.Runner`.
-Starting where a run left off is `tapekit.checkpoint.resume`; MODEL_DIR/best/ is `tapekit.checkpoint.best`.
-Everything here runs eagerly, on every worker.
+engine owns the run's state (the strategy, the global step, the random generator, the
+optimizers' updaters, the compiled loops, the input and the checkpointer) and offers the
+outer loop (`tapekit.run.controller.Controller`) the `tapekit.run.runner.Runner` protocol.
+Building is `tapekit.run.building`; resuming, `tapekit.checkpoint.resume`. Eager, on every
+worker.
 
 Process-wide settings (BUILD.md, "Architecture"): the constructor calls
 `keras.utils.set_random_seed(seed)`, so that `build()` and the trainer's own set-up draw the
@@ -16,32 +15,32 @@ same numbers on every run of the seed (TensorFlow cannot restore an earlier glob
 
 import contextlib
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import keras
 import tensorflow as tf
-from absl import logging
 
 from tapekit.checkpoint import best
 from tapekit.compiled import build as build_lib
 from tapekit.checkpoint import checkpointing
 from tapekit import compat
 from tapekit.run import controller as controller_lib
+from tapekit.run import building
 from tapekit.run import distribute
 from tapekit.input import epochs as epochs_lib
 from tapekit.faults import between_loops
+from tapekit.faults import good_state as good_state_lib
+from tapekit.faults.stop import StopFlag
 from tapekit.input import run_input
 from tapekit import options as options_lib
 from tapekit.compiled import precision as precision_lib
 from tapekit.checkpoint import record as record_lib
 from tapekit.checkpoint import resume
-from tapekit.faults import rollback as rollback_lib
 from tapekit.checkpoint import state as state_lib
 from tapekit.compiled import updates
 from tapekit.checkpoint.checkpointing import Checkpointer
 from tapekit.errors import TapekitError, user_message
 from tapekit.compiled.loop import CompiledLoop, LoopPlan
-from tapekit.namespace import check_namespace
 from tapekit.run.runner import LoopResult, RunStatus
 
 
@@ -73,7 +72,7 @@ class Engine:
             # For randomness inside train_step that must resume exactly (checkpointed).
             self.rng = tf.random.Generator.from_seed(options.seed)
         self.epochs = epochs_lib.EpochPasses(self.strategy)  # training by train_epochs
-        self.stop = between_loops.StopFlag(self.strategy)  # a signal's, read by the loop each step
+        self.stop = StopFlag(self.strategy)  # a signal's, read by the loop each step
         self._by_epochs = False
         self.status = RunStatus()
         self.history: List[Dict[str, float]] = []
@@ -83,15 +82,15 @@ class Engine:
         self.built = False
         self.built_learning_rates: List[tuple] = []  # (optimizer, its rate after build())
         self.parameters: Dict[str, Any] = {}  # state.parameter_counts, once built
-        self.loss_window: Optional[rollback_lib.LossWindow] = None  # with spike_threshold
+        self.loss_window: Optional[good_state_lib.LossWindow] = None  # with spike_threshold
         self.train_loop: Optional[CompiledLoop] = None
-        self._train_report: Optional[build_lib.BuildReport] = None
+        self.train_report: Optional[build_lib.BuildReport] = None
         self._eval_loop: Optional[CompiledLoop] = None
         self._eval_data = None  # during fit: the evaluation's input, made once per fit
         self._restored = False
         self._train_iterator = None
         self._dataset = None  # what prepare_training trains on (None: the trainer's input)
-        self._rollback: Optional[rollback_lib.Rollback] = None
+        self.rollbacks = good_state_lib.RunRollbacks()  # skipped steps, nan_policy=rollback
         self.input = run_input.RunInput(self.strategy, trainer, lambda: self.global_batch_size,
                                      options.seed)
 
@@ -132,26 +131,32 @@ class Engine:
         iterator = None if self.train_loop.in_memory is not None else self._train_iterator
         return _call_loop(self.train_loop, iterator, num_steps)
 
-    @property
-    def by_epochs(self) -> bool:
-        return self._by_epochs
-
     def reposition_input(self, step: int) -> None:
-        """Puts the training input at `step` of the restored state (`tapekit.faults.rollback`)."""
         if self._by_epochs:
             self.epochs.begin(self.input, self._dataset, self.train_loop.in_memory, step)
         elif self.train_loop.in_memory is None:
             self._train_iterator = self.input.train_iterator(self._dataset, step)
 
-    def read_batches(self, steps: int) -> int:
-        """Reads and drops `steps` steps' batches (by epochs: never past the pass's end);
-        returns how many there were."""
-        if self._by_epochs:
-            return self.epochs.read(self.input, self.train_loop.in_memory, steps,
-                                    self.current_step)
-        if self.train_loop.in_memory is not None:  # batches are a function of the step
-            return steps
-        return run_input.read_and_drop(self._train_iterator, steps)
+    def skip_steps(self, steps: int, read: bool = True) -> int:
+        if read:  # by epochs: never past the pass's end; in memory, batches follow the step
+            if self._by_epochs:
+                steps = self.epochs.read(self.input, self.train_loop.in_memory, steps,
+                                         self.current_step)
+            elif self.train_loop.in_memory is None:
+                steps = run_input.read_and_drop(self._train_iterator, steps)
+        self.global_step.assign_add(steps)
+        return steps
+
+    def keep_good_state(self, step: int) -> None:
+        self.rollbacks.good_state.keep(step)
+
+    def restore_good_state(self) -> Tuple[int, str]:
+        return self.rollbacks.good_state.restore()
+
+    def record_skipped(self, ranges: Sequence[Tuple[int, int]]) -> bool:
+        if self.model_dir and distribute.is_chief(self.strategy):
+            record_lib.record_skipped(self.model_dir, ranges)
+        return bool(self.model_dir)
 
     def stopped_by(self, error: BaseException, step: int) -> Exception:
         return between_loops.stopped_by(self, error, step)
@@ -160,15 +165,7 @@ class Engine:
         self.stop.request(requested)
 
     def any_worker(self, flag: bool) -> bool:
-        """True if `flag` is True on any worker (a collective only when multi-worker).
-
-        Used at loop ends so that a SIGTERM sent to one worker stops all of them at the
-        same step, where every worker then takes part in saving the checkpoint.
-        """
-        if not distribute.is_multi_worker(self.strategy):
-            return bool(flag)
-        votes = self.strategy.run(lambda: tf.constant(float(flag)))
-        return float(self.strategy.reduce(tf.distribute.ReduceOp.SUM, votes, axis=None)) > 0
+        return distribute.any_worker(self.strategy, flag)
 
     # ------------------------------------------------------------------ fit, evaluate, restore
 
@@ -187,7 +184,7 @@ class Engine:
                 "train_steps": train_steps, "steps_per_loop": steps_per_loop,
                 "eval_every_steps": eval_every_steps, "eval_steps": eval_steps, **by_epochs})
             options = self.options
-            rollback = self._rollback_for_fit()
+            rollback = self.rollbacks.for_fit(self, self._by_epochs)
             keep_best = best.keep_best_of(self, self._eval_data) if self._eval_data else None
             write_dir = self.model_dir if distribute.is_chief(self.strategy) else None
             defaults = controller_lib.default_callbacks(
@@ -205,16 +202,6 @@ class Engine:
                                            by_epochs.get("eval_every_epochs"))
         self.history.extend(history)
         return history
-
-    def _rollback_for_fit(self) -> Optional[rollback_lib.Rollback]:
-        """The run's `tapekit.faults.rollback.Rollback` (skipped steps, nan_policy=rollback), made
-        once (its state copy is traced once) and again only if training by epochs changes
-        what the state holds; None when there is nothing to skip or roll back."""
-        if self._rollback is None or self._rollback.by_epochs != self._by_epochs:
-            self._rollback = rollback_lib.Rollback(self)
-        self._rollback.begin_fit()
-        rollback = self._rollback
-        return rollback if rollback.rolls_back or rollback.skipped else None
 
     @contextlib.contextmanager
     def _evaluation_input(self, eval_every_steps, eval_steps):
@@ -247,7 +234,7 @@ class Engine:
         endless = in_memory is None and self.input.train_endless
         loop = self.train_loop
         if loop is None or loop.in_memory is not in_memory or loop.endless != endless:
-            plan = LoopPlan.for_training(self._train_report, self.options)
+            plan = LoopPlan.for_training(self.train_report, self.options)
             self.train_loop = CompiledLoop(self.strategy, self.trainer.train_step, plan,
                                            self.global_step, in_memory, endless, self.stop.variable)
 
@@ -280,39 +267,11 @@ class Engine:
     # ------------------------------------------------------------------ building
 
     def ensure_built(self, dataset=None, in_memory=None) -> None:
-        """Creates every model variable and optimizer slot before the first step. Eager, once:
-        `build()` in the strategy scope under the precision policy, one real trace of
-        `train_step` (`tapekit.compiled.build`), the optimizers built on what the step updates
-        (`tapekit.compiled.updates.Updaters`), the checkpoint checked to cover every variable."""
-        if self.built:
-            return
-        check_namespace(self.trainer)
-        if in_memory is None and dataset is None:
-            in_memory = self.input.in_memory_examples(None)
-        element_spec = self.input.train_spec(dataset, in_memory)
-        with self.strategy.scope(), precision_lib.dtype_policy(self.options.precision), \
-                tf.variable_creator_scope(build_lib.same_on_every_replica):
-            self.trainer.build()
-        self._train_report = build_lib.trace_for(
-            self, self.trainer.train_step, element_spec, self.global_step,
-            lambda: self.input.first_train_batch(dataset, in_memory))
-        with self.strategy.scope():
-            for optimizer, variables in self._train_report.updates:
-                self.updaters.add(optimizer, variables)
-        self.loss_window = rollback_lib.loss_window(self.strategy, self.options,
-                                                    self._train_report.metric_names)
-        self.built_learning_rates = resume.built_learning_rates(self.trainer)
-        self.parameters = state_lib.parameter_counts(vars(self.trainer))  # also in run.json
-        logging.info("%s", state_lib.describe_parameters(self.parameters, vars(self.trainer)))
-        objects = self.checkpoint_objects()
-        state_lib.check_coverage(self.owned_state(), objects)
-        if self.model_dir:
-            self.checkpointer = Checkpointer(
-                objects, self.model_dir, distribute.is_chief(self.strategy),
-                max_to_keep=self.options.max_checkpoints_to_keep,
-                async_save=self.options.async_checkpoint,
-                task_id=distribute.task_id(self.strategy))
-        self.built = True
+        """Creates every variable and optimizer slot before the first step (once:
+        `tapekit.run.building`)."""
+        if not self.built:
+            building.build(self, dataset, in_memory)
+            self.built = True
 
     def apply_gradients(self, tape, loss, models_or_variables, optimizer,
                         allow_none_gradients: bool) -> None:

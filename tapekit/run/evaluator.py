@@ -20,7 +20,7 @@ from typing import Optional
 import tensorflow as tf
 from absl import logging
 
-from tapekit.checkpoint import best
+from tapekit.checkpoint import best, checkpointing
 from tapekit import callbacks as callbacks_lib
 from tapekit.errors import TapekitError
 
@@ -43,7 +43,7 @@ def evaluate_checkpoints(engine, steps: Optional[int] = None, until_step: Option
         callbacks_lib.MetricsFile(os.path.join(model_dir, EVAL_METRICS_FILE)),
         callbacks_lib.TensorBoard(os.path.join(model_dir, "summaries"))]
     if once:
-        paths = [engine.options.restore_from or tf.train.latest_checkpoint(directory)]
+        paths = [engine.options.restore_from or checkpointing.latest(directory)]
         if paths[0] is None:
             raise TapekitError(f"nothing to evaluate: {directory} has no checkpoint (train "
                                "first, or give --restore_from).")

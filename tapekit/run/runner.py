@@ -6,7 +6,7 @@ real one (TensorFlow, strategies, compiled loops); tests drive the controller wi
 one in plain Python. Nothing here imports TensorFlow.
 """
 
-from typing import Dict, NamedTuple, Optional, Protocol
+from typing import Dict, NamedTuple, Optional, Protocol, Sequence, Tuple
 
 
 class LoopResult(NamedTuple):
@@ -70,3 +70,22 @@ class Runner(Protocol):
 
     def any_worker(self, flag: bool) -> bool:
         """True if `flag` is True on any worker (a collective vote when multi-worker)."""
+
+    # What fault policies (`tapekit.faults.rollback`) ask, between loops.
+
+    def skip_steps(self, steps: int, read: bool = True) -> int:
+        """Counts `steps` steps as done without training on them, reading and dropping their
+        batches unless `read` is False (by epochs: never past the pass's end); returns how
+        many there were (fewer when the data ends)."""
+
+    def reposition_input(self, step: int) -> None:
+        """Puts the training input at global step `step` (after the state went back)."""
+
+    def keep_good_state(self, step: int) -> None:
+        """Before a loop: keeps the state to go back to (nan_policy=rollback)."""
+
+    def restore_good_state(self) -> Tuple[int, str]:
+        """Puts the good state back; returns its global step and where it came from."""
+
+    def record_skipped(self, ranges: Sequence[Tuple[int, int]]) -> bool:
+        """Records the step ranges skipped in run.json; False when there is no model_dir."""
