@@ -4,8 +4,9 @@ Blocks of one file run in order, in one namespace (a guide builds its example up
 working directory; a "/tmp/..." path in a block is redirected under pytest's `tmp_path`, so
 no two runs share a model_dir. A block not meant to run is fenced as `sh` or `text`, never
 left without a language. The cheap checks beside it: every `--flag` the docs name is a flag
-of the program it belongs to, every relative link and `#anchor` leads somewhere, every
-`tapekit.name` resolves and every repository path in backticks exists.
+of the program it belongs to, every `--trainer=module:Class` they run exists, every relative
+link and `#anchor` leads somewhere, every `tapekit.name` resolves, every repository path in
+backticks exists, and BUILD.md's architecture table names every module of tapekit/.
 """
 
 import glob
@@ -125,6 +126,22 @@ def test_every_flag_the_docs_name_exists():
                 line = text.count("\n", 0, match.start()) + 1
                 unknown.append(f"{page}:{line}: --{name}")
     assert not unknown, "flags named in the docs that no program defines:\n" + "\n".join(unknown)
+
+
+def test_every_trainer_the_docs_run_exists(monkeypatch):
+    monkeypatch.syspath_prepend(REPO)  # examples/ is imported from the repository root
+    from tapekit.trainers.main import BUILTIN_TRAINERS
+    missing = []
+    for page in PAGES:
+        for spec in set(re.findall(r"--trainer=([\w.:]+)", read(page))):
+            if spec in BUILTIN_TRAINERS or spec.startswith("my_"):  # my_*: the reader's own
+                continue
+            module, _, name = spec.partition(":")
+            try:
+                getattr(importlib.import_module(module), name)
+            except (ImportError, AttributeError) as error:
+                missing.append(f"{page}: --trainer={spec} ({error})")
+    assert not missing, "\n".join(missing)
 
 
 # ------------------------------------------------------------------ links, names and paths
