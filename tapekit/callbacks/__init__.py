@@ -10,10 +10,10 @@ from tapekit.callbacks.early_stopping import EarlyStopping
 from tapekit.callbacks.keep_best import KeepBest
 from tapekit.callbacks.metrics_file import MetricsFile
 from tapekit.callbacks.progress import LogProgress, ProgressBar
-from tapekit.callbacks.sample_images import SampleImages
+from tapekit.callbacks.sample_images import SampleImages, Samples
 from tapekit.callbacks.save_checkpoints import SaveCheckpoints
 from tapekit.callbacks.tensorboard import TensorBoard
 
 __all__ = ["Callback", "EarlyStopping", "EveryNSteps", "KeepBest", "LogProgress", "Logs",
-           "MetricsFile", "ProgressBar", "SampleImages", "SaveCheckpoints", "TensorBoard",
+           "MetricsFile", "ProgressBar", "SampleImages", "Samples", "SaveCheckpoints", "TensorBoard",
            "evaluation_metric", "format_logs", "resolve_mode"]

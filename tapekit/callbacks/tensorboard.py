@@ -4,6 +4,7 @@ import os
 from typing import Dict, Optional
 
 from tapekit.callbacks.base import EveryNSteps
+from tapekit.callbacks.sample_images import Samples
 
 
 class TensorBoard(EveryNSteps):
@@ -11,13 +12,15 @@ class TensorBoard(EveryNSteps):
 
     Every loop: each metric, `steps_per_sec`, and each optimizer's learning rate. Every
     `sample_every_steps` (and at the end): the trainer's `sample_images` as an image grid
-    and its `sample_histograms`. Eager, at loop boundaries.
+    and its `sample_histograms`. Eager, at loop boundaries. `samples` may be shared with
+    `SampleImages`, which then writes the same images as PNG.
     """
 
-    def __init__(self, logdir: str, sample_every_steps: Optional[int] = None, num_images: int = 16):
+    def __init__(self, logdir: str, sample_every_steps: Optional[int] = None,
+                 num_images: int = 16, samples: Optional[Samples] = None):
         super().__init__(sample_every_steps)
         self.logdir = logdir
-        self.num_images = num_images
+        self.samples = samples or Samples(num_images)
         self._train_writer = None  # each created at its first use: an evaluator
         self._eval_writer = None  # process writes only eval/
 
@@ -65,7 +68,7 @@ class TensorBoard(EveryNSteps):
             return
         from tapekit import summaries
         from tapekit.images import image_grid
-        images = self.trainer.sample_images(self.num_images)
+        images = self.samples.at(self.trainer, step)
         with self.train_writer.as_default(step=step):
             if images is not None:
                 summaries.image("samples", image_grid(images), step)

@@ -1,5 +1,6 @@
 """Building a run before its first step: everything the engine holds that needs the models."""
 
+import keras
 import tensorflow as tf
 from absl import logging
 
@@ -23,6 +24,9 @@ def build(engine, dataset=None, in_memory=None) -> None:
     if in_memory is None and dataset is None:
         in_memory = engine.input.in_memory_examples(None)
     element_spec = engine.input.train_spec(dataset, in_memory)
+    # Again (the constructor did it once): initial weights depend on the seed alone, not on
+    # what other trainers drew from Keras's global generator since this one was made.
+    keras.utils.set_random_seed(engine.options.seed)
     with engine.strategy.scope(), precision_lib.dtype_policy(engine.options.precision), \
             tf.variable_creator_scope(build_lib.same_on_every_replica):
         engine.trainer.build()

@@ -51,12 +51,14 @@ def default_callbacks(runner: Runner, options, train_steps: Optional[int],
         result.append(keep_best)
     if write_dir:
         model_dir = write_dir
+        samples = callbacks_lib.Samples()  # drawn once per sampling step, shown twice
         result.append(callbacks_lib.MetricsFile(os.path.join(model_dir, "metrics.jsonl")))
         result.append(callbacks_lib.TensorBoard(os.path.join(model_dir, "summaries"),
-                                                options.sample_every_steps))
+                                                options.sample_every_steps, samples=samples))
         if options.sample_every_steps:
             result.append(callbacks_lib.SampleImages(os.path.join(model_dir, "samples"),
-                                                     options.sample_every_steps))
+                                                     options.sample_every_steps,
+                                                     samples=samples))
     if checkpointer is not None:  # every worker saves (the chief into model_dir)
         result.append(callbacks_lib.SaveCheckpoints(
             checkpointer, options.checkpoint_every_steps, options.checkpoint_every_secs,
