@@ -6,6 +6,8 @@ import pytest
 import tensorflow as tf
 
 import tapekit
+from tapekit.checkpoint import checkpointing
+from tapekit.checkpoint.checkpointing import Checkpointer
 from tapekit.trainers import RegressionTrainer
 
 
@@ -67,3 +69,19 @@ def test_model_dir_that_is_a_file_or_unwritable_fails_before_training(tmp_path):
     with pytest.raises(tapekit.TapekitError, match="cannot write to model_dir"):
         RegressionTrainer(model_dir="/proc/tapekit-cannot-write-here")
     assert afile.read_text() == "keep me"
+
+
+def test_latest_and_step_of_read_a_real_checkpoint_directory(tmp_path):
+    step = tf.Variable(0, dtype=tf.int64)
+    checkpointer = Checkpointer({"global_step": step}, str(tmp_path), True, max_to_keep=2)
+    directory = str(tmp_path / "checkpoints")
+    assert checkpointing.latest(directory) is None and checkpointing.latest(None) is None
+    for value in (5, 10, 100):
+        step.assign(value)
+        checkpointer.save(value)
+    latest = checkpointing.latest(directory)
+    assert latest == os.path.join(directory, "ckpt-100") == checkpointer.latest
+    assert checkpointing.step_of(latest) == checkpointing.saved_step(latest) == 100
+    listed = tf.train.get_checkpoint_state(directory).all_model_checkpoint_paths
+    assert [checkpointing.step_of(path) for path in listed] == [10, 100]
+    assert checkpointing.step_of(str(tmp_path / "my-model")) == -1  # a name without a step

@@ -68,7 +68,7 @@ def test_a_checkpoint_deleted_under_the_evaluator_is_skipped(deleted, tmp_path, 
         losses[steps] = trainer.evaluate()["loss"]
 
     def check_restorable(path):
-        step = int(path.rsplit("-", 1)[1])
+        step = checkpointing.step_of(path)
         if step == 10:
             train_on_to(20)
         if step == 20 and deleted == "before_its_restore":

@@ -24,14 +24,16 @@ from absl import logging
 
 from tapekit import compat
 from tapekit.checkpoint import files
+from tapekit.checkpoint import state as state_lib
+from tapekit.checkpoint.state import ITERATOR_KEY
 from tapekit.errors import TapekitError, summarize
 
-ITERATOR_KEY = "train_iterator"
-EPOCH_KEYS = ("tapekit_epochs_done/", "tapekit_epoch_start_step/")
-# nan_policy=rollback's loss window (tapekit.faults.rollback): a run may start or stop judging
+EPOCH_KEYS = (state_lib.EPOCHS_DONE_KEY + "/", state_lib.EPOCH_START_STEP_KEY + "/")
+# spike_threshold's loss window (tapekit.faults): a run may start or stop judging
 # spikes on resume; a checkpoint without it starts an empty window.
-OPTIONAL_KEYS = ("tapekit_loss_window_values/", "tapekit_loss_window_count/")
+OPTIONAL_KEYS = (state_lib.LOSS_WINDOW_VALUES_KEY + "/", state_lib.LOSS_WINDOW_COUNT_KEY + "/")
 _IGNORED_KEYS = ("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter/")
+_VALUE = "/.ATTRIBUTES/VARIABLE_VALUE"  # what follows a variable's key in a checkpoint
 
 
 def prepare_model_dir(model_dir: str) -> str:
@@ -55,19 +57,37 @@ def prepare_model_dir(model_dir: str) -> str:
 def check_restorable(path: str) -> None:
     """Raises if `path` (a checkpoint prefix such as .../ckpt-100) has no index file."""
     if not tf.io.gfile.exists(path + ".index"):
-        directory = os.path.dirname(path) or "."
-        found = tf.train.get_checkpoint_state(directory)
-        hint = (f"; checkpoints there: {', '.join(_names(found.all_model_checkpoint_paths))}"
-                if found else "")
+        found = listed(os.path.dirname(path) or ".")
+        hint = f"; checkpoints there: {', '.join(_names(found))}" if found else ""
         raise TapekitError(
             f"--restore_from={path!r} is not a checkpoint (no {os.path.basename(path)}.index)"
             f"{hint}. Give the prefix, e.g. MODEL_DIR/checkpoints/ckpt-1000.")
 
 
+def latest(directory: Optional[str]) -> Optional[str]:
+    """The newest checkpoint `directory` lists (its `checkpoint` file, as
+    `tf.train.CheckpointManager` writes it), or None: no directory, or nothing listed."""
+    return tf.train.latest_checkpoint(directory) if directory else None
+
+
+def listed(directory: Optional[str]) -> List[str]:
+    """Every checkpoint `directory` lists, oldest first ([]: none)."""
+    state = tf.train.get_checkpoint_state(directory) if directory else None
+    return [p if os.path.isabs(p) else os.path.join(directory, p)
+            for p in (state.all_model_checkpoint_paths if state else [])]
+
+
+def step_of(path: str) -> int:
+    """The step in checkpoint `path`'s name (.../ckpt-100: 100), -1 when the name does not
+    end in one. A name only: `saved_step` reads the step the checkpoint holds."""
+    tail = str(path).rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
 def saved_step(path: str) -> int:
     """The global step stored in checkpoint `path`, read without restoring anything."""
     try:
-        return int(tf.train.load_variable(path, "global_step/.ATTRIBUTES/VARIABLE_VALUE"))
+        return int(tf.train.load_variable(path, state_lib.GLOBAL_STEP_KEY + _VALUE))
     except Exception as error:  # the reader raises OpError, IndexError, … on damaged files
         raise _corrupt(path, error) from None
 
@@ -128,7 +148,7 @@ class Checkpointer:
         one `fall_back_to` named until the next save, else the newest listed."""
         if self._fallback is not None:
             return self._fallback
-        return tf.train.latest_checkpoint(self.directory) if self.directory else None
+        return latest(self.directory)
 
     def fall_back_to(self, path: str) -> None:
         """Makes `path` the latest (every worker: the chief may still be moving the damaged
@@ -140,11 +160,8 @@ class Checkpointer:
         None; [(path, why) for each newer one that does not]). Reads the checkpoints, newest
         first, until one is whole: a torn data file fails here, not half-way through a
         restore."""
-        state = tf.train.get_checkpoint_state(self.directory) if self.directory else None
-        paths = [p if os.path.isabs(p) else os.path.join(self.directory, p)
-                 for p in (state.all_model_checkpoint_paths if state else [])]
         damaged = []
-        for path in reversed(paths):
+        for path in reversed(listed(self.directory)):
             why = unreadable(path)
             if why is None:
                 return path, damaged
@@ -255,22 +272,10 @@ class Checkpointer:
         else:
             shutil.rmtree(self._temporary, ignore_errors=True)
 
-    def keep_only_latest(self) -> None:
-        """Deletes every checkpoint of this directory but the latest, listed or not (in
-        MODEL_DIR/best/, once best.json names the new one). The chief only."""
-        latest = self.latest
-        others = {name.rsplit(".", 1)[0] for name in tf.io.gfile.glob(
-            os.path.join(self.directory, "ckpt-*.index"))} if self.directory else set()
-        self._list_only(latest, delete=sorted(others - {latest}))
-
-    def drop_latest(self, previous: Optional[str]) -> None:
-        """Deletes the checkpoint just saved and makes `previous` the latest again (a new
-        best whose export failed). The chief only."""
-        latest = self.latest
-        if latest and latest != previous:
-            self._list_only(previous, delete=[latest])
-
-    def _list_only(self, path: Optional[str], delete=()) -> None:
+    def list_only(self, path: Optional[str], delete=()) -> None:
+        """Deletes the checkpoints `delete` (prefixes) and makes `path` the only one this
+        directory lists (None: none), for the manager too (`tapekit.checkpoint.best`). The
+        chief only; a no-op elsewhere."""
         if not (self.is_chief and self.directory):
             return
         for old in delete:
@@ -287,14 +292,9 @@ class Checkpointer:
         they went to (None: nothing moved)."""
         if not (self.is_chief and self.directory):
             return None
-        state = tf.train.get_checkpoint_state(self.directory)
-        if state is None:
-            return None
         kept, newer = [], []
-        for path in state.all_model_checkpoint_paths:
-            path = path if os.path.isabs(path) else os.path.join(self.directory, path)
-            number = path.rsplit("-", 1)[-1]
-            (newer if number.isdigit() and int(number) > step else kept).append(path)
+        for path in listed(self.directory):
+            (newer if step_of(path) > step else kept).append(path)
         if not newer:
             return None
         aside = os.path.join(self.directory, time.strftime("set_aside-%Y%m%d-%H%M%S"))
@@ -332,10 +332,8 @@ def _variable_shapes(path: str) -> Dict[str, List[int]]:
 
 
 def _corrupt(path: str, error: BaseException) -> TapekitError:
-    directory = os.path.dirname(path)
-    state = tf.train.get_checkpoint_state(directory) if directory else None
-    older = [p for p in (state.all_model_checkpoint_paths if state else []) if p != path
-             and _number(p) < _number(path)]
+    older = [p for p in listed(os.path.dirname(path))
+             if p != path and step_of(p) < step_of(path)]
     hint = (f"--restore_from={older[-1]} (an older checkpoint)" if older
             else "--restore_from an older checkpoint, or a new --model_dir")
     data_files = tf.io.gfile.glob(path + ".data-*") or [path + ".data-*"]
@@ -345,12 +343,7 @@ def _corrupt(path: str, error: BaseException) -> TapekitError:
 
 
 def _short(key: str) -> str:
-    return key.replace("/.ATTRIBUTES/VARIABLE_VALUE", "")
-
-
-def _number(path: str) -> int:
-    tail = str(path).rsplit("-", 1)[-1]
-    return int(tail) if tail.isdigit() else -1
+    return key.replace(_VALUE, "")
 
 
 def _names(paths) -> List[str]:

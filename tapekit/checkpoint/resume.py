@@ -41,7 +41,7 @@ def restore(engine, checkpoint: Optional[str] = None) -> int:
     """`Trainer.restore`: builds, restores `checkpoint` (else `restore_from`, else the latest
     checkpoint of the model_dir), returns the step; trains and writes nothing."""
     path = checkpoint or engine.options.restore_from or (
-        tf.train.latest_checkpoint(os.path.join(engine.model_dir, "checkpoints"))
+        checkpointing.latest(os.path.join(engine.model_dir, "checkpoints"))
         if engine.model_dir else None)
     if path is None:
         raise TapekitError("nothing to restore: give a checkpoint, restore_from, or a model_dir "

@@ -26,7 +26,16 @@ from tapekit.errors import TapekitError
 # What a public attribute may hold for the trainer to own it.
 STATE_TYPES = (keras.Layer, keras.optimizers.Optimizer, keras.metrics.Metric,
                keras.random.SeedGenerator, tf.Variable, tf.Module, tf.random.Generator)
-KERAS_STATE = "keras_state"
+
+# tapekit's own entries of a checkpoint (root names), beside the trainer's attributes.
+KERAS_STATE = "keras_state"  # what TensorFlow's object graph misses (docstring)
+GLOBAL_STEP_KEY = "global_step"
+RNG_KEY = "rng"
+ITERATOR_KEY = "train_iterator"  # the input's position (`Checkpointer.track_iterator`)
+EPOCHS_DONE_KEY = "tapekit_epochs_done"  # training by epochs (`tapekit.input.epochs`)
+EPOCH_START_STEP_KEY = "tapekit_epoch_start_step"
+LOSS_WINDOW_VALUES_KEY = "tapekit_loss_window_values"  # spike_threshold's (`tapekit.faults`)
+LOSS_WINDOW_COUNT_KEY = "tapekit_loss_window_count"
 
 
 def owned_state(attributes: Dict[str, Any]) -> Dict[str, Any]:
@@ -42,7 +51,7 @@ def run_state(global_step, rng, attributes: Dict[str, Any],
     model, optimizer, metric, variable and module the trainer holds in a public attribute
     (`attributes`; see `owned_state`), and tapekit's per-optimizer update state (loss
     scales, gradient accumulators: `updaters`, by name)."""
-    owned: Dict[str, Any] = {"global_step": global_step, "rng": rng}
+    owned: Dict[str, Any] = {GLOBAL_STEP_KEY: global_step, RNG_KEY: rng}
     for name, value in owned_state(attributes).items():
         owned.setdefault(name, value)
     owned.update(updaters)

@@ -14,6 +14,7 @@ from typing import Optional
 
 import tensorflow as tf
 
+from tapekit.checkpoint import state as state_lib
 from tapekit.input.run_input import read_and_drop
 from tapekit.errors import TapekitError
 from tapekit.run.runner import LoopResult
@@ -37,7 +38,8 @@ class EpochPasses:
 
     def state(self):
         """What the checkpoint holds (named apart from the user's attributes)."""
-        return {"tapekit_epochs_done": self.done, "tapekit_epoch_start_step": self.start_step}
+        return {state_lib.EPOCHS_DONE_KEY: self.done,
+                state_lib.EPOCH_START_STEP_KEY: self.start_step}
 
     @property
     def epochs_done(self) -> int:
