@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from helpers import TESTS, let_go, paused_cli
 from resumable import Poisoned
-from tapekit.checkpoint import checkpointing
+from tapekit.checkpoint import checkpointing, damaged
 
 STEPS = dict(steps_per_loop=10)
 
@@ -26,7 +26,7 @@ def test_async_checkpoints_hold_what_sync_ones_do_and_resume_bitwise(tmp_path):
     trainer.fit(train_steps=30, **STEPS)
     # fit returned: the last save is on disk and listed
     latest = tf.train.latest_checkpoint(str(tmp_path / "async" / "checkpoints"))
-    assert latest.endswith("ckpt-30") and checkpointing.unreadable(latest) is None
+    assert latest.endswith("ckpt-30") and damaged.unreadable(latest) is None
     for step in (20, 30):
         sync = _values(str(tmp_path / "sync" / "checkpoints" / f"ckpt-{step}"))
         written = _values(str(tmp_path / "async" / "checkpoints" / f"ckpt-{step}"))
@@ -61,4 +61,4 @@ def test_a_save_in_flight_at_sigterm_completes_before_the_process_exits(tmp_path
     listed = tf.train.get_checkpoint_state(str(model_dir / "checkpoints")).all_model_checkpoint_paths
     assert [os.path.basename(p) for p in listed] == ["ckpt-10"]
     for path in listed:  # whole: every tensor reads back (resuming bitwise: the test above)
-        assert checkpointing.unreadable(path) is None, path
+        assert damaged.unreadable(path) is None, path

@@ -107,14 +107,14 @@ def _keep_only(checkpointer, path: Optional[str]) -> None:
     """Deletes every checkpoint of best/ but `path`, listed or not (once best.json names it)."""
     found = {name.rsplit(".", 1)[0] for name in tf.io.gfile.glob(
         os.path.join(checkpointer.directory, "ckpt-*.index"))} if checkpointer.directory else set()
-    checkpointer.list_only(path, delete=sorted(found - {path}))
+    checkpointer.relist([path] if path else [], delete=sorted(found - {path}))
 
 
 def _drop_latest(checkpointer, previous: Optional[str]) -> None:
     """Deletes the checkpoint just saved and makes `previous` the latest again."""
     latest = checkpointer.latest
     if latest and latest != previous:
-        checkpointer.list_only(previous, delete=[latest])
+        checkpointer.relist([previous] if previous else [], delete=[latest])
 
 
 def keep_best_of(engine, eval_data) -> Optional[KeepBest]:

@@ -16,7 +16,6 @@ failed restore.
 import os
 import shutil
 import tempfile
-import time
 from typing import Dict, List, Optional
 
 import tensorflow as tf
@@ -155,19 +154,6 @@ class Checkpointer:
         ones aside while another reads the listing)."""
         self._fallback = path
 
-    def newest_readable(self):
-        """(the newest checkpoint of MODEL_DIR/checkpoints whose every tensor reads back, or
-        None; [(path, why) for each newer one that does not]). Reads the checkpoints, newest
-        first, until one is whole: a torn data file fails here, not half-way through a
-        restore."""
-        damaged = []
-        for path in reversed(listed(self.directory)):
-            why = unreadable(path)
-            if why is None:
-                return path, damaged
-            damaged.append((path, why))
-        return None, damaged
-
     def track(self, objects: Dict[str, object]) -> None:
         """Adds `objects` (name → trackable) to what is saved and restored from now on."""
         for name, value in objects.items():
@@ -272,58 +258,17 @@ class Checkpointer:
         else:
             shutil.rmtree(self._temporary, ignore_errors=True)
 
-    def list_only(self, path: Optional[str], delete=()) -> None:
-        """Deletes the checkpoints `delete` (prefixes) and makes `path` the only one this
-        directory lists (None: none), for the manager too (`tapekit.checkpoint.best`). The
-        chief only; a no-op elsewhere."""
+    def relist(self, kept: List[str], delete=()) -> None:
+        """Deletes the checkpoints `delete` (prefixes) and makes this directory, and the
+        manager, list `kept` only, the last as the latest (`tapekit.checkpoint.best`,
+        `tapekit.checkpoint.damaged`). The chief only; a no-op elsewhere."""
         if not (self.is_chief and self.directory):
             return
         for old in delete:
             for name in tf.io.gfile.glob(old + ".*"):
                 tf.io.gfile.remove(name)
-        kept = [path] if path else []
-        compat.write_checkpoint_state(self.directory, path or "", kept)
-        self._make_manager()
-
-    def set_aside_checkpoints_after(self, step: int) -> Optional[str]:
-        """Moves checkpoints newer than `step` (e.g. a damaged one the run was restarted
-        around) into checkpoints/set_aside-TIME/, so later saves neither overwrite nor delete
-        them, and the manager only knows the checkpoints up to `step`. Returns the directory
-        they went to (None: nothing moved)."""
-        if not (self.is_chief and self.directory):
-            return None
-        kept, newer = [], []
-        for path in listed(self.directory):
-            (newer if step_of(path) > step else kept).append(path)
-        if not newer:
-            return None
-        aside = os.path.join(self.directory, time.strftime("set_aside-%Y%m%d-%H%M%S"))
-        os.makedirs(aside, exist_ok=True)
-        for path in newer:
-            for name in tf.io.gfile.glob(path + ".*"):
-                shutil.move(name, os.path.join(aside, os.path.basename(name)))
         compat.write_checkpoint_state(self.directory, kept[-1] if kept else "", kept)
-        logging.warning("moved %d checkpoint(s) newer than step %d to %s", len(newer), step, aside)
         self._make_manager()
-        return aside
-
-
-def unreadable(path: str) -> Optional[str]:
-    """Why checkpoint `path` cannot be read whole ("IndexError: Read less bytes than
-    requested", a missing file, ...), or None if every tensor in it reads back."""
-    damage = (tf.errors.DataLossError, tf.errors.NotFoundError, tf.errors.OutOfRangeError,
-              tf.errors.InvalidArgumentError, IndexError)  # not a transient failure to read
-    try:
-        reader = tf.train.load_checkpoint(path)
-        for name, dtype in reader.get_variable_to_dtype_map().items():
-            if dtype == tf.variant:  # a saved input position: read, but not as an array
-                tf.raw_ops.RestoreV2(prefix=path, tensor_names=[name], shape_and_slices=[""],
-                                     dtypes=[dtype])
-            else:
-                reader.get_tensor(name)
-    except damage as error:
-        return f"{type(error).__name__}: {summarize(error)}"
-    return None
 
 
 def _variable_shapes(path: str) -> Dict[str, List[int]]:

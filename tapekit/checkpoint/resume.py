@@ -11,6 +11,7 @@ import tensorflow as tf
 from absl import logging
 
 from tapekit.checkpoint import checkpointing
+from tapekit.checkpoint import damaged as damaged_lib
 from tapekit import compat
 from tapekit.run import distribute
 from tapekit.input import run_input
@@ -82,7 +83,7 @@ def _fallback(engine) -> Optional[Dict[str, Any]]:
     checkpointer = engine.checkpointer
     if engine.options.restore_from or checkpointer is None or checkpointer.latest is None:
         return None
-    good, damaged = checkpointer.newest_readable()
+    good, damaged = damaged_lib.newest_readable(checkpointer.directory)
     if not damaged or good is None:
         return None
     checkpointer.fall_back_to(good)
@@ -93,7 +94,7 @@ def _fallback(engine) -> Optional[Dict[str, Any]]:
 def _set_aside(engine, fallback: Dict[str, Any]) -> None:
     """Moves the damaged checkpoints aside, never deleting them, and says so in one line."""
     checkpointer, good = engine.checkpointer, fallback["resumed_from"]
-    aside = checkpointer.set_aside_checkpoints_after(checkpointing.saved_step(good))
+    aside = damaged_lib.set_aside_after(checkpointer, checkpointing.saved_step(good))
     checkpointer.fall_back_to(good)
     logging.warning("checkpoint %s is damaged (%s); moved to %s and resuming from %s",
                     fallback["damaged"][0], fallback["why"], aside, good)
@@ -156,7 +157,7 @@ def _restore_and_position(engine, dataset, needs_iterator: bool):
     if path:
         checkpointer.restore(path)
         if engine.options.restore_from:  # restarted from an older checkpoint: newer ones go aside
-            checkpointer.set_aside_checkpoints_after(engine.current_step)
+            damaged_lib.set_aside_after(checkpointer, engine.current_step)
         logging.info("resumed from checkpoint %s at step %d", path, engine.current_step)
     return iterator
 
