@@ -20,7 +20,8 @@ from tapekit.faults import stop
 from tapekit.run import distribute
 from tapekit import options as options_lib
 from tapekit.checkpoint import record
-from tapekit.errors import EXIT_ERROR, EXIT_WRITE_FAILED, TapekitError, is_user_code, user_message
+from tapekit.errors import (EXIT_ERROR, EXIT_WRITE_FAILED, TapekitError, is_user_code, stop_of,
+                            user_message)
 from tapekit.checkpoint.export import check_export_dir
 from tapekit.trainer import Trainer
 
@@ -240,7 +241,9 @@ def _train(program: str, trainer_class: Type[Trainer], own_flags: List[str], arg
         if FLAGS.export_dir and distribute.is_chief(trainer.strategy):
             logging.info("exported the model to %s", trainer.export(FLAGS.export_dir))
         summary = trainer.results_summary()
-    except TapekitError as error:
+    except Exception as error:  # tapekit's one line, or an exception that carries one
+        if stop_of(error) is None:
+            raise
         exit_with_error(program, error)
     logging.info("trained %s to step %d", trainer_class.__name__, trainer.current_step)
     if summary:
@@ -298,10 +301,11 @@ def exit_with_error(program: str, error: BaseException):
     # A restore that failed half-way logs every unused checkpoint value when it is garbage
     # collected at exit: keep the error the last line.
     tf.get_logger().setLevel("ERROR")
-    print(f"{program}: error: {user_message(error)}", file=sys.stderr, flush=True)
+    stopped = stop_of(error) or error  # an exception passed through carries tapekit's line
+    print(f"{program}: error: {user_message(stopped)}", file=sys.stderr, flush=True)
     if "pdb_post_mortem" in FLAGS and FLAGS.is_parsed() and FLAGS.pdb_post_mortem:
         post_mortem(error)
-    code = getattr(error, "exit_code", EXIT_ERROR)
+    code = getattr(stopped, "exit_code", EXIT_ERROR)
     if code == EXIT_WRITE_FAILED:  # a failing summary writer would speak after this line
         sys.stdout.flush()
         os._exit(code)

@@ -42,6 +42,43 @@ _WRITE_MESSAGES = re.compile(r"No space left on device|Disk quota exceeded|Read-
                              r"Transport endpoint is not connected")
 
 
+def pass_through(error: BaseException, stopped: TapekitError) -> BaseException:
+    """Lets `error` (not tapekit's: the user's exception, e.g. a sweep's `TrialPruned`)
+    reach the caller as the same object, carrying tapekit's one line about what was done
+    (`stopped`): as a note in its traceback and for the command line (`stop_of`)."""
+    error.tapekit_error = stopped
+    if hasattr(error, "add_note"):  # Python 3.11+
+        error.add_note(f"tapekit: {stopped}")
+    return error
+
+
+# Where the exceptions of bugs come from; any other exception class is the user's own.
+_LIBRARIES = ("builtins", "tensorflow", "keras", "tf_keras", "numpy", "absl", "google",
+              "tapekit")
+
+
+def own_exception(error: BaseException) -> Optional[BaseException]:
+    """The exception the user raised, when its class is their own (or a third party's,
+    such as a sweep's `TrialPruned`) rather than Python's, TensorFlow's, Keras's or
+    tapekit's; else None. AutoGraph re-raises a copy with the trace prepended, whose
+    context is the original: that original is returned, the object the user raised."""
+    if type(error).__module__.split(".")[0] in _LIBRARIES:
+        return None
+    original = error
+    while type(original.__context__) is type(error):
+        original = original.__context__
+    return original
+
+
+def stop_of(error: BaseException) -> Optional[TapekitError]:
+    """The one-line TapekitError behind `error`: itself, or the one it carries
+    (`pass_through`); None for an error tapekit did not handle."""
+    if isinstance(error, TapekitError):
+        return error
+    stopped = getattr(error, "tapekit_error", None)
+    return stopped if isinstance(stopped, TapekitError) else None
+
+
 def write_failure(error: BaseException, model_dir: Optional[str] = None) -> Optional[str]:
     """'No space left on device: /path' when `error` is a failed write into `model_dir` (an
     OSError of that kind, or TensorFlow's report of one, about a path under it), else None:

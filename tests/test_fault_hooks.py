@@ -15,7 +15,7 @@ import textwrap
 import pytest
 
 from tapekit import callbacks as callbacks_lib
-from tapekit.errors import TapekitError
+from tapekit.errors import TapekitError, stop_of
 from tapekit.faults.rollback import WINDOW, Rollback, median_losses
 from tapekit.run.controller import Controller
 
@@ -137,16 +137,31 @@ def test_epochs_end_on_the_runners_pass_and_each_is_evaluated():
     assert rows.epochs == [(25, 1), (50, 2)] and runner.evaluations == [(25, None), (50, None)]
 
 
-def test_an_exception_between_loops_becomes_the_runners_one_error():
+def test_an_exception_between_loops_stops_the_run_and_reaches_the_caller_as_itself():
+    raised = ValueError("callback broke")
+
     class Fails(callbacks_lib.Callback):
         def on_loop_end(self, step, logs):
             if step == 20:
-                raise ValueError("callback broke")
+                raise raised
 
     runner = FakeRunner()
-    with pytest.raises(TapekitError, match=r"callback broke \(raised between loops at step 20\)"):
+    with pytest.raises(ValueError) as error:
         Controller(runner, [Fails()]).train(40, 10)
-    assert runner.stopped == [("ValueError", 20)]
+    assert error.value is raised and runner.stopped == [("ValueError", 20)]  # saved first
+    assert str(stop_of(error.value)) == "callback broke (raised between loops at step 20)"
+    if sys.version_info >= (3, 11):
+        assert error.value.__notes__ == [f"tapekit: {stop_of(error.value)}"]
+
+
+def test_tapekits_own_error_between_loops_becomes_its_one_line():
+    class Fails(callbacks_lib.Callback):
+        def on_eval_end(self, step, logs):
+            raise TapekitError("best_metric 'accuracy' is not among the evaluation's metrics")
+
+    runner = FakeRunner()
+    with pytest.raises(TapekitError, match=r"metrics \(raised between loops at step 20\)"):
+        Controller(runner, [Fails()], eval_every_steps=20).train(40, 10)
 
 
 def test_a_stop_requested_during_a_loop_reaches_the_runner_and_saves_nothing_twice():

@@ -5,10 +5,12 @@ import glob
 import os
 
 import keras
+import pytest
 import numpy as np
 import tensorflow as tf
 
 import tapekit
+from tapekit.errors import TapekitError
 from tapekit.images import image_grid
 
 from test_visuals import _events
@@ -18,6 +20,7 @@ class Sampling(tapekit.Trainer):
     """A regression whose `sample_images` draws fresh noise each call, and counts calls."""
 
     default_global_batch_size = 8
+    default_learning_rate = 0.1
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -25,7 +28,7 @@ class Sampling(tapekit.Trainer):
 
     def build(self):
         self.model = keras.layers.Dense(1)
-        self.optimizer = keras.optimizers.SGD(0.1)
+        self.optimizer = keras.optimizers.SGD(self.learning_rate)
 
     def train_arrays(self):
         x = np.linspace(-1, 1, 64, dtype=np.float32).reshape(-1, 1)
@@ -68,3 +71,87 @@ def test_initial_weights_depend_only_on_the_seed_not_on_trainers_made_before_fit
     alone = Sampling(seed=7, progress="none")
     alone.fit(train_steps=5, steps_per_loop=5)
     np.testing.assert_array_equal(alone.model.kernel.numpy(), first.model.kernel.numpy())
+
+
+class Prune(Exception):
+    """A control-flow exception of the user's own, as a sweep raises to prune a trial."""
+
+
+class RaisesInStep(Sampling):
+    def __init__(self, raised, **options):
+        super().__init__(**options)
+        self.raised = raised
+
+    def train_step(self, batch):
+        raise self.raised
+
+
+@pytest.mark.parametrize("run_eagerly", [False, True], ids=["compiled", "eager"])
+def test_an_exception_of_the_users_own_class_in_the_step_reaches_fit_as_itself(run_eagerly):
+    raised = Prune("from the step")
+    trainer = RaisesInStep(raised, run_eagerly=run_eagerly, progress="none")
+    with pytest.raises(Prune) as error:
+        trainer.fit(train_steps=4, steps_per_loop=2)
+    assert error.value is raised
+
+
+def test_a_builtin_error_in_a_compiled_step_is_still_explained_in_one_line():
+    trainer = RaisesInStep(ValueError("a bug"), progress="none")
+    with pytest.raises(TapekitError, match=r"train_step raised ValueError at .*a bug"):
+        trainer.fit(train_steps=4, steps_per_loop=2)
+
+
+def test_an_optuna_study_prunes_trials_through_a_tapekit_callback(tmp_path):
+    optuna = pytest.importorskip("optuna")
+
+    class ReportToTrial(tapekit.Callback):
+        def __init__(self, trial):
+            self.trial = trial
+
+        def on_loop_end(self, step, logs):
+            self.trial.report(logs["loss"], step)
+            if self.trial.should_prune():
+                raise optuna.TrialPruned(f"loss {logs['loss']:.3g} at step {step}")
+
+    def objective(trial):
+        learning_rate = trial.suggest_categorical("learning_rate", [0.1, 1e-4])
+        trainer = Sampling(model_dir=str(tmp_path / str(trial.number)), progress="none",
+                           learning_rate=learning_rate, checkpoint_every_steps=100)
+        history = trainer.fit(train_steps=40, steps_per_loop=10,
+                              callbacks=[ReportToTrial(trial)])
+        return history[-1]["loss"]
+
+    study = optuna.create_study(
+        sampler=optuna.samplers.GridSampler({"learning_rate": [0.1, 1e-4]}),
+        pruner=optuna.pruners.ThresholdPruner(upper=0.5, n_warmup_steps=15))
+    study.optimize(objective, n_trials=2)
+    states = {trial.params["learning_rate"]: trial.state for trial in study.trials}
+    assert states == {0.1: optuna.trial.TrialState.COMPLETE,
+                      1e-4: optuna.trial.TrialState.PRUNED}  # recorded as pruned, not failed
+    pruned = next(t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED)
+    assert max(pruned.intermediate_values) == 20  # the first check past warm-up
+    # the loop it was pruned after was saved first, as any stop between loops is
+    assert os.path.exists(tmp_path / str(pruned.number) / "checkpoints" / "ckpt-20.index")
+
+
+HOOKED = '''\
+from tapekit.trainers import RegressionTrainer
+
+
+class Hooked(RegressionTrainer):
+    def sample_images(self, num_images):
+        raise ValueError("a bug in a hook")
+'''
+
+
+def test_the_command_line_still_prints_one_line_for_a_users_exception(tmp_path):
+    from helpers import run_cli
+    (tmp_path / "hooked_trainer.py").write_text(HOOKED)
+    result = run_cli(["--trainer=hooked_trainer:Hooked", f"--model_dir={tmp_path / 'run'}",
+                      "--train_steps=20", "--steps_per_loop=10", "--sample_every_steps=10",
+                      "--progress=none"], cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert line.startswith("tapekit-train: error: ValueError at hooked_trainer.py:6")
+    assert "a bug in a hook (raised between loops at step 10; saved checkpoint" in line
+    assert os.path.exists(tmp_path / "run" / "checkpoints" / "ckpt-10.index")

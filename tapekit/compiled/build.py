@@ -13,7 +13,8 @@ strategy scope afterwards (keras-team/keras#19246); and which `keras.metrics` th
 updates, so that the loop resets and reports them.
 
 An exception from the user's step becomes one `TapekitError` naming the user's line;
-the data is blamed only when its shape or dtype is the cause.
+the data is blamed only when its shape or dtype is the cause. An exception of the user's
+own class (not Python's, TensorFlow's or Keras's) is raised as it is (`own_exception`).
 """
 
 import functools
@@ -27,8 +28,8 @@ from tapekit import compat
 from tapekit.compiled import means
 from tapekit.checkpoint import state as state_lib
 from tapekit.compiled import tracing
-from tapekit.errors import (TapekitError, blames_data, describe_spec, needs_eager, summarize,
-                            user_frame)
+from tapekit.errors import (TapekitError, blames_data, describe_spec, needs_eager, own_exception,
+                            summarize, user_frame)
 
 
 class BuildReport(NamedTuple):
@@ -125,6 +126,9 @@ def trace_step(strategy: tf.distribute.Strategy, step_fn, element_spec,
     except TapekitError:
         raise
     except Exception as error:  # from the user's step (or the model it calls)
+        own = own_exception(error)
+        if own is not None:  # the user's own exception class: theirs to catch, as raised
+            raise own from None
         raise TapekitError(explain(error, step_name, spec)) from None
     names = metric_names(outputs[0] if outputs else None, step_name)
     used = [m for m in keras_metrics if id(m) in trace.keras_metrics]

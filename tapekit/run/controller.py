@@ -20,6 +20,7 @@ from absl import logging
 
 from tapekit import callbacks as callbacks_lib
 from tapekit.callbacks import Callback
+from tapekit.errors import TapekitError, WriteFailed, pass_through
 from tapekit.faults.nonfinite import NonFiniteCheck
 from tapekit.faults.stop import StopSignals
 from tapekit.run.hooks import LoopHook
@@ -255,15 +256,20 @@ class Controller:
     @contextlib.contextmanager
     def _between_loops(self, step: int):
         """An exception from a callback, a hook or an evaluation after the loop that reached
-        `step` becomes the runner's one error (`Runner.stopped_by`: it saves that loop
-        first, unless a write failed)."""
+        `step` stops the run: `Runner.stopped_by` saves that loop first (unless a write
+        failed) and says so in one line. tapekit's own errors and failed writes (a full disk:
+        `WriteFailed`, exit 74 from the command line) become that line; any other exception
+        (the user's: a bug, or a sweep's `TrialPruned`) reaches the caller as the same object,
+        carrying the line (`tapekit.errors.pass_through`)."""
         try:
             yield
         except Exception as error:  # KeyboardInterrupt (a second Ctrl-C) is not caught
             stopped = self.runner.stopped_by(error, step)
             if stopped is error:  # e.g. other workers stopped: explained further out
                 raise
-            raise stopped from None
+            if isinstance(error, TapekitError) or isinstance(stopped, WriteFailed):
+                raise stopped from None
+            raise pass_through(error, stopped)
 
     def _more(self, step: int) -> bool:
         train_steps, train_epochs, _ = self._goal
