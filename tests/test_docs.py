@@ -1,4 +1,5 @@
-"""The docs cannot drift from the code: every Python block of README.md and docs/*.md runs.
+"""The docs cannot drift from the code: every Python block of README.md and docs/*.md runs
+(and of BUILD.md and benchmarks/README.md, should they get one).
 
 Blocks of one file run in order, in one namespace (a guide builds its example up), in a fresh
 working directory; a "/tmp/..." path in a block is redirected under pytest's `tmp_path`, so
@@ -57,7 +58,7 @@ def test_every_block_says_its_language(page):
             f"tests/test_docs.py), sh or text")
 
 
-@pytest.mark.parametrize("page", [page for page in GUIDES
+@pytest.mark.parametrize("page", [page for page in PAGES
                                   if any(language == "python"
                                          for language, _, _ in fenced_blocks(read(page)))])
 def test_the_python_blocks_run_as_written(page, tmp_path, monkeypatch):
