@@ -89,8 +89,9 @@ class Trainer:
         `strategy.distribute_datasets_from_function`.
         """
         raise NotImplementedError(
-            f"{type(self).__name__} must override train_dataset(input_context), "
-            "or pass dataset= to fit().")
+            f"{type(self).__name__} must override train_dataset(input_context) or "
+            "train_arrays(), or pass dataset= to fit(); a step that makes its own data is "
+            "written without a batch: def train_step(self).")
 
     def train_arrays(self):
         """In-memory training examples: an array or a tuple/dict of arrays (same length).
@@ -108,6 +109,12 @@ class Trainer:
         Returns a dict of scalar metrics; each is averaged over the loop's steps and over
         replicas. Use `compute_loss` for losses so that the reported value is the global
         mean whatever the number of replicas.
+
+        A step that makes its own data (RL rollouts, a PINN's collocation points, a replay
+        buffer in variables) is written without a batch, `def train_step(self)`, on a
+        trainer with no input method: its state lives in variables and `self.rng`, which
+        checkpoints hold. Inside a step, `self.global_step` reads the steps completed before
+        it (0 in the first step).
         """
         raise NotImplementedError(f"{type(self).__name__} must override train_step(batch).")
 
@@ -121,7 +128,8 @@ class Trainer:
         return self.train_dataset(input_context)
 
     def eval_step(self, batch) -> Optional[Dict[str, tf.Tensor]]:
-        """One evaluation step on one replica's batch: traced, per replica, no updates."""
+        """One evaluation step on one replica's batch: traced, per replica, no updates.
+        `def eval_step(self)` makes its own data (then give `evaluate(steps=N)`)."""
         raise NotImplementedError(f"{type(self).__name__} must override eval_step(batch) to evaluate.")
 
     def results_summary(self) -> Optional[str]:

@@ -155,3 +155,78 @@ def test_the_command_line_still_prints_one_line_for_a_users_exception(tmp_path):
     assert line.startswith("tapekit-train: error: ValueError at hooked_trainer.py:6")
     assert "a bug in a hook (raised between loops at step 10; saved checkpoint" in line
     assert os.path.exists(tmp_path / "run" / "checkpoints" / "ckpt-10.index")
+
+
+class Rollouts(tapekit.Trainer):
+    """A step that makes its own data: noisy points drawn from `self.rng` each step, kept
+    in a replay buffer of variables that the step writes (as an RL or PINN step does)."""
+
+    def build(self):
+        self.model = keras.layers.Dense(1)
+        self.model.build((None, 1))
+        self.optimizer = keras.optimizers.Adam(0.05)
+        self.buffer = tf.Variable(tf.zeros([32, 2]), trainable=False)
+        self.filled = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+    def _points(self):
+        x = self.rng.uniform([16, 1], -1.0, 1.0)
+        return x, 3.0 * x + 2.0 + 0.1 * self.rng.normal([16, 1])
+
+    def train_step(self):
+        x, y = self._points()
+        # A whole-variable assign: on several replicas it is aggregated (their mean), so
+        # every replica's copy stays the one a checkpoint holds; a sliced assign would not.
+        fresh = tf.concat([x, y], 1)
+        first = tf.equal(self.filled % 2, 0)
+        self.buffer.assign(tf.where(first, tf.concat([fresh, self.buffer[16:]], 0),
+                                    tf.concat([self.buffer[:16], fresh], 0)))
+        self.filled.assign_add(1)
+        replay = self.buffer[:tf.minimum(self.filled, 2) * 16]
+        with tf.GradientTape() as tape:
+            loss = self.compute_loss(tf.square(replay[:, 1:] - self.model(replay[:, :1])))
+        self.apply_gradients(tape, loss, self.model, self.optimizer)
+        return {"loss": loss, "buffer_step": tf.cast(self.global_step, tf.float32)}
+
+    def eval_step(self):
+        x, y = self._points()
+        return {"loss": self.compute_loss(tf.square(y - self.model(x)))}
+
+
+def _state(trainer):
+    return [v.numpy() for v in trainer.model.weights + trainer.optimizer.variables
+            + [trainer.buffer, trainer.filled]] + [trainer.rng.state.numpy()]
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_a_step_that_makes_its_own_data_trains_checkpoints_and_resumes_bit_for_bit(
+        tmp_path, replicas):
+    # On 2 replicas each draws its own points; the buffer (a float variable made from a
+    # tensor, no dtype named) is averaged over them, so its copies stay the checkpoint's.
+    options = dict(seed=4, progress="none", checkpoint_every_steps=20, deterministic=True,
+                   strategy="mirrored" if replicas == 2 else "default", cpu_replicas=replicas)
+    whole = Rollouts(model_dir=str(tmp_path / "whole"), **options)
+    history = whole.fit(train_steps=60, steps_per_loop=20)
+    assert history[0]["buffer_step"] == 9.5  # global_step inside a step: steps done before it
+    assert history[-1]["loss"] < history[0]["loss"]
+    stopped = Rollouts(model_dir=str(tmp_path / "parts"), **options)
+    stopped.fit(train_steps=20, steps_per_loop=20)
+    resumed = Rollouts(model_dir=str(tmp_path / "parts"), **options)  # a new process would
+    assert resumed.fit(train_steps=60, steps_per_loop=20)[0]["step"] == 40
+    for a, b in zip(_state(whole), _state(resumed)):
+        np.testing.assert_array_equal(a, b)
+    metrics = resumed.evaluate(steps=3)
+    assert set(metrics) == {"loss"} and np.isfinite(metrics["loss"])
+    with pytest.raises(TapekitError, match="makes its own data, which has no end: give"):
+        resumed.evaluate()
+
+
+def test_a_step_without_a_batch_given_input_is_refused_in_one_line():
+    class Confused(Rollouts):
+        def train_arrays(self):
+            return np.zeros([64, 1], np.float32)
+
+    with pytest.raises(TapekitError, match=r"train_step takes no batch, but the trainer is "
+                                           r"given input \(train_dataset or train_arrays"):
+        Confused(progress="none").fit(train_steps=2, steps_per_loop=1)
+    with pytest.raises(TapekitError, match="has no epochs"):
+        Rollouts(progress="none").fit(train_epochs=1)

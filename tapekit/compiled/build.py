@@ -92,7 +92,7 @@ def trace_step(strategy: tf.distribute.Strategy, step_fn, element_spec,
     def replica_fn(batch):
         creator = functools.partial(_create_noted, created) if eagerly else _create_eagerly
         with tracing.step(trace), tf.variable_creator_scope(creator):
-            result = converted_step(batch)
+            result = converted_step() if batch is None else converted_step(batch)  # None: no data
             if isinstance(result, dict):
                 static_weights.append(means.static_weights(result, list(result), batch))
         outputs.append(result)
@@ -197,7 +197,8 @@ def same_on_every_replica(next_creator, **kwargs):
     "none") averages the replicas' assignments instead, so its mirrored copies never drift
     apart and the one copy a checkpoint holds is the model's state. tf.keras averaged them
     on read; Keras 3 under MirroredStrategy keeps each replica's own."""
-    dtype = kwargs.get("dtype")
+    # A variable made from a tensor (`tf.Variable(tf.zeros([n]))`) names no dtype: its value's.
+    dtype = kwargs.get("dtype") or getattr(kwargs.get("initial_value"), "dtype", None)
     if (kwargs.get("trainable") is False and dtype is not None
             and tf.as_dtype(dtype).is_floating
             and kwargs.get("aggregation") in (None, tf.VariableAggregation.NONE)

@@ -106,7 +106,9 @@ class CompiledLoop:
         self.metric_names = self.step_metric_names + tuple(m.name for m in self.keras_metrics)
         self.step_counter = step_counter
         self.name = plan.name
-        self.in_memory = in_memory  # a tapekit.input.data.InMemoryExamples, or None: read an iterator
+        # a tapekit.input.data.InMemoryExamples (or NoData: the step makes its own data), or
+        # None: read an iterator
+        self.in_memory = in_memory
         self.endless = endless  # the iterator never runs out: no per-step end-of-data check
         self.trace_count = 0
         self._traced_spec = None
@@ -147,7 +149,7 @@ class CompiledLoop:
         step = self._eager_step if self._eager else self._user_step
         purpose = "eager" if self._eager else "loop"
         with tracing.step(tracing.StepTrace(purpose, deferred=deferred)):
-            outputs = step(batch) or {}
+            outputs = (step() if batch is None else step(batch)) or {}  # None: makes its own
             recorded = [means.recorded(outputs[name]) for name in self.step_metric_names]
         if not self.step_metric_names:
             return tf.zeros([0]), None, None
@@ -318,7 +320,8 @@ class CompiledLoop:
     def _in_memory_steps(self, state, num_steps):
         """`num_steps` steps of in-memory examples (`tapekit.input.data.InMemoryExamples`).
         Returns (steps run, state)."""
-        first_step = self.step_counter.read_value()
+        first_step = (self.step_counter.read_value() if self.step_counter is not None
+                      else tf.constant(0, tf.int64))  # an evaluation of generated data
         steps_per_epoch = self.in_memory.steps_per_epoch
 
         def steps(start, stop, state, prepare):

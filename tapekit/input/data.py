@@ -6,6 +6,7 @@ of those rows. So 1 replica and N replicas see exactly the same examples per ste
 run's input is a deterministic function of (seed, step) — the basis for exact resume.
 """
 
+import inspect
 from typing import Optional
 
 import numpy as np
@@ -223,3 +224,37 @@ def is_arrays(value) -> bool:
         return False
     flat = tf.nest.flatten(value)
     return bool(flat) and all(isinstance(a, (np.ndarray, tf.Tensor)) for a in flat)
+
+
+def takes_no_batch(step_fn) -> bool:
+    """Whether a (bound) step is written without a batch argument: `def train_step(self)`."""
+    try:
+        parameters = inspect.signature(step_fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return not [p for p in parameters
+                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
+
+
+class NoData:
+    """The input of a step that makes its own data (`def train_step(self)`: RL rollouts in
+    TensorFlow ops, a PINN's collocation points, a replay buffer in variables): no batch.
+
+    It stands where `InMemoryExamples` does, because the loop needs the same of both: the
+    batch is a function of the step (here, nothing), so the loop reads no iterator, a
+    resume has no input to position, and a skipped step reads nothing. The step's state
+    lives in variables (and `self.rng`), which checkpoints hold. It has no epochs.
+    """
+
+    makes_own_data = True
+    element_spec = None
+    steps_per_epoch = 1 << 62  # no epochs
+
+    def prepare(self, epoch) -> None:
+        """Nothing to prepare: there are no examples."""
+
+    def batch(self, step):
+        return None
+
+    def first_batch(self, strategy):
+        return None

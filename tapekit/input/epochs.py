@@ -48,6 +48,9 @@ class EpochPasses:
     def begin(self, run_input, dataset, in_memory, step: int) -> None:
         """Positions the input where the (restored) run is: in pass `done`, `step -
         start_step` steps in. Refuses data that never ends."""
+        if getattr(in_memory, "makes_own_data", False):
+            raise TapekitError("train_step makes its own data, which has no epochs: give "
+                               "train_steps (--train_steps), not train_epochs.")
         self._iterator = None
         if in_memory is not None:
             return

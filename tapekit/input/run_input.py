@@ -103,14 +103,25 @@ class RunInput:
                           self.seed, **kwargs)
 
     def evaluation(self, dataset=None, must_end: bool = False):
-        """The distributed evaluation input: `dataset`, else the trainer's `eval_dataset`."""
+        """The distributed evaluation input: `dataset`, else the trainer's `eval_dataset`;
+        `NO_DATA` for an `eval_step(self)` that makes its own (then `must_end` is refused)."""
+        if makes_own_data(self.trainer, "eval_step", dataset is not None, "eval_dataset"):
+            if must_end:
+                raise TapekitError(
+                    f"{type(self.trainer).__name__}.eval_step makes its own data, which has no "
+                    "end: give the evaluation's length (evaluate(steps=N), --eval_steps).")
+            return NO_DATA
         return self.distribute(dataset, self.trainer.eval_dataset, evaluation=True,
                                must_end=must_end)
 
     def in_memory_examples(self, dataset) -> Optional[data_lib.InMemoryExamples]:
-        """The device-resident input for `dataset` arrays (or `train_arrays()`), else None."""
+        """The device-resident input for `dataset` arrays (or `train_arrays()`); `NoData`
+        for a `train_step(self)` that makes its own data; else None (a dataset)."""
         arrays = dataset if data_lib.is_arrays(dataset) else (
             self.trainer.train_arrays() if dataset is None else None)
+        if makes_own_data(self.trainer, "train_step", dataset is not None or arrays is not None,
+                          "train_dataset", "train_arrays() or "):
+            return NO_DATA
         if arrays is None:
             return None
         key = tuple(id(a) for a in tf.nest.flatten(arrays))
@@ -150,6 +161,27 @@ class RunInput:
         self.train_endless = bool(pipelines) and all(
             d.cardinality() == tf.data.INFINITE_CARDINALITY for d in pipelines)
         return data
+
+
+NO_DATA = data_lib.NoData()
+
+
+def makes_own_data(trainer, step_name: str, has_input: bool, input_method: str,
+                   other: str = "") -> bool:
+    """Whether `trainer`'s `step_name` makes its own data: written without a batch, and no
+    input given (no dataset= and no arrays, `has_input` False) nor overridden
+    (`input_method`). A step without a batch that is given input is refused."""
+    from tapekit.trainer import Trainer
+    if not data_lib.takes_no_batch(getattr(trainer, step_name)):
+        return False
+    overridden = getattr(type(trainer), input_method) is not getattr(Trainer, input_method)
+    if has_input or overridden:
+        raise TapekitError(
+            f"{type(trainer).__name__}.{step_name} takes no batch, but the trainer is given "
+            f"input ({input_method} or {other}dataset=); give it a batch argument "
+            f"({step_name}(self, batch)) or remove the input: a step without one makes its own "
+            "data.")
+    return True
 
 
 def read_and_drop(iterator, steps: int) -> int:

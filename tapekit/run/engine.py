@@ -167,8 +167,6 @@ class Engine:
     def any_worker(self, flag: bool) -> bool:
         return distribute.any_worker(self.strategy, flag)
 
-    # ------------------------------------------------------------------ fit, evaluate, restore
-
     def fit(self, train_steps: Optional[int], steps_per_loop: int, dataset, callbacks: Sequence,
             eval_every_steps: Optional[int], eval_steps: Optional[int],
             by_epochs: Optional[Dict[str, Optional[int]]] = None) -> List[Dict[str, float]]:
@@ -186,9 +184,9 @@ class Engine:
             options = self.options
             rollback = self.rollbacks.for_fit(self, self._by_epochs)
             keep_best = best.keep_best_of(self, self._eval_data) if self._eval_data else None
-            write_dir = self.model_dir if distribute.is_chief(self.strategy) else None
             defaults = controller_lib.default_callbacks(
-                self, options, train_steps, write_dir, self.checkpointer, keep_best,
+                self, options, train_steps, self.model_dir if distribute.is_chief(self.strategy)
+                else None, self.checkpointer, keep_best,
                 checkpoint_every_epochs=by_epochs.get("checkpoint_every_epochs"))
             controller = controller_lib.Controller(
                 self, defaults + list(callbacks),
@@ -247,7 +245,8 @@ class Engine:
             distributed = (self._eval_data if reuse
                            else self.input.evaluation(dataset, must_end=steps is None))
             loop = self.eval_loop(distributed.element_spec, distributed)
-            return _call_loop(loop, iter(distributed), steps).metrics
+            iterator = None if loop.in_memory is not None else iter(distributed)
+            return _call_loop(loop, iterator, steps).metrics
 
     def eval_loop(self, element_spec, data) -> CompiledLoop:
         """The compiled evaluation loop, planned from a build trace of `eval_step` (once)."""
@@ -255,16 +254,15 @@ class Engine:
         if self._eval_loop is None:
             report = build_lib.trace_for(self, self.trainer.eval_step, element_spec, None,
                                          lambda: next(iter(data)))
-            self._eval_loop = CompiledLoop(self.strategy, self.trainer.eval_step,
-                                           LoopPlan.for_evaluation(report, self.options))
+            self._eval_loop = CompiledLoop(
+                self.strategy, self.trainer.eval_step, LoopPlan.for_evaluation(report, self.options),
+                in_memory=data if data is run_input.NO_DATA else None)
         return self._eval_loop
 
     def restore(self, checkpoint: Optional[str] = None) -> int:
         """`Trainer.restore`: builds, restores, returns the step; trains and writes nothing."""
         with self._running():
             return resume.restore(self, checkpoint)
-
-    # ------------------------------------------------------------------ building
 
     def ensure_built(self, dataset=None, in_memory=None) -> None:
         """Creates every variable and optimizer slot before the first step (once:
