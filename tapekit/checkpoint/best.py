@@ -124,7 +124,7 @@ def keep_best_of(engine, eval_data) -> Optional[KeepBest]:
     options = engine.options
     if not options.best_metric or engine.model_dir is None:
         return None
-    names = engine.eval_loop(eval_data.element_spec, eval_data).metric_names
+    names = engine.ema.metric_names(engine.eval_loop(eval_data.element_spec, eval_data).metric_names)
     if evaluation_metric(options.best_metric, names) is None:
         raise TapekitError(
             f"best_metric={options.best_metric!r} is not a metric of the evaluation, which "
@@ -136,7 +136,11 @@ def keep_best_of(engine, eval_data) -> Optional[KeepBest]:
                                 max_to_keep=2, task_id=distribute.task_id(engine.strategy),
                                 subdirectory=DIRECTORY)
     trainer = engine.trainer
-    export = trainer.export if trainer.export_model() is not None else None
+    export = None
+    if trainer.export_model() is not None:
+        def export(path):  # the served model: the averages, with use_ema (`tapekit.run.ema`)
+            with engine.ema.averaged():
+                trainer.export(path)
     return KeepBest(Best(os.path.join(engine.model_dir, DIRECTORY), options.best_metric,
                          resolve_mode(options.best_metric, options.best_mode), checkpointer,
                          export, is_chief))

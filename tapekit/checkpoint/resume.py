@@ -49,7 +49,9 @@ def restore(engine, checkpoint: Optional[str] = None) -> int:
                            "that has checkpoints (train first).")
     checkpointing.check_restorable(path)
     engine.ensure_built()
+    engine.ema.swap_out()  # (the averages a fit or restore left in the models are dropped)
     restore_read_only(engine, path)
+    engine.ema.swap_in()  # with use_ema, the models hold the averages, as after fit
     return engine.current_step
 
 

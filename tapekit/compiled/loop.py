@@ -28,7 +28,7 @@ from tapekit import compat
 from tapekit.compiled import means
 from tapekit.compiled import tracing
 from tapekit.compiled import xla
-from tapekit.errors import TapekitError
+from tapekit.errors import TapekitError, user_message
 from tapekit.run.runner import LoopResult
 
 NO_BAD_STEP = tf.int64.max
@@ -419,6 +419,15 @@ class CompiledLoop:
             self._concrete = (iterator, self._function.get_concrete_function(iterator, num_steps))
         concrete = self._concrete[1]
         return concrete(num_steps) if iterator is None else concrete(iterator, num_steps)
+
+
+def call_loop(loop: CompiledLoop, iterator, num_steps) -> LoopResult:
+    """`loop(iterator, num_steps)`, an error of tapekit's from inside it (AutoGraph's echo of
+    the trace removed) as its one line."""
+    try:
+        return loop(iterator, num_steps)
+    except TapekitError as error:
+        raise TapekitError(user_message(error)) from None
 
 
 def _same_spec(a, b) -> bool:

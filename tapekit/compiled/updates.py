@@ -309,6 +309,7 @@ class Updaters:
         self._options = options
         self._attribute_name = attribute_name  # the trainer attribute holding a model, if any
         self._by_key: Dict[tuple, GradientUpdater] = {}
+        self.built: List[tuple] = []  # (optimizer, the variables it was built on, in order)
 
     def add(self, optimizer, variables) -> None:
         key = updater_key(optimizer, variables)
@@ -316,6 +317,8 @@ class Updaters:
             return
         if not optimizer.built:
             optimizer.build(variables)
+        if all(built is not optimizer for built, _ in self.built):
+            self.built.append((optimizer, list(variables)))
         options = self._options
         loss_scale = DynamicLossScale() if options.precision == "mixed_float16" else None
         self._by_key[key] = GradientUpdater(

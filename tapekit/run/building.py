@@ -12,6 +12,7 @@ from tapekit.compiled import precision as precision_lib
 from tapekit.faults import good_state as good_state_lib
 from tapekit.namespace import check_namespace
 from tapekit.run import distribute
+from tapekit.run.ema import EmaWeights
 
 
 def build(engine, dataset=None, in_memory=None) -> None:
@@ -36,6 +37,7 @@ def build(engine, dataset=None, in_memory=None) -> None:
     with engine.strategy.scope():
         for optimizer, variables in engine.train_report.updates:
             engine.updaters.add(optimizer, variables)
+    engine.ema = EmaWeights(engine.updaters.built)
     engine.loss_window = good_state_lib.loss_window(engine.strategy, engine.options,
                                                 engine.train_report.metric_names)
     engine.built_learning_rates = resume.built_learning_rates(engine.trainer)

@@ -39,8 +39,8 @@ from tapekit.checkpoint import resume
 from tapekit.checkpoint import state as state_lib
 from tapekit.compiled import updates
 from tapekit.checkpoint.checkpointing import Checkpointer
-from tapekit.errors import TapekitError, user_message
-from tapekit.compiled.loop import CompiledLoop, LoopPlan
+from tapekit.compiled.loop import CompiledLoop, LoopPlan, call_loop
+from tapekit.run.ema import EmaWeights
 from tapekit.run.runner import LoopResult, RunStatus
 
 
@@ -91,6 +91,7 @@ class Engine:
         self._train_iterator = None
         self._dataset = None  # what prepare_training trains on (None: the trainer's input)
         self.rollbacks = good_state_lib.RunRollbacks()  # skipped steps, nan_policy=rollback
+        self.ema = EmaWeights()  # the optimizers' averages (use_ema), once built
         self.input = run_input.RunInput(self.strategy, trainer, lambda: self.global_batch_size,
                                      options.seed)
 
@@ -126,10 +127,10 @@ class Engine:
     def run_train_loop(self, num_steps: int) -> LoopResult:
         """Runs one compiled loop of up to `num_steps` steps on the input `prepare_training` set."""
         if self._by_epochs:
-            return self.epochs.run_loop(_call_loop, self.train_loop, self.input, num_steps,
+            return self.epochs.run_loop(call_loop, self.train_loop, self.input, num_steps,
                                         self.current_step, self.stop.requested)
         iterator = None if self.train_loop.in_memory is not None else self._train_iterator
-        return _call_loop(self.train_loop, iterator, num_steps)
+        return call_loop(self.train_loop, iterator, num_steps)
 
     def reposition_input(self, step: int) -> None:
         if self._by_epochs:
@@ -198,6 +199,7 @@ class Engine:
                 history = controller.train(train_steps, int(steps_per_loop),
                                            by_epochs.get("train_epochs"),
                                            by_epochs.get("eval_every_epochs"))
+            self.ema.swap_in()  # as Keras fit ends: the models hold the averages
         self.history.extend(history)
         return history
 
@@ -219,6 +221,7 @@ class Engine:
         first call starts where the run left off (`tapekit.checkpoint.resume.start`)."""
         in_memory = self.input.in_memory_examples(dataset)
         self.ensure_built(dataset, in_memory)
+        self.ema.swap_out()  # training goes on from the raw weights
         self._dataset = dataset
         if not self._restored:
             self._restored = True
@@ -245,8 +248,8 @@ class Engine:
             distributed = (self._eval_data if reuse
                            else self.input.evaluation(dataset, must_end=steps is None))
             loop = self.eval_loop(distributed.element_spec, distributed)
-            iterator = None if loop.in_memory is not None else iter(distributed)
-            return _call_loop(loop, iterator, steps).metrics
+            return self.ema.evaluated(lambda: call_loop(
+                loop, None if loop.in_memory is not None else iter(distributed), steps).metrics)
 
     def eval_loop(self, element_spec, data) -> CompiledLoop:
         """The compiled evaluation loop, planned from a build trace of `eval_step` (once)."""
@@ -289,10 +292,3 @@ class Engine:
 
     def checkpoint_objects(self) -> Dict[str, Any]:
         return state_lib.checkpoint_objects(self.owned_state())
-
-
-def _call_loop(loop: CompiledLoop, iterator, num_steps) -> LoopResult:
-    try:
-        return loop(iterator, num_steps)
-    except TapekitError as error:
-        raise TapekitError(user_message(error)) from None
