@@ -20,6 +20,7 @@ from absl import logging
 
 from tapekit import callbacks as callbacks_lib
 from tapekit.callbacks import Callback
+from tapekit.callbacks.progress import in_notebook
 from tapekit.errors import TapekitError, WriteFailed, pass_through
 from tapekit.faults.nonfinite import NonFiniteCheck
 from tapekit.faults.stop import StopSignals
@@ -42,8 +43,8 @@ def default_callbacks(runner: Runner, options, train_steps: Optional[int],
     """
     result: List[Callback] = []
     progress = options.progress
-    if progress == "auto":
-        progress = "bar" if sys.stderr.isatty() else "log"
+    if progress == "auto":  # a notebook shows no absl INFO lines: the bar there too
+        progress = "bar" if sys.stderr.isatty() or in_notebook() else "log"
     if progress == "bar":
         result.append(callbacks_lib.ProgressBar(train_steps))
     elif progress == "log":
