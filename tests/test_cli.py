@@ -1,4 +1,4 @@
-"""The tapekit-train entrypoint, run for real in subprocesses."""
+"""The tapekit-train entrypoint, run in-process (`helpers.run_cli`) as a process would run it."""
 
 import json
 import re

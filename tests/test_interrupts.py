@@ -31,14 +31,19 @@ def _signal_at_pause(args, signum, tmp_path, cli_env):
     return process, stderr
 
 
-def test_sigterm_finishes_the_loop_saves_and_exits_zero_then_resumes(tmp_path, cli_env):
+def test_sigterm_finishes_the_loop_saves_skips_the_due_evaluation_exits_zero_then_resumes(
+        tmp_path, cli_env):
     model_dir = tmp_path / "run"
-    args = ["--trainer=resumable:Regression", "--train_steps=2000", "--steps_per_loop=10",
-            f"--model_dir={model_dir}"]
+    args = ["--trainer=resumable:Regression", "--train_steps=2000", "--steps_per_loop=5",
+            "--eval_every_steps=5", f"--model_dir={model_dir}"]
     process, stderr = _signal_at_pause(args, signal.SIGTERM, tmp_path, cli_env)
     assert process.returncode == 0, stderr[-3000:]
     assert re.search("preempted at step 20, checkpoint .*/ckpt-20 saved", stderr), stderr[-3000:]
     assert tf.train.latest_checkpoint(str(model_dir / "checkpoints")).endswith("ckpt-20")
+    rows = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if row["split"] == "train"] == [5, 10, 15, 20]
+    # not at 20: the grace period is for the checkpoint
+    assert [row["step"] for row in rows if row["split"] == "eval"] == [5, 10, 15]
     resumed = run_cli(args + ["--train_steps=40"], cli_env, cwd=TESTS)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from checkpoint {model_dir / 'checkpoints' / 'ckpt-20'} at step 20" in resumed.stderr
@@ -91,18 +96,3 @@ def test_by_default_a_short_run_saves_only_at_its_end(tmp_path):
     RegressionTrainer(model_dir=str(tmp_path)).fit(train_steps=20, steps_per_loop=5)
     state = tf.train.get_checkpoint_state(str(tmp_path / "checkpoints"))
     assert [int(p.rsplit("-", 1)[1]) for p in state.all_model_checkpoint_paths] == [20]
-
-
-def test_a_stop_signal_skips_the_evaluation_that_was_due(tmp_path, cli_env):
-    model_dir = tmp_path / "run"
-    process, stderr = _signal_at_pause(["--trainer=resumable:Regression", "--train_steps=100",
-                                        "--steps_per_loop=5", "--eval_every_steps=5",
-                                        f"--model_dir={model_dir}"], signal.SIGTERM, tmp_path,
-                                       cli_env)
-    assert process.returncode == 0, stderr[-3000:]
-    assert "preempted at step 20" in stderr, stderr[-3000:]
-    rows = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in rows if row["split"] == "train"] == [5, 10, 15, 20]
-    # not at 20: the grace period is for the checkpoint
-    assert [row["step"] for row in rows if row["split"] == "eval"] == [5, 10, 15]
-    assert tf.train.latest_checkpoint(str(model_dir / "checkpoints")).endswith("ckpt-20")

@@ -1,8 +1,5 @@
 """`tapekit.input.tfrecords` and `--data=GLOB`: examples from TFRecord files, sharded per worker."""
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -12,8 +9,6 @@ from helpers import run_cli
 from tapekit.input import tfrecords
 from tapekit.trainers import GANTrainer, RegressionTrainer
 from tapekit.trainers.datasets import seed_linear
-
-TAPEKIT_DATA = [sys.executable, "-c", "from tapekit.input.tfrecords import main; main()"]
 
 
 def _line_npz(tmp_path, count=1000):
@@ -25,10 +20,8 @@ def _line_npz(tmp_path, count=1000):
 
 def test_the_converter_writes_shards_that_read_back_as_the_arrays(tmp_path):
     path, arrays = _line_npz(tmp_path, 10)
-    result = subprocess.run(TAPEKIT_DATA + ["npz-to-tfrecord", f"--input={path}",
-                                            f"--output_pattern={tmp_path / 'shards' / 'part'}",
-                                            "--num_shards=3"], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    tfrecords.main(["tapekit-data", "npz-to-tfrecord", f"--input={path}",
+                    f"--output_pattern={tmp_path / 'shards' / 'part'}", "--num_shards=3"])
     files = tfrecords.find(str(tmp_path / "shards" / "part-*.tfrecord"))
     assert [f.rsplit("/", 1)[1] for f in files] == [
         "part-00000-of-00003.tfrecord", "part-00001-of-00003.tfrecord", "part-00002-of-00003.tfrecord"]
@@ -121,8 +114,7 @@ def test_the_gan_evaluates_and_trains_on_the_records_samples(tmp_path):
 
 
 def _tapekit_data(tmp_path, name, images):
-    """Writes `images` as x in NAME.npz, then tapekit-data's main (in this process: the
-    subprocess is tested above) turns it into two shards."""
+    """Writes `images` as x in NAME.npz, then tapekit-data's main turns it into two shards."""
     np.savez(tmp_path / f"{name}.npz", x=images)
     tfrecords.main(["tapekit-data", "npz-to-tfrecord", f"--input={tmp_path / name}.npz",
                     f"--output_pattern={tmp_path / name / 'part'}", "--num_shards=2"])
