@@ -7,7 +7,8 @@ DEMO_DIR ?= demo_runs
 PYTEST_ARGS ?=
 
 # The lowest TensorFlow/Keras pair tapekit claims (BUILD.md, "Supported versions"), tested
-# in a virtualenv of its own by `make test-oldest` (CI runs it after `make test`).
+# in a virtualenv of its own by `make test-oldest` (CI runs it after `make test`), on the
+# version-sensitive tests only.
 OLDEST_VENV ?= .venv-oldest
 OLDEST_PINS ?= tensorflow==2.16.2 keras==3.10.0
 OLDEST_STAMP := $(OLDEST_VENV)/.tapekit-installed
@@ -39,8 +40,9 @@ demo: $(STAMP)
 	@echo "  dcgan/samples/step_*.png           generated image grids"
 	@echo "  gan_generator/, dcgan_generator/   SavedModels (serving_default)"
 
+# -rs: why each skipped test was skipped; --durations: the slowest tests.
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -rs --durations=15 $(PYTEST_ARGS)
 
 $(OLDEST_STAMP): setup.cfg pyproject.toml Makefile
 	test -x $(OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_VENV)
@@ -48,8 +50,10 @@ $(OLDEST_STAMP): setup.cfg pyproject.toml Makefile
 	$(OLDEST_VENV)/bin/python -m pip install --quiet $(OLDEST_PINS) -e '.[test]'
 	touch $(OLDEST_STAMP)
 
+# Only what can differ between versions (tests/conftest.py, VERSION_SENSITIVE); the rest ran
+# on the newest pair in `make test`.
 test-oldest: $(OLDEST_STAMP)
-	$(OLDEST_VENV)/bin/python -m pytest -q --durations=15 $(PYTEST_ARGS)
+	$(OLDEST_VENV)/bin/python -m pytest -q -rs --durations=15 -m version_sensitive $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py --readme benchmarks/README.md
