@@ -149,10 +149,16 @@ TRAINER_OPTIONS = (
            "MODEL_DIR/profile."),
     Option("progress", "enum", "auto",
            "Progress bar (bar), one log line per loop (log), nothing (none); auto: a bar on a "
-           "terminal, log lines in a batch job.", choices=PROGRESS_MODES),
+           "terminal or in a Jupyter notebook, log lines in a batch job.", choices=PROGRESS_MODES),
     Option("sample_every_steps", "integer", None,
            "With a model_dir: save sample image grids (MODEL_DIR/samples/step_N.png) and "
            "TensorBoard image/histogram summaries this often, and at the end.", minimum=1),
+    Option("summary_every_steps", "integer", None,
+           "With a model_dir: write the tf.summary calls of train_step (scalar, histogram, "
+           "...) to MODEL_DIR/summaries/train at every step whose global step (counting it) "
+           "is a multiple of this, at that step, from the chief's first replica; eval_step's "
+           "of each evaluation's first step to summaries/eval. Unset: they write nothing, and "
+           "the loop has no summary op. Not with jit_compile.", minimum=1),
     Option("allow_changes", "list", None,
            "Settings a resumed run may change on purpose (comma-separated), e.g. "
            "global_batch_size,seed; other changes that break exact resume are refused."),
@@ -252,6 +258,12 @@ def resolve(arguments: Dict[str, Any]) -> "Options":
         values["profile_steps"] = steps
     if values.get("best_metric") and not values.get("model_dir"):
         raise TapekitError("best_metric needs a model_dir to keep MODEL_DIR/best/ in.")
+    if values.get("summary_every_steps") and not values.get("model_dir"):
+        raise TapekitError("summary_every_steps needs a model_dir to write "
+                           "MODEL_DIR/summaries to.")
+    if values.get("summary_every_steps") and values.get("jit_compile"):
+        raise TapekitError("summary_every_steps cannot be used with jit_compile: XLA cannot "
+                           "compile tf.summary writes; turn one of them off.")
     allowed = values.get("allow_changes")
     if allowed is not None:
         allowed = allowed.split(",") if isinstance(allowed, str) else allowed

@@ -34,6 +34,7 @@ VERSION_SENSITIVE = {
     "test_xla.py": "jit_compile and Keras's StatelessScope",
     "test_build.py": "AutoGraph and the captured tensors of a build trace",
     "test_summaries.py": "summary metadata written through TensorFlow internals",
+    "test_step_summaries.py": "tf.summary state in tf.function and MirroredStrategy's threads",
     "test_export.py": "SavedModel export of Keras models",
 }
 

@@ -1,6 +1,5 @@
 """Writes each loop's and evaluation's metrics, and samples, as TensorBoard summaries."""
 
-import os
 from typing import Dict, Optional
 
 from tapekit.callbacks.base import EveryNSteps
@@ -13,16 +12,24 @@ class TensorBoard(EveryNSteps):
     Every loop: each metric, `steps_per_sec`, and each optimizer's learning rate. Every
     `sample_every_steps` (and at the end): the trainer's `sample_images` as an image grid
     and its `sample_histograms`. Eager, at loop boundaries. `samples` may be shared with
-    `SampleImages`, which then writes the same images as PNG.
+    `SampleImages`, which then writes the same images as PNG. `writers`: the run's
+    `tapekit.compiled.step_summaries.SummaryWriters` for LOGDIR, shared with the summaries
+    written inside steps (one event file per directory); None: its own.
     """
 
     def __init__(self, logdir: str, sample_every_steps: Optional[int] = None,
-                 num_images: int = 16, samples: Optional[Samples] = None):
+                 num_images: int = 16, samples: Optional[Samples] = None, writers=None):
         super().__init__(sample_every_steps)
         self.logdir = logdir
         self.samples = samples or Samples(num_images)
-        self._train_writer = None  # each created at its first use: an evaluator
-        self._eval_writer = None  # process writes only eval/
+        # Each writer is made at its first use: an evaluator process writes only eval/.
+        self.writers = writers
+
+    def _writer(self, name: str):
+        if self.writers is None:
+            from tapekit.compiled.step_summaries import SummaryWriters
+            self.writers = SummaryWriters(self.logdir)
+        return self.writers.get(name)
 
     def _learning_rates(self) -> Dict[str, float]:
         import tensorflow as tf
@@ -35,10 +42,7 @@ class TensorBoard(EveryNSteps):
 
     @property
     def train_writer(self):
-        import tensorflow as tf
-        if self._train_writer is None:
-            self._train_writer = tf.summary.create_file_writer(os.path.join(self.logdir, "train"))
-        return self._train_writer
+        return self._writer("train")
 
     def on_loop_end(self, step, logs):
         from tapekit import summaries
@@ -49,19 +53,17 @@ class TensorBoard(EveryNSteps):
         self.train_writer.flush()
 
     def on_eval_end(self, step, logs):
-        import tensorflow as tf
         from tapekit import summaries
-        if self._eval_writer is None:
-            self._eval_writer = tf.summary.create_file_writer(os.path.join(self.logdir, "eval"))
-        with self._eval_writer.as_default(step=step):
+        writer = self._writer("eval")
+        with writer.as_default(step=step):
             for name, value in logs.items():
                 summaries.scalar(name, value, step)
-        self._eval_writer.flush()
+        writer.flush()
 
     def on_train_end(self, step, logs):
         super().on_train_end(step, logs)
-        if self._train_writer is not None:
-            self._train_writer.flush()
+        if self.writers is not None:
+            self.writers.flush()
 
     def act(self, step):
         if not self.every_steps:

@@ -14,9 +14,12 @@ is advanced once per loop unless the step reads it; per-step counts are carried 
 some weight is known only at run time. Both are decided before the loop is traced, from
 what the build trace found (`LoopPlan`). The loop's own code is traced
 without AutoGraph; the user's step is converted by AutoGraph as a `tf.function` would
-(`tapekit.compiled.build.autographed`).
+(`tapekit.compiled.build.autographed`). With `summary_every_steps` the step's own
+`tf.summary` calls are recorded every N steps (`tapekit.compiled.step_summaries`); without
+it the loop has no summary op.
 """
 
+import contextlib
 import dataclasses
 from typing import Any, Callable, Optional, Sequence
 
@@ -26,6 +29,7 @@ from absl import logging
 from tapekit.compiled import build
 from tapekit import compat
 from tapekit.compiled import means
+from tapekit.compiled import step_summaries
 from tapekit.compiled import tracing
 from tapekit.compiled import xla
 from tapekit.errors import TapekitError, user_message
@@ -54,6 +58,8 @@ class LoopPlan:
     run_eagerly: bool = False  # the loop runs as Python, op by op (also if TensorFlow's switch is on)
     max_retraces: Optional[int] = None  # more retraces raise
     name: str = "train_loop"
+    # tf.summary calls in the step, recorded every summary_every_steps; None: off, no op added
+    summaries: Optional[step_summaries.LoopSummaries] = None
 
     @classmethod
     def from_build(cls, report, **options) -> "LoopPlan":
@@ -62,17 +68,20 @@ class LoopPlan:
                    report.static_weights, report.spec, report.reads_step_counter, **options)
 
     @classmethod
-    def for_training(cls, report, options) -> "LoopPlan":
-        """The training loop's plan, with the run's `nan_policy`, `jit_compile`, `max_retraces`."""
+    def for_training(cls, report, options, summaries=None) -> "LoopPlan":
+        """The training loop's plan, with the run's `nan_policy`, `jit_compile`, `max_retraces`
+        and its in-step summaries (`summaries`: a `step_summaries.RunSummaries`)."""
         return cls.from_build(report, finite_means=options.nan_policy == "skip_step",
                               jit_compile=options.jit_compile, max_retraces=options.max_retraces,
-                              run_eagerly=options.run_eagerly, name="train_loop")
+                              run_eagerly=options.run_eagerly, name="train_loop",
+                              summaries=summaries and summaries.for_loop(step_summaries.TRAIN))
 
     @classmethod
-    def for_evaluation(cls, report, options) -> "LoopPlan":
+    def for_evaluation(cls, report, options, summaries=None) -> "LoopPlan":
         """The evaluation loop's plan: no skipped steps, no retrace limit."""
         return cls.from_build(report, jit_compile=options.jit_compile,
-                              run_eagerly=options.run_eagerly, name="eval_loop")
+                              run_eagerly=options.run_eagerly, name="eval_loop",
+                              summaries=summaries and summaries.for_loop(step_summaries.EVAL))
 
     def static_weights_for(self, spec) -> bool:
         """Whether batches of `spec` (one replica's) have constant weights, as traced."""
@@ -174,7 +183,8 @@ class CompiledLoop:
 
     def _step_and_accumulate(self, batch, state, offset):
         # All metrics as one vector: a handful of ops per step, whatever their number.
-        values, totals, weights = (self._measure if self._eager else self._measured_step)(batch)
+        with self._summaries_of_step(offset):
+            values, totals, weights = (self._measure if self._eager else self._measured_step)(batch)
         if not self.step_metric_names:
             return state
         state = dict(state)
@@ -211,7 +221,18 @@ class CompiledLoop:
         spec = self._count_trace(iterator)  # Python side effects: run only while tracing
         self._carries_counts = self.plan.finite_means or not self.plan.static_weights_for(
             self._delivered(build.per_replica_spec(spec)))
-        return self._run(iterator, num_steps)
+        with self._summaries_of_loop():
+            return self._run(iterator, num_steps)
+
+    def _summaries_of_loop(self):
+        """Around a loop's steps: its summary writer is the default (`plan.summaries`)."""
+        summaries = self.plan.summaries
+        return summaries.loop(self.strategy) if summaries else contextlib.nullcontext()
+
+    def _summaries_of_step(self, offset):
+        """Around the step at `offset`, per replica: its summary step and whether it records."""
+        summaries = self.plan.summaries
+        return summaries.step(offset) if summaries else contextlib.nullcontext()
 
     def _run(self, iterator, num_steps):
         """The loop itself: traced by `_loop`, or run as Python by `_run_eagerly`."""
@@ -390,7 +411,8 @@ class CompiledLoop:
         carries_counts = self._carries_counts
         self._eager, self._carries_counts = True, True  # counts: exact for any input
         try:
-            return self._run(iterator, num_steps)
+            with self._summaries_of_loop():
+                return self._run(iterator, num_steps)
         finally:
             self._eager, self._carries_counts = False, carries_counts
 

@@ -32,14 +32,16 @@ from tapekit.run.runner import LoopResult, Runner
 def default_callbacks(runner: Runner, options, train_steps: Optional[int],
                       write_dir: Optional[str], checkpointer=None,
                       keep_best: Optional[Callback] = None,
-                      checkpoint_every_epochs: Optional[int] = None) -> List[Callback]:
+                      checkpoint_every_epochs: Optional[int] = None,
+                      summary_writers=None) -> List[Callback]:
     """tapekit's own callbacks for a `fit`, in the order they run (before the user's).
 
     Progress first, then `keep_best` (MODEL_DIR/best/, on every worker: it adds the best
     value to the evaluation's logs), then (with `write_dir`: the chief's model_dir) the
     metrics file, TensorBoard and sample images, and last the checkpoints (on every worker
     that has a `checkpointer`), so that a loop is recorded before it is saved. The non-finite check
-    is not a callback: the controller makes it before any of these runs.
+    is not a callback: the controller makes it before any of these runs. `summary_writers`:
+    the run's (`tapekit.compiled.step_summaries.SummaryWriters`), which TensorBoard shares.
     """
     result: List[Callback] = []
     progress = options.progress
@@ -56,7 +58,8 @@ def default_callbacks(runner: Runner, options, train_steps: Optional[int],
         samples = callbacks_lib.Samples()  # drawn once per sampling step, shown twice
         result.append(callbacks_lib.MetricsFile(os.path.join(model_dir, "metrics.jsonl")))
         result.append(callbacks_lib.TensorBoard(os.path.join(model_dir, "summaries"),
-                                                options.sample_every_steps, samples=samples))
+                                                options.sample_every_steps, samples=samples,
+                                                writers=summary_writers))
         if options.sample_every_steps:
             result.append(callbacks_lib.SampleImages(os.path.join(model_dir, "samples"),
                                                      options.sample_every_steps,

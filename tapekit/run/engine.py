@@ -40,6 +40,7 @@ from tapekit.checkpoint import state as state_lib
 from tapekit.compiled import updates
 from tapekit.checkpoint.checkpointing import Checkpointer
 from tapekit.compiled.loop import CompiledLoop, LoopPlan, call_loop
+from tapekit.compiled.step_summaries import RunSummaries
 from tapekit.run.ema import EmaWeights
 from tapekit.run.runner import LoopResult, RunStatus
 
@@ -73,6 +74,7 @@ class Engine:
             self.rng = tf.random.Generator.from_seed(options.seed)
         self.epochs = epochs_lib.EpochPasses(self.strategy)  # training by train_epochs
         self.stop = StopFlag(self.strategy)  # a signal's, read by the loop each step
+        self.summaries = RunSummaries.of(self)  # tf.summary in steps; writers TensorBoard shares
         self._by_epochs = False
         self.status = RunStatus()
         self.history: List[Dict[str, float]] = []
@@ -187,7 +189,7 @@ class Engine:
             keep_best = best.keep_best_of(self, self._eval_data) if self._eval_data else None
             defaults = controller_lib.default_callbacks(
                 self, options, train_steps, self.model_dir if distribute.is_chief(self.strategy)
-                else None, self.checkpointer, keep_best,
+                else None, self.checkpointer, keep_best, summary_writers=self.summaries.writers,
                 checkpoint_every_epochs=by_epochs.get("checkpoint_every_epochs"))
             controller = controller_lib.Controller(
                 self, defaults + list(callbacks),
@@ -235,7 +237,7 @@ class Engine:
         endless = in_memory is None and self.input.train_endless
         loop = self.train_loop
         if loop is None or loop.in_memory is not in_memory or loop.endless != endless:
-            plan = LoopPlan.for_training(self.train_report, self.options)
+            plan = LoopPlan.for_training(self.train_report, self.options, self.summaries)
             self.train_loop = CompiledLoop(self.strategy, self.trainer.train_step, plan,
                                            self.global_step, in_memory, endless, self.stop.variable)
 
@@ -257,9 +259,9 @@ class Engine:
         if self._eval_loop is None:
             report = build_lib.trace_for(self, self.trainer.eval_step, element_spec, None,
                                          lambda: next(iter(data)))
-            self._eval_loop = CompiledLoop(
-                self.strategy, self.trainer.eval_step, LoopPlan.for_evaluation(report, self.options),
-                in_memory=data if data is run_input.NO_DATA else None)
+            plan = LoopPlan.for_evaluation(report, self.options, self.summaries)
+            self._eval_loop = CompiledLoop(self.strategy, self.trainer.eval_step, plan,
+                                           in_memory=data if data is run_input.NO_DATA else None)
         return self._eval_loop
 
     def restore(self, checkpoint: Optional[str] = None) -> int:

@@ -41,7 +41,8 @@ def evaluate_checkpoints(engine, steps: Optional[int] = None, until_step: Option
     keep_best = best.keep_best_of(engine, engine.input.evaluation())
     callbacks = ([keep_best] if keep_best else []) + [
         callbacks_lib.MetricsFile(os.path.join(model_dir, EVAL_METRICS_FILE)),
-        callbacks_lib.TensorBoard(os.path.join(model_dir, "summaries"))]
+        callbacks_lib.TensorBoard(os.path.join(model_dir, "summaries"),
+                                  writers=engine.summaries.writers)]
     if once:
         paths = [engine.options.restore_from or checkpointing.latest(directory)]
         if paths[0] is None:
