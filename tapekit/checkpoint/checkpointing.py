@@ -76,6 +76,20 @@ def listed(directory: Optional[str]) -> List[str]:
             for p in (state.all_model_checkpoint_paths if state else [])]
 
 
+def candidates(directory: Optional[str]) -> List[str]:
+    """Every checkpoint a run in `directory` might resume from, oldest first: those its
+    `checkpoint` file lists (whose files may be gone) and every `ckpt-N` whose index file is
+    on disk (which the file may have lost). The checkpoints on disk decide, not only the file."""
+    if not directory:
+        return []
+    found = {os.path.normpath(p): p for p in listed(directory)}
+    for index in tf.io.gfile.glob(os.path.join(directory, "ckpt-*.index")):
+        path = index[:-len(".index")]
+        if step_of(path) >= 0:
+            found.setdefault(os.path.normpath(path), path)
+    return sorted(found.values(), key=step_of)
+
+
 def step_of(path: str) -> int:
     """The step in checkpoint `path`'s name (.../ckpt-100: 100), -1 when the name does not
     end in one. A name only: `saved_step` reads the step the checkpoint holds."""

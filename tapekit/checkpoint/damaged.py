@@ -15,7 +15,7 @@ from typing import List, Optional, Tuple
 import tensorflow as tf
 from absl import logging
 
-from tapekit.checkpoint.checkpointing import listed, step_of
+from tapekit.checkpoint.checkpointing import candidates, step_of
 from tapekit.errors import summarize
 
 
@@ -38,11 +38,12 @@ def unreadable(path: str) -> Optional[str]:
 
 
 def newest_readable(directory: Optional[str]) -> Tuple[Optional[str], List[Tuple[str, str]]]:
-    """(the newest checkpoint `directory` lists whose every tensor reads back, or None;
-    [(path, why) for each newer one that does not]). Reads the checkpoints, newest first,
-    until one is whole: a torn data file fails here, not half-way through a restore."""
+    """(the newest checkpoint of `directory` whose every tensor reads back, or None;
+    [(path, why) for each newer one that does not]). Reads the `candidates`, newest first,
+    until one is whole: a torn or missing data file, or a listed checkpoint whose files are
+    gone, fails here, not half-way through a restore."""
     damaged = []
-    for path in reversed(listed(directory)):
+    for path in reversed(candidates(directory)):
         why = unreadable(path)
         if why is None:
             return path, damaged
@@ -59,7 +60,7 @@ def set_aside_after(checkpointer, step: int) -> Optional[str]:
     if not (checkpointer.is_chief and directory):
         return None
     kept, newer = [], []
-    for path in listed(directory):
+    for path in candidates(directory):  # listed, or on disk unlisted: later saves reuse names
         (newer if step_of(path) > step else kept).append(path)
     if not newer:
         return None

@@ -79,15 +79,24 @@ def _fallback(engine) -> Optional[Dict[str, Any]]:
     """When the newest checkpoint of the model_dir cannot be read whole (a torn write, a
     truncated copy), the newest one that can becomes the latest (`fall_back_to`), so that
     a requeued job restarts by itself; nothing is moved yet (`_set_aside`, once the run
-    record allows the resume). Returns what it found, for run.json. An explicit
-    `restore_from` never falls back; with no readable checkpoint at all, the restore's own
-    error stands."""
+    record allows the resume). Returns what it found, for run.json. The checkpoints on disk
+    decide, not only the `checkpoint` file: one it names whose files are gone is damaged
+    too, and a whole one it lost is found. An explicit `restore_from` never falls back;
+    checkpoints of which none is whole are refused in one line that touches nothing."""
     checkpointer = engine.checkpointer
-    if engine.options.restore_from or checkpointer is None or checkpointer.latest is None:
+    if (engine.options.restore_from or checkpointer is None
+            or not checkpointing.candidates(checkpointer.directory)):
         return None
     good, damaged = damaged_lib.newest_readable(checkpointer.directory)
-    if not damaged or good is None:
+    if not damaged:
         return None
+    if good is None:  # never start from step 0 over checkpoints that could not be read
+        path, why = damaged[0]
+        more = f" (and {len(damaged) - 1} older)" if len(damaged) > 1 else ""
+        raise TapekitError(
+            f"{checkpointer.directory} has checkpoints but none is whole: {path}{more} cannot "
+            f"be read ({why}). Nothing was restored, moved or written. Put the missing files "
+            "back, resume from a copy with --restore_from, or use a new --model_dir.")
     checkpointer.fall_back_to(good)
     return {"damaged": [path for path, _ in damaged], "why": damaged[0][1],
             "resumed_from": good}
