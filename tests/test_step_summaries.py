@@ -129,6 +129,7 @@ def test_eval_step_summaries_go_to_summaries_eval_once_per_evaluation(tmp_path, 
     trainer = Summarizing(model_dir=str(tmp_path), progress="none", summary_every_steps=EVERY,
                           **options)
     trainer.fit(train_steps=STEPS, steps_per_loop=PER_LOOP, eval_every_steps=10, eval_steps=3)
+    trainer.evaluate(steps=2)  # again at step 20: once per global step, so nothing new
     evaluation = _events(tmp_path / "summaries" / "eval")
     # The evaluation's first step, at the global step the evaluated model is at.
     assert [(step, float(value)) for step, _, value in evaluation["my_eval_metric"]] == [

@@ -9,7 +9,9 @@ With `summary_every_steps` (and a model_dir) the compiled loop
   of the run writes at step N, where a loop ending after it logs its `loss`; inside the
   step `self.global_step` still reads N - 1, the steps completed before it);
 * evaluation, into MODEL_DIR/summaries/eval: each evaluation's first step, at the global
-  step the model is at (where the evaluation's `loss` is written);
+  step the model is at (where the evaluation's `loss` is written), once per global step: an
+  evaluation at the step of the one before it (of the EMA weights with `use_ema`, or an
+  `evaluate()` after `fit`'s last) records nothing;
 * on the chief's first replica only: other replicas and workers record nothing.
 
 How: around each loop the writer is made the default (in the loop's cross-replica context;
@@ -66,6 +68,10 @@ class LoopSummaries:
         self.training = training
         self._first_step = None  # while a loop runs: the global step as it started
         self._local_replicas = 1
+        self._first_at_step = None  # while an evaluation runs: the last one was at another step
+        # Evaluation: the global step of the last evaluation (not checkpointed: per process).
+        self._evaluated_step = None if training else tf.Variable(
+            -1, dtype=tf.int64, trainable=False, name="summaries_evaluated_step")
 
     @contextlib.contextmanager
     def loop(self, strategy: tf.distribute.Strategy):
@@ -74,11 +80,15 @@ class LoopSummaries:
         self._first_step = self.global_step.read_value()
         self._local_replicas = max(
             1, strategy.num_replicas_in_sync // distribute.num_workers(strategy))
+        if not self.training:
+            self._first_at_step = tf.not_equal(self._first_step, self._evaluated_step.read_value())
         try:
             with self.writer.as_default():
                 yield
+            if not self.training:
+                self._evaluated_step.assign(self._first_step)
         finally:
-            self._first_step = None
+            self._first_step = self._first_at_step = None
 
     @contextlib.contextmanager
     def step(self, offset):
@@ -91,9 +101,10 @@ class LoopSummaries:
                 return tf.equal(step % self.every_steps, 0)
         else:
             step = self._first_step  # the evaluated model's step
+            first_at_step = self._first_at_step
 
             def due():
-                return tf.equal(offset, 0)
+                return tf.logical_and(tf.equal(offset, 0), first_at_step)
         previous = tf.summary.experimental.get_step()
         tf.summary.experimental.set_step(step)
         try:
