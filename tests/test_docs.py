@@ -148,9 +148,14 @@ def test_every_trainer_the_docs_run_exists(monkeypatch):
 # ------------------------------------------------------------------ links, names and paths
 
 def test_the_architecture_in_build_md_names_every_module():
-    """Each module of tapekit/ is named in its folder's row of BUILD.md's table."""
+    """Each module of tapekit/ is named in its folder's row of BUILD.md's table, and each
+    module a row names is there."""
     rows = {match.group(1): match.group(0) for match in re.finditer(
         r"^\| `(tapekit/(?:\w+/|\*\.py))` \|.*$", read("BUILD.md"), re.MULTILINE)}
+    gone = [f"{folder}{name}" for folder, row in rows.items()
+            for name in re.findall(r"`(\w+\.py)`", row)
+            if not os.path.exists(os.path.join(REPO, folder.replace("*.py", ""), name))]
+    assert not gone, f"BUILD.md's architecture table names modules that are not there: {gone}"
     unnamed = []
     for path in sorted(glob.glob(os.path.join(REPO, "tapekit", "**", "*.py"), recursive=True)):
         relative = os.path.relpath(path, REPO)
