@@ -123,7 +123,10 @@ def wait_for(path, process, timeout=120, containing=None):
     """Waits until `path` exists (and holds `containing`) while `process` runs."""
     deadline = time.monotonic() + timeout
     while not (os.path.exists(path) and (containing is None or containing in open(path).read())):
-        assert process.poll() is None, f"the process ended ({process.returncode})"
+        if process.poll() is not None:
+            _, stderr = process.communicate()
+            raise AssertionError(f"the process ended ({process.returncode}): "
+                                 f"{(stderr or '')[-3000:]}")
         assert time.monotonic() < deadline, f"{path} never appeared (holding {containing!r})"
         time.sleep(0.02)
 

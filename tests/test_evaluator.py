@@ -22,20 +22,19 @@ def test_an_evaluator_process_evaluates_every_checkpoint_of_a_training_process(t
     model_dir = tmp_path / "run"
     common = ["--trainer=resumable:Regression", "--model=mlp", "--train_steps=600",
               "--steps_per_loop=100", f"--model_dir={model_dir}", "--progress=log"]
-    evaluator = start_cli(common + ["--mode=continuous_evaluate", "--eval_timeout_secs=120",
-                                    "--best_metric=loss"], cli_env, cwd=TESTS)
     # The trainer waits for each checkpoint's evaluation before the next save deletes it
     # (max_checkpoints_to_keep=1), so the evaluator sees every one however slow it is.
     trainer = start_cli(common + ["--checkpoint_every_steps=100", "--max_checkpoints_to_keep=1",
                                   "--wait_for_evaluation"], cli_env, cwd=TESTS)
-    try:
+    try:  # the evaluator: this process, beside the training one
+        evaluator = run_cli(common + ["--mode=continuous_evaluate", "--eval_timeout_secs=120",
+                                      "--best_metric=loss"], cli_env, cwd=TESTS)
         _, train_err = trainer.communicate(timeout=300)
-        _, eval_err = evaluator.communicate(timeout=300)
     finally:
         trainer.kill()
-        evaluator.kill()
+        trainer.wait()
     assert trainer.returncode == 0, train_err[-2000:]
-    assert evaluator.returncode == 0, eval_err[-2000:]
+    assert evaluator.returncode == 0, evaluator.stderr[-2000:]
 
     evaluated = _rows(model_dir / "eval_metrics.jsonl")
     assert [row["step"] for row in evaluated] == [100, 200, 300, 400, 500, 600]

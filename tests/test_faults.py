@@ -57,8 +57,15 @@ def _tear(path):
         stream.truncate(size // 2)
 
 
-def test_a_torn_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(tmp_path):
-    whole = _train(tmp_path / "whole", 40)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The 40 steps every interrupted Noisy run here must end bitwise equal to."""
+    return _train(tmp_path_factory.mktemp("uninterrupted"), 40)
+
+
+def test_a_torn_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(
+        tmp_path, uninterrupted):
+    whole = uninterrupted
     _train(tmp_path / "torn", 30)
     _tear(str(tmp_path / "torn" / "checkpoints" / "ckpt-30"))
     resumed = _train(tmp_path / "torn", 40)  # no flag changed: it falls back by itself
@@ -98,7 +105,7 @@ class BuggyHook(Noisy):
         return np.zeros([num_images, 4, 4, 1], np.float32)
 
 
-def test_a_hook_that_raises_stops_the_run_after_saving_its_last_loop(tmp_path):
+def test_a_hook_that_raises_stops_the_run_after_saving_its_last_loop(tmp_path, uninterrupted):
     trainer = BuggyHook(model_dir=str(tmp_path), progress="none", sample_every_steps=10,
                         deterministic=True)
     with pytest.raises(ValueError, match="a bug in sample_images") as error:  # the user's own
@@ -112,9 +119,7 @@ def test_a_hook_that_raises_stops_the_run_after_saving_its_last_loop(tmp_path):
                         deterministic=True)
     resumed.fixed = True  # the user fixed the hook
     resumed.fit(train_steps=40, steps_per_loop=10)
-    clean = Noisy(model_dir=str(tmp_path / "clean"), progress="none", deterministic=True)
-    clean.fit(train_steps=40, steps_per_loop=10)
-    for a, b in zip(clean.model.weights, resumed.model.weights):
+    for a, b in zip(uninterrupted.model.weights, resumed.model.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
@@ -150,18 +155,29 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
+# Keeping 2: a save that failed at step 30 must not have deleted ckpt-10 to make room.
+FULL_DISK_RUN = ["--trainer=resumable:Regression", "--deterministic", "--train_steps=60",
+                 "--steps_per_loop=10", "--checkpoint_every_steps=10", "--progress=log",
+                 "--max_checkpoints_to_keep=2"]
+
+
+@pytest.fixture(scope="module")
+def full_disk_reference(tmp_path_factory):
+    """The WEIGHTS of FULL_DISK_RUN uninterrupted (async writes train the same numbers)."""
+    from helpers import TESTS, reported_weights, run_cli
+    whole = run_cli(FULL_DISK_RUN + [f"--model_dir={tmp_path_factory.mktemp('whole')}"],
+                    cwd=TESTS)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    return reported_weights(whole.stdout)
+
+
 @pytest.mark.parametrize("writes", ["sync", "async"])
 def test_a_full_disk_stops_the_job_with_one_line_and_the_same_command_resumes(
-        small_disk, tmp_path, cli_env, writes):
+        small_disk, tmp_path, cli_env, writes, full_disk_reference):
     from helpers import TESTS, let_go, paused_cli, reported_weights, run_cli, wait_for
-    # Keeping 2: a save that failed at step 30 must not have deleted ckpt-10 to make room.
     # With --async_checkpoint the write fails in the background; the next save (or the end)
     # waits for it and stops the job the same way.
-    common = ["--trainer=resumable:Regression", "--deterministic", "--train_steps=60",
-              "--steps_per_loop=10", "--checkpoint_every_steps=10", "--progress=log",
-              "--max_checkpoints_to_keep=2"] + (["--async_checkpoint"] if writes == "async" else [])
-    whole = run_cli(common + [f"--model_dir={tmp_path / 'whole'}"], cli_env, cwd=TESTS)
-    assert whole.returncode == 0, whole.stderr[-2000:]
+    common = FULL_DISK_RUN + (["--async_checkpoint"] if writes == "async" else [])
     model_dir, pause = small_disk / "run", str(tmp_path / "paused")
     with paused_cli(common + [f"--model_dir={model_dir}"], cli_env, TESTS, pause, 20) as process:
         # async: ckpt-20 may still be writing at the pause; the disk fills after it is whole
@@ -182,7 +198,7 @@ def test_a_full_disk_stops_the_job_with_one_line_and_the_same_command_resumes(
     resumed = run_cli(common + [f"--model_dir={model_dir}"], cli_env, cwd=TESTS)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from checkpoint {model_dir}/checkpoints/ckpt-20 at step 20" in resumed.stderr
-    assert reported_weights(resumed.stdout) == reported_weights(whole.stdout)
+    assert reported_weights(resumed.stdout) == full_disk_reference
 
 
 # Marks (from inside the compiled loop) that step 50 has run.
