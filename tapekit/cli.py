@@ -19,7 +19,7 @@ from tapekit.callbacks import EarlyStopping
 from tapekit.faults import stop
 from tapekit.run import distribute
 from tapekit import options as options_lib
-from tapekit.checkpoint import record
+from tapekit.checkpoint import files, record
 from tapekit.errors import (EXIT_ERROR, EXIT_WRITE_FAILED, TapekitError, is_user_code, stop_of,
                             user_message)
 from tapekit.checkpoint.export import check_export_dir
@@ -71,21 +71,20 @@ NOT_RESUMED = ("model_dir", "restore_from", "allow_changes", "export_dir", "pdb_
 def recorded_flags(model_dir: Optional[str]) -> Dict[str, str]:
     """name -> value (as written) of each flag in MODEL_DIR/flags.txt of a recorded run
     (one with a run.json), else {}. Booleans are "true"/"false"."""
+    if model_dir:
+        files.check_scheme(model_dir)  # foo://: one line, before anything reads there
     if not model_dir or record.read(model_dir) is None:
         return {}
-    path = os.path.join(model_dir, record.FLAGS_FILE)
-    if not os.path.exists(path):
-        return {}
+    text = files.read_text(os.path.join(model_dir, record.FLAGS_FILE))
     found = {}
-    with open(path) as stream:
-        for line in stream.read().splitlines():
-            if not line.startswith("--"):
-                continue
-            name, equals, value = line[2:].partition("=")
-            if not equals:  # a boolean: --name or --noname
-                name, value = ((name, "true") if name in FLAGS or not name.startswith("no")
-                               else (name[2:], "false"))
-            found[name] = value
+    for line in (text or "").splitlines():
+        if not line.startswith("--"):
+            continue
+        name, equals, value = line[2:].partition("=")
+        if not equals:  # a boolean: --name or --noname
+            name, value = ((name, "true") if name in FLAGS or not name.startswith("no")
+                           else (name[2:], "false"))
+        found[name] = value
     return found
 
 

@@ -67,5 +67,5 @@ def write_png(path: str, grid) -> None:
             f"got {array.dtype} {list(array.shape)}; pass image_grid(images).")
     parent = os.path.dirname(path)
     if parent:
-        tf.io.gfile.makedirs(parent)
+        files.makedirs(parent)
     files.write_bytes(path, tf.io.encode_png(array).numpy())

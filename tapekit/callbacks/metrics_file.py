@@ -13,7 +13,9 @@ class MetricsFile(Callback):
     """Appends one JSON object per loop (and per evaluation) to `MODEL_DIR/metrics.jsonl`.
 
     The file is opened, appended to and closed each time, so a killed job leaves
-    every finished loop on disk. Only the chief writes it.
+    every finished loop on disk. On an object store (gs://), which cannot append, each row
+    rewrites the file whole (`files.append_line`): every finished loop's row is still there
+    after a kill, and a reader sees whole rows only. Only the chief writes it.
     """
 
     def __init__(self, path: str):
@@ -23,16 +25,14 @@ class MetricsFile(Callback):
         """A run resumed from a checkpoint older than the file's last rows (killed between
         writing a loop's row and saving its checkpoint, or stopped while replaying loops
         for a rollback) redoes those loops: their rows are dropped, to be written again."""
-        if not os.path.exists(self.path):
+        text = files.read_text(self.path)
+        if text is None:
             return
-        with open(self.path) as stream:
-            lines = stream.read().splitlines()
+        lines = text.splitlines()
         kept = [line for line in lines if not _row_after(line, step)]
         if len(kept) == len(lines):
             return
-        with files.open_for_writing(self.path + ".tmp") as stream:
-            stream.write("".join(line + "\n" for line in kept))
-        os.replace(self.path + ".tmp", self.path)
+        files.write_text_atomically(self.path, "".join(line + "\n" for line in kept))
         logging.info("metrics.jsonl: %d row(s) after step %d, where this run resumes, were "
                      "dropped (those loops are trained again)", len(lines) - len(kept), step)
 
@@ -41,9 +41,8 @@ class MetricsFile(Callback):
         # Counts (best_step, epoch) stay integers; metrics are floats.
         record.update({key: value if isinstance(value, int) and not isinstance(value, bool)
                        else float(value) for key, value in logs.items()})
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        with files.open_for_writing(self.path, append=True) as stream:
-            stream.write(json.dumps(record) + "\n")
+        files.makedirs(os.path.dirname(self.path) or ".")
+        files.append_line(self.path, json.dumps(record))
 
     def on_loop_end(self, step, logs):
         self._append("train", step, logs)

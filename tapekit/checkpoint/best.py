@@ -12,7 +12,6 @@ export.
 import json
 import math
 import os
-import shutil
 from typing import Callable, Optional
 
 import tensorflow as tf
@@ -30,11 +29,8 @@ RECORD = "best.json"
 
 def read(directory: str) -> Optional[dict]:
     """What `directory`/best.json records, or None when there is none yet."""
-    path = os.path.join(directory, RECORD)
-    if not os.path.exists(path):
-        return None
-    with open(path) as stream:
-        return json.load(stream)
+    text = files.read_text(os.path.join(directory, RECORD))
+    return None if text is None else json.loads(text)
 
 
 class Best:
@@ -83,22 +79,22 @@ class Best:
         record = os.path.join(self.directory, RECORD)
         try:
             if self.export is not None:
-                shutil.rmtree(partial, ignore_errors=True)
+                files.remove_tree(partial)
                 self.export(partial)
-            with files.open_for_writing(record + ".tmp") as stream:
-                json.dump({"metric": self.metric, "value": value, "step": int(step),
-                           "checkpoint": self.checkpointer.latest}, stream)
+            files.write_text(record + ".tmp", json.dumps({
+                "metric": self.metric, "value": value, "step": int(step),
+                "checkpoint": self.checkpointer.latest}))
         except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
+            files.remove_tree(partial)
             _drop_latest(self.checkpointer, previous)  # best/ stays at the previous best
             raise
         if self.export is not None:
-            shutil.rmtree(old, ignore_errors=True)
-            if os.path.exists(final):
-                os.replace(final, old)
-            os.replace(partial, final)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(record + ".tmp", record)
+            files.remove_tree(old)
+            if files.exists(final):
+                files.replace(final, old)
+            files.replace(partial, final)
+            files.remove_tree(old)
+        files.replace(record + ".tmp", record)
         logging.info("new best %s=%.6g at step %d, kept in %s", self.metric, value, step,
                      self.directory)
 

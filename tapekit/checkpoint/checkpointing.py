@@ -36,7 +36,11 @@ _VALUE = "/.ATTRIBUTES/VARIABLE_VALUE"  # what follows a variable's key in a che
 
 
 def prepare_model_dir(model_dir: str) -> str:
-    """Creates `model_dir` if needed and checks that files can be written there."""
+    """Creates `model_dir` if needed and checks that files can be written there. A path with
+    a scheme (gs://, ram://) is kept as it is, and refused if TensorFlow has no file system
+    for it."""
+    if files.is_remote(model_dir):
+        return _prepare_remote_model_dir(model_dir)
     model_dir = os.path.abspath(os.path.expanduser(model_dir))
     try:
         os.makedirs(model_dir, exist_ok=True)
@@ -50,6 +54,21 @@ def prepare_model_dir(model_dir: str) -> str:
             f"cannot write to model_dir {model_dir!r} ({error.strerror or error}); choose a "
             "writable --model_dir.") from None
     files.check_links(model_dir)
+    return model_dir
+
+
+def _prepare_remote_model_dir(model_dir: str) -> str:
+    model_dir = model_dir.rstrip("/")
+    test = os.path.join(model_dir, f".tapekit-write-test-{os.getpid()}")
+    try:
+        files.check_scheme(model_dir)
+        files.makedirs(model_dir)
+        files.write_bytes(test, b"")
+        files.remove_tree(test)
+    except tf.errors.OpError as error:
+        raise TapekitError(
+            f"cannot write to model_dir {model_dir!r} ({type(error).__name__}: {summarize(error)}); "
+            "check its credentials and permissions, or choose another --model_dir.") from None
     return model_dir
 
 
@@ -72,7 +91,7 @@ def latest(directory: Optional[str]) -> Optional[str]:
 def listed(directory: Optional[str]) -> List[str]:
     """Every checkpoint `directory` lists, oldest first ([]: none)."""
     state = tf.train.get_checkpoint_state(directory) if directory else None
-    return [p if os.path.isabs(p) else os.path.join(directory, p)
+    return [p if os.path.isabs(p) or files.is_remote(p) else os.path.join(directory, p)
             for p in (state.all_model_checkpoint_paths if state else [])]
 
 
@@ -100,14 +119,21 @@ def step_of(path: str) -> int:
 def saved_step(path: str) -> int:
     """The global step stored in checkpoint `path`, read without restoring anything."""
     try:
-        return int(tf.train.load_variable(path, state_lib.GLOBAL_STEP_KEY + _VALUE))
+        return int(reader(path).get_tensor(state_lib.GLOBAL_STEP_KEY + _VALUE))
     except Exception as error:  # the reader raises OpError, IndexError, … on damaged files
         raise _corrupt(path, error) from None
 
 
+def reader(path: str):
+    """TensorFlow's reader of checkpoint `path` (a prefix such as .../ckpt-100). Not
+    `tf.train.load_checkpoint`: it first asks whether `path` is a directory, and ram:// says
+    yes to any prefix of a file's name (ckpt-100 of ckpt-100.index)."""
+    return tf.compat.v1.train.NewCheckpointReader(path)
+
+
 def has_iterator(path: str) -> bool:
     try:
-        return any(name.startswith(ITERATOR_KEY + "/") for name, _ in tf.train.list_variables(path))
+        return any(name.startswith(ITERATOR_KEY + "/") for name in reader(path).get_variable_to_shape_map())
     except Exception as error:  # damaged files: see saved_step
         raise _corrupt(path, error) from None
 
@@ -207,7 +233,7 @@ class Checkpointer:
     def _reading(self, path: str) -> tf.train.Checkpoint:
         """What restores `path`: the checkpoint, or, when `path` lacks optional state
         (OPTIONAL_KEYS), one without it (that state keeps its values)."""
-        saved_roots = {name.split("/")[0] for name, _ in tf.train.list_variables(path)}
+        saved_roots = {name.split("/")[0] for name in reader(path).get_variable_to_shape_map()}
         absent = [name for name in self._objects
                   if (name + "/").startswith(OPTIONAL_KEYS) and name not in saved_roots]
         if not absent:
@@ -286,7 +312,7 @@ class Checkpointer:
 
 
 def _variable_shapes(path: str) -> Dict[str, List[int]]:
-    return {name: shape for name, shape in tf.train.list_variables(path)
+    return {name: shape for name, shape in reader(path).get_variable_to_shape_map().items()
             if not name.startswith(_IGNORED_KEYS) and not name.startswith(ITERATOR_KEY + "/")}
 
 

@@ -8,13 +8,13 @@ checkpoints/set_aside-TIME/ (`set_aside_after`). Eager; only the chief moves fil
 """
 
 import os
-import shutil
 import time
 from typing import List, Optional, Tuple
 
 import tensorflow as tf
 from absl import logging
 
+from tapekit.checkpoint import checkpointing, files
 from tapekit.checkpoint.checkpointing import candidates, step_of
 from tapekit.errors import summarize
 
@@ -25,7 +25,7 @@ def unreadable(path: str) -> Optional[str]:
     damage = (tf.errors.DataLossError, tf.errors.NotFoundError, tf.errors.OutOfRangeError,
               tf.errors.InvalidArgumentError, IndexError)  # not a transient failure to read
     try:
-        reader = tf.train.load_checkpoint(path)
+        reader = checkpointing.reader(path)
         for name, dtype in reader.get_variable_to_dtype_map().items():
             if dtype == tf.variant:  # a saved input position: read, but not as an array
                 tf.raw_ops.RestoreV2(prefix=path, tensor_names=[name], shape_and_slices=[""],
@@ -65,10 +65,10 @@ def set_aside_after(checkpointer, step: int) -> Optional[str]:
     if not newer:
         return None
     aside = os.path.join(directory, time.strftime("set_aside-%Y%m%d-%H%M%S"))
-    os.makedirs(aside, exist_ok=True)
+    files.makedirs(aside)
     for path in newer:
         for name in tf.io.gfile.glob(path + ".*"):
-            shutil.move(name, os.path.join(aside, os.path.basename(name)))
+            files.replace(name, os.path.join(aside, os.path.basename(name)))
     checkpointer.relist(kept)
     logging.warning("moved %d checkpoint(s) newer than step %d to %s", len(newer), step, aside)
     return aside

@@ -84,11 +84,9 @@ def make_record(trainer_class: type, arguments: Dict[str, Any], settings: Dict[s
 
 def read(model_dir: str) -> Optional[Dict[str, Any]]:
     path = os.path.join(model_dir, RECORD_FILE)
-    if not os.path.exists(path):
-        return None
     try:
-        with open(path) as stream:
-            return json.load(stream)
+        text = files.read_text(path)
+        return None if text is None else json.loads(text)
     except (OSError, ValueError) as error:
         raise TapekitError(f"the run record {path} is unreadable ({error}); move it aside to "
                            "resume without the check, or use a new --model_dir.") from None
@@ -96,17 +94,11 @@ def read(model_dir: str) -> Optional[Dict[str, Any]]:
 
 def write(model_dir: str, record: Dict[str, Any]) -> None:
     """Writes run.json (atomically) and, from the command line, flags.txt."""
-    path = os.path.join(model_dir, RECORD_FILE)
-    with files.open_for_writing(path + ".tmp") as stream:
-        json.dump(record, stream, indent=1)
-        stream.write("\n")
-    os.replace(path + ".tmp", path)
+    files.write_text_atomically(os.path.join(model_dir, RECORD_FILE),
+                                json.dumps(record, indent=1) + "\n")
     flags_text = _COMMAND_LINE.get().get("flags")
     if flags_text is not None:
-        with files.open_for_writing(os.path.join(model_dir, FLAGS_FILE + ".tmp")) as stream:
-            stream.write(flags_text)
-        os.replace(os.path.join(model_dir, FLAGS_FILE + ".tmp"),
-                   os.path.join(model_dir, FLAGS_FILE))
+        files.write_text_atomically(os.path.join(model_dir, FLAGS_FILE), flags_text)
 
 
 def differences(old: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, Tuple[Any, Any]]:
