@@ -40,6 +40,7 @@ def run_cli(args, env=None, cwd=None, command=TAPEKIT_TRAIN):
     import tensorflow as tf
     from absl import app, flags
     from absl import logging as absl_logging
+
     from tapekit import cli
     from tapekit.trainers.main import BUILTIN_TRAINERS
 
@@ -145,7 +146,7 @@ def let_go(pause_file):
 
 def reported_weights(stdout):
     """The WEIGHTS line a `resumable` trainer prints at the end: {"step", "weights"}."""
-    line = next(l for l in stdout.splitlines() if l.startswith("WEIGHTS "))
+    line = next(line for line in stdout.splitlines() if line.startswith("WEIGHTS "))
     return json.loads(line[len("WEIGHTS "):])
 
 

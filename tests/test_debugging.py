@@ -9,8 +9,9 @@ import pytest
 import tensorflow as tf
 
 import tapekit
-from helpers import user_trainer_module
 from tapekit.errors import TapekitError
+
+from helpers import user_trainer_module
 
 
 class Pair(tapekit.Trainer):
@@ -140,6 +141,7 @@ BROKEN_TRAINER = user_trainer_module("Broken", """\
 
 def test_pdb_post_mortem_opens_the_debugger_in_the_users_step(tmp_path, cli_env):
     import subprocess
+
     from helpers import TAPEKIT_TRAIN
     (tmp_path / "broken_trainer.py").write_text(BROKEN_TRAINER)
     result = subprocess.run(
@@ -171,6 +173,7 @@ def test_tensorflow_info_lines_are_hidden_unless_asked_for(cli_env):
 
 def test_a_resume_takes_the_flags_it_is_not_given_from_the_run(tmp_path, cli_env):
     import json
+
     from helpers import run_cli
     model_dir = str(tmp_path / "run")
     first = run_cli(["--trainer=regression", "--model=mlp", "--strategy=mirrored",
@@ -215,6 +218,7 @@ PAUSING_TRAINER = user_trainer_module("Pausing", """\
 
 def test_breakpoint_stops_at_every_eager_step_with_values(tmp_path, cli_env):
     import subprocess
+
     from helpers import TAPEKIT_TRAIN
     (tmp_path / "pausing_trainer.py").write_text(PAUSING_TRAINER)
     env = dict(cli_env, PYTHONBREAKPOINT="pdb.set_trace")

@@ -9,9 +9,10 @@ import tensorflow as tf
 
 import tapekit
 from tapekit.checkpoint import checkpointing
+from tapekit.trainers import RegressionTrainer
+
 from helpers import TESTS, run_cli, start_cli
 from small_trainers import Unshuffled
-from tapekit.trainers import RegressionTrainer
 
 
 def _rows(path):

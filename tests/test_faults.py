@@ -11,9 +11,10 @@ import pytest
 import tensorflow as tf
 
 import tapekit
-from helpers import user_trainer_module
 from tapekit.errors import TapekitError
 from tapekit.trainers import RegressionTrainer
+
+from helpers import user_trainer_module
 
 
 class Noisy(tapekit.Trainer):
@@ -220,6 +221,7 @@ def test_a_stop_request_ends_a_long_loop_at_the_next_step_and_saves(tmp_path, cl
     import signal
     import subprocess
     import time
+
     from helpers import TAPEKIT_TRAIN
     (tmp_path / "long_loop.py").write_text(LONG_LOOP_TRAINER)
     marker = tmp_path / "at_step_50"
@@ -257,6 +259,7 @@ def test_chaos_five_sigkills_at_random_moments_end_bitwise_where_a_clean_run_end
     reshuffled tf.data pipeline are killed and resumed in `test_conformance.py`.)"""
     import random
     import signal
+
     from helpers import TESTS, paused_cli, reported_weights, run_cli
     common = ["--trainer=resumable:GAN", "--deterministic", "--seed=3", "--train_steps=150",
               "--steps_per_loop=5", "--checkpoint_every_steps=20"]

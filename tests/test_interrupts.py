@@ -11,8 +11,9 @@ import signal
 
 import tensorflow as tf
 
-from helpers import TESTS, let_go, reported_weights, run_cli, start_cli, wait_for, wait_for_pause
 from tapekit.trainers import RegressionTrainer
+
+from helpers import TESTS, let_go, reported_weights, run_cli, start_cli, wait_for, wait_for_pause
 
 
 def _signal_at_pause(args, signum, tmp_path, cli_env):

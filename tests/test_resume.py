@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import TESTS, reported_weights, run_cli, start_cli, wait_for_pause
 from tapekit.trainers import GANTrainer
+
+from helpers import TESTS, reported_weights, run_cli, start_cli, wait_for_pause
 
 
 # The GAN on one replica is killed five times in test_faults' chaos test.

@@ -5,10 +5,11 @@ import pytest
 import tensorflow as tf
 
 import tapekit
-from helpers import run_cli
 from tapekit.input import tfrecords
 from tapekit.trainers import GANTrainer, RegressionTrainer
 from tapekit.trainers.datasets import seed_linear
+
+from helpers import run_cli
 
 
 def _line_npz(tmp_path, count=1000):
