@@ -121,7 +121,8 @@ def dense(gradient):
 
 def by_hand(cases: List[str], steps: int) -> Dict[str, keras.Model]:
     """Each case's model after `steps` steps of its optimizer applied to the dense gradient
-    of the mean loss over each global batch, on one device (no strategy)."""
+    of the mean loss over each global batch, on one device (no strategy), ended as Keras
+    `fit` ends (`finalize_variable_values`: with `use_ema`, the averages)."""
     models = {case: make_model(case) for case in cases}
     optimizers = {case: make_optimizer(case) for case in cases}
 
@@ -136,6 +137,8 @@ def by_hand(cases: List[str], steps: int) -> Dict[str, keras.Model]:
 
     for batch in global_batches().take(steps):
         step(batch)
+    for case in cases:  # as Keras fit ends (and tapekit's): use_ema's averages into the model
+        optimizers[case].finalize_variable_values(models[case].trainable_variables)
     return models
 
 
