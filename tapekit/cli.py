@@ -156,6 +156,8 @@ def parse_trainer_class(argv: Sequence[str], builtins: Dict[str, str],
             trainer_spec = recorded_flags(FLAGS.model_dir).get("trainer", trainer_spec)
     except flags.Error:
         trainer_spec = FLAGS["trainer"].default
+    except TapekitError as error:  # a model_dir whose scheme TensorFlow has no file system for
+        exit_with_error(program, error)
     FLAGS.unparse_flags()
     try:
         trainer_class = load_trainer_class(trainer_spec, builtins)
@@ -204,6 +206,10 @@ def _train(program: str, trainer_class: Type[Trainer], own_flags: List[str], arg
     quiet_tensorflow()
     if len(argv) > 1:
         exit_with_error(program, TapekitError(f"unexpected arguments: {' '.join(argv[1:])}"))
+    try:
+        files.check_scheme(FLAGS.model_dir or "")
+    except TapekitError as error:
+        exit_with_error(program, error)
     try:
         take_recorded_flags(trainer_class)
     except (TapekitError, flags.Error) as error:

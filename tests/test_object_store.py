@@ -175,3 +175,26 @@ def test_a_local_file_still_refuses_a_symbolic_link(tmp_path):
     with pytest.raises(TapekitError, match="is a symbolic link"):
         files.write_text_atomically(str(tmp_path / "run.json"), "{}")
     assert target.read_text() == "theirs\n"
+
+
+def test_the_command_line_on_ram_resumes_from_its_flags_txt_and_refuses_an_unknown_scheme(
+        ram, tmp_path, cli_env):
+    from helpers import run_cli
+    first = run_cli(["--trainer=regression", "--model=mlp", f"--model_dir={ram}/run",
+                     "--train_steps=10", "--steps_per_loop=10", "--progress=none"], cli_env)
+    assert first.returncode == 0, first.stderr
+    assert "--model=mlp" in _read(f"{ram}/run/flags.txt")
+    # only --model_dir and a longer run: the rest (--model=mlp) is taken from flags.txt there
+    second = run_cli([f"--model_dir={ram}/run", "--train_steps=20", "--steps_per_loop=10",
+                      "--progress=none", f"--export_dir={ram}/export"], cli_env)
+    assert second.returncode == 0, second.stderr
+    assert "--model=mlp" in second.stderr  # "resuming the run in ... with the flags ..."
+    assert json.loads(_read(f"{ram}/run/run.json"))["resumes"][0]["step"] == 10
+    assert gfile.exists(f"{ram}/export/saved_model.pb")
+
+    for trainer in (["--trainer=regression"], []):  # without --trainer, flags.txt is read first
+        refused = run_cli(trainer + ["--model_dir=foo://bucket/run"], cli_env)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr
+        assert refused.stderr.strip().splitlines()[-1] == (
+            "tapekit-train: error: model_dir foo://bucket/run: TensorFlow has no file system for "
+            "'foo://'; install its plugin (e.g. tensorflow-io for s3://) or use a local path.")
