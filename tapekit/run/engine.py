@@ -30,6 +30,7 @@ from tapekit.run import distribute
 from tapekit.input import epochs as epochs_lib
 from tapekit.faults import between_loops
 from tapekit.faults import good_state as good_state_lib
+from tapekit.faults import lock
 from tapekit.faults.stop import StopFlag
 from tapekit.input import run_input
 from tapekit import options as options_lib
@@ -179,7 +180,7 @@ class Engine:
         self._by_epochs = by_epochs.get("train_epochs") is not None
         if self._by_epochs and self.checkpointer is not None:  # built by restore/evaluate
             self.checkpointer.track(self.epochs.state())
-        with self._running(), self._evaluation_input(
+        with lock.held_for_training(self), self._running(), self._evaluation_input(
                 eval_every_steps or by_epochs.get("eval_every_epochs"), eval_steps):
             self.prepare_training(dataset, {
                 "train_steps": train_steps, "steps_per_loop": steps_per_loop,
