@@ -193,6 +193,12 @@ def test_a_fresh_claim_from_another_host_is_watched_then_taken_over_after_the_st
                      r"this job watched it, stale after 1\.2 s\) \(host node-17, pid 1", caplog.text)
 
 
+def test_watching_a_claim_from_another_host_is_not_cut_short(tmp_path, monkeypatch):
+    monkeypatch.setattr(lock, "_ATTEMPTS", 2)  # watching polls many more times than this
+    _foreign_claim(str(tmp_path), 1, heartbeat_age=-30, heartbeat_secs=0.4, host="node-17")
+    lock.Claim.take(str(tmp_path), interval=0.4).release()
+
+
 def test_a_claim_from_another_host_that_renews_is_refused(tmp_path):
     content = _foreign_claim(str(tmp_path), 1, heartbeat_secs=0.2, host="node-17")
     renewing = threading.Event()
@@ -424,7 +430,8 @@ def test_a_stopped_holder_is_taken_over_after_the_stated_time_and_exits_when_it_
         _, stderr = holder.communicate(timeout=60)
         print(stderr.strip().splitlines()[-1])
         assert holder.returncode == 2, stderr[-3000:]
-        assert "this job stopped renewing its claim on" in stderr and "writing nothing more" in stderr
+        assert f"the claim on model_dir {model_dir} is no longer this job's" in stderr
+        assert "exiting at once, writing nothing more" in stderr
         assert _snapshot(model_dir) == finished
     assert _rows(model_dir) == [10, 20, 30, 40]
 

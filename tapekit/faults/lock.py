@@ -58,7 +58,7 @@ HEARTBEAT_ENVIRONMENT = "TAPEKIT_CLAIM_HEARTBEAT_SECS"
 DEFAULT_HEARTBEAT_SECS = 30.0
 # A claim not renewed for this many heartbeat intervals is stale (room for a slow disk).
 STALE_AFTER_HEARTBEATS = 3
-_ATTEMPTS = 50  # creations raced and lost to another job's take-over before giving up
+_ATTEMPTS = 50  # creations and take-overs raced and lost to other jobs before giving up
 _NO_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK)
 
 
@@ -126,11 +126,13 @@ class Claim:
                        heartbeat_secs=interval or heartbeat_secs())
         content["heartbeat"] = content["started"]
         watched: Optional[Tuple[bytes, float]] = None  # another machine's claim, first seen
-        for _ in range(_ATTEMPTS):
+        attempts = 0  # watching a claim is not an attempt
+        while attempts < _ATTEMPTS:
             if _create(path, _encode(content)):
                 return cls(path, content)
             raw = _read(path)
             if raw is None:  # released meanwhile
+                attempts += 1
                 continue
             holder = _decode(raw)
             verdict, reason = judge(holder, _age(holder, path))
@@ -159,6 +161,7 @@ class Claim:
                     "wait for it to end or stop it, or train in another --model_dir (an "
                     "evaluator, --mode=continuous_evaluate, may run beside it). Nothing was "
                     "written.")
+            attempts += 1
             if _move_aside(path, raw, _stale_after(holder)):
                 logging.warning("taking over model_dir %s from a job that %s (%s)", model_dir,
                                 reason, describe(holder))
@@ -197,9 +200,10 @@ class Claim:
     def _lost(self, holder: Dict[str, Any]) -> None:
         taker = describe(holder) if holder else "its claim file is gone"
         sys.stderr.write(
-            f"tapekit: error: this job stopped renewing its claim on {os.path.dirname(self.path)} "
-            f"for longer than {_stale_after(self.content):g} s (suspended?) and another job "
-            f"took it over ({taker}); exiting at once, writing nothing more.\n")
+            f"tapekit: error: the claim on model_dir {os.path.dirname(self.path)} is no longer "
+            f"this job's ({taker}): another job took it over, as this one had not renewed it in "
+            f"{_stale_after(self.content):g} s (suspended?); exiting at once, writing nothing "
+            "more.\n")
         sys.stderr.flush()
         os._exit(EXIT_ERROR)
 
