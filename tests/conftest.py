@@ -36,6 +36,8 @@ VERSION_SENSITIVE = {
     "test_summaries.py": "summary metadata written through TensorFlow internals",
     "test_step_summaries.py": "tf.summary state in tf.function and MirroredStrategy's threads",
     "test_export.py": "SavedModel export of Keras models",
+    "test_missing_checkpoints.py": "which checkpoints TensorFlow finds and reads whole",
+    "test_object_store.py": "tf.io.gfile's ram:// file system under checkpoints and records",
 }
 
 
