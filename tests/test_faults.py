@@ -93,7 +93,8 @@ def test_when_no_checkpoint_is_readable_the_error_names_the_newest(tmp_path):
     _train(tmp_path, 20)
     for path in ("ckpt-10", "ckpt-20"):
         _tear(str(tmp_path / "checkpoints" / path))
-    with pytest.raises(TapekitError, match="ckpt-20' is damaged or unreadable"):
+    with pytest.raises(TapekitError, match=r"has checkpoints but none is whole: .*ckpt-20 "
+                                           r"\(and 1 older\) cannot be read"):
         _train(tmp_path, 30)
 
 
