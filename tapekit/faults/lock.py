@@ -6,14 +6,18 @@ does not block the requeue: the next job takes over by itself when the holder is
 gone (same machine, and its pid no longer runs, or runs another process: the process start
 time in /proc/PID/stat is compared, against pid reuse) or has stopped renewing its claim
 (its heartbeat is older than `STALE_AFTER_HEARTBEATS` (3) heartbeat intervals: 90 s by
-default), and says so in one line.
+default), and says so in one line. Another machine's claim whose heartbeat is recent by its
+clock is watched on ours for up to that time (clocks disagree): renewed, the job is refused;
+not renewed, it is taken over.
 
 `flock`/`fcntl` locks are unreliable on NFS, so the claim is a file, MODEL_DIR/training.claim
 (JSON: host, pid, process start, boot id, started, heartbeat, heartbeat_secs, token),
 created whole and atomically (written beside it, then `os.link`ed into place: fails if it
 exists, atomic on NFSv3+). A daemon thread renews it every `heartbeat_secs` (30; the
 environment variable TAPEKIT_CLAIM_HEARTBEAT_SECS sets it) by writing it beside and
-`os.replace`-ing it, after checking that it is still this job's. The training loop itself
+`os.replace`-ing it, after checking that it is still this job's (a holder stalled for the
+stale time between that check and the replace would overwrite a taker's claim; the taker
+then finds it lost and exits, so one writer remains). The training loop itself
 does nothing per step. Taking over a stale claim is race-free between two takers: each
 hard-links the claim it judged stale to a name made of that claim's bytes; only one link
 succeeds, and the taker then checks that the link holds the bytes it judged (a holder that
@@ -26,7 +30,9 @@ took over is the only writer.
 
 Who holds it: `held_for_training` is entered by `Engine.fit` (each `fit`, from the Python API
 or the command line's train modes) and leaves at its end, whatever the end (returned,
-raised, SIGTERM or Ctrl-C saved and stopped); a notebook's next `fit` takes it again. A
+raised, SIGTERM or Ctrl-C saved and stopped); a notebook's next `fit` takes it again (held
+until the trainer is collected instead, a notebook that makes a new Trainer on the same
+model_dir while IPython still references the old one would be refused by its own kernel). A
 process killed outright leaves its claim behind, for the next job to take over. Only the
 chief of several workers holds it: the others write only into temporary directories of
 their own, and the chief's refusal is shared with them (one collective), so that all exit
