@@ -12,7 +12,7 @@ import threading
 import traceback
 from typing import Optional, Tuple
 
-# Exit codes of the command line (BUILD.md, "Faults and what tapekit does"): 0 done or
+# Exit codes of the command line (docs/checkpoints-and-faults.md, "Exit codes"): 0 done or
 # preempted (requeue resumes), 1 a crash (a Python traceback), 2 a TapekitError,
 # 74 a write failed (EX_IOERR: a full disk, a lost permission), 130 Ctrl-C.
 EXIT_ERROR = 2

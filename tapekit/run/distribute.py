@@ -125,7 +125,7 @@ def slurm_resolver(port_base: int):
     except (RuntimeError, KeyError, ValueError) as error:
         raise TapekitError(
             f"--cluster_resolver=slurm cannot read the Slurm step ({error}); run each task "
-            "with srun inside a Slurm allocation, or use TF_CONFIG (see BUILD.md).") from None
+            "with srun inside a Slurm allocation, or use TF_CONFIG (see docs/running.md, Slurm).") from None
 
 
 def _existing_device(device: str) -> str:
@@ -150,7 +150,7 @@ def _check_tf_config() -> None:
     if not raw:
         raise TapekitError(
             "strategy 'multi_worker' needs the TF_CONFIG environment variable "
-            "(cluster and task); see BUILD.md, 'GPU batch jobs'.")
+            "(cluster and task); see docs/running.md, 'Several machines'.")
     try:
         config = json.loads(raw)
         cluster = config["cluster"]
@@ -162,7 +162,8 @@ def _check_tf_config() -> None:
         raise TapekitError(
             f"TF_CONFIG is not usable for 'multi_worker' ({type(error).__name__}: {error}); it "
             "must be JSON with 'cluster' (e.g. {\"worker\": [\"host:port\", …]}) and 'task' "
-            "({\"type\": \"worker\", \"index\": i}); see BUILD.md.") from None
+            "({\"type\": \"worker\", \"index\": i}); see docs/running.md, 'Several machines'."
+        ) from None
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
