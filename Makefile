@@ -42,6 +42,7 @@ demo: $(STAMP)
 
 # -rs: why each skipped test was skipped; --durations: the slowest tests.
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -rs --durations=15 $(PYTEST_ARGS)
 
 $(OLDEST_STAMP): setup.cfg pyproject.toml Makefile

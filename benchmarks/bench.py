@@ -1,6 +1,7 @@
 """Side-by-side speed of tapekit and the other ways to write the same training loop.
 
-    .venv/bin/python benchmarks/bench.py [--quick] [--json benchmarks/results.json] [--readme benchmarks/README.md]
+    .venv/bin/python benchmarks/bench.py [--quick] [--json benchmarks/results.json] \
+        [--readme benchmarks/README.md]
     make bench            # the full run; rewrites benchmarks/results.json and benchmarks/README.md's tables
 
 For each workload, in ONE process, every approach below trains the same model on the same
@@ -67,13 +68,18 @@ import tensorflow as tf  # noqa: E402
 from absl import logging  # noqa: E402
 
 import tapekit  # noqa: E402
-from tapekit.models import MLP, DCGANDiscriminator, DCGANGenerator, Discriminator, Generator  # noqa: E402
-from tapekit.models import LinearRegression  # noqa: E402
+from tapekit.models import (  # noqa: E402
+    MLP,
+    DCGANDiscriminator,
+    DCGANGenerator,
+    Discriminator,
+    Generator,
+    LinearRegression,  # noqa: E402
+)
 from tapekit.trainers import datasets  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import startup  # noqa: E402  (benchmarks/startup.py, beside this file)
-
 
 # ------------------------------------------------------------------ workloads: the science
 

@@ -1,6 +1,7 @@
 """How long a checkpoint save stalls training, synchronous against `--async_checkpoint`.
 
-    .venv/bin/python benchmarks/checkpoint_stall.py [--sizes 10,100,300] [--loops 6] [--repeats 3] [--json benchmarks/results.json]
+    .venv/bin/python benchmarks/checkpoint_stall.py [--sizes 10,100,300] [--loops 6] [--repeats 3] \
+        [--json benchmarks/results.json]
 
 For each state size (a Dense net under Adam, `tests/resumable.py`'s `Big`: weights and two
 slots), one trainer per mode in one process trains `--loops` loops of 5 steps: without

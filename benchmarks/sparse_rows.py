@@ -31,8 +31,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tapekit  # noqa: E402
-from tapekit.run import distribute  # noqa: E402
 from tapekit.compiled import updates  # noqa: E402
+from tapekit.run import distribute  # noqa: E402
 
 TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
 
@@ -110,7 +110,7 @@ def main(argv=None):
             for combine, trainer in trainers.items():
                 samples[combine].append(loop_us(trainer, steps))
         left_out, combined = (statistics.median(samples[c]) for c in (False, True))
-        ratios = statistics.median(c / l for l, c in zip(samples[False], samples[True]))
+        ratios = statistics.median(c / s for s, c in zip(samples[False], samples[True]))
         print(f"{name}: rows summed {combined:.0f} µs/step, left out {left_out:.0f} µs/step, "
               f"ratio {ratios:.3f} (median of {args.repeats} paired loops of {steps} steps)",
               flush=True)

@@ -39,9 +39,9 @@ STEP_ONE = re.compile(r"^I\d{4} (\d\d):(\d\d):(\d\d\.\d+) .*\] step 1/1: ", re.M
 
 def plain(workload: str) -> None:
     """The seed workload as a plain script: data, model, optimizer, a compiled loop, step 1."""
+    import keras
     import numpy as np
     import tensorflow as tf
-    import keras
 
     rng = np.random.default_rng(0)
     if workload == "gan":

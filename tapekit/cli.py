@@ -12,17 +12,15 @@ import sys
 from typing import Dict, List, Optional, Sequence, Tuple, Type
 
 import tensorflow as tf
-
 from absl import app, flags, logging
 
+from tapekit import options as options_lib
 from tapekit.callbacks import EarlyStopping
+from tapekit.checkpoint import files, record
+from tapekit.checkpoint.export import check_export_dir
+from tapekit.errors import EXIT_ERROR, EXIT_WRITE_FAILED, TapekitError, is_user_code, stop_of, user_message
 from tapekit.faults import stop
 from tapekit.run import distribute
-from tapekit import options as options_lib
-from tapekit.checkpoint import files, record
-from tapekit.errors import (EXIT_ERROR, EXIT_WRITE_FAILED, TapekitError, is_user_code, stop_of,
-                            user_message)
-from tapekit.checkpoint.export import check_export_dir
 from tapekit.trainer import Trainer
 
 FLAGS = flags.FLAGS

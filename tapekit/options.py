@@ -118,7 +118,8 @@ TRAINER_OPTIONS = (
            "On a NaN/inf loss or metric: stop with an error at the end of the loop (nothing bad "
            "is checkpointed), skip the update of that step, or roll back: go back to the "
            "state before the loop, replay it one step per loop, and skip the bad steps "
-           "(recorded in run.json, skipped again on resume; docs/checkpoints-and-faults.md, \"Rolling back\").",
+           "(recorded in run.json, skipped again on resume; docs/checkpoints-and-faults.md, "
+           "\"Rolling back\").",
            choices=NAN_POLICIES),
     Option("max_rollbacks", "integer", 3,
            "With --nan_policy=rollback: stop after this many rollbacks in a row (no good "

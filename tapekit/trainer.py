@@ -19,11 +19,11 @@ import numpy as np
 import tensorflow as tf
 
 from tapekit import callbacks as callbacks_lib
-from tapekit.compiled import means
 from tapekit import options as options_lib
-from tapekit.run.engine import Engine
+from tapekit.compiled import means
 from tapekit.errors import TapekitError
 from tapekit.namespace import TAPEKIT_ATTRIBUTES
+from tapekit.run.engine import Engine
 
 _OPTION_NAMES = frozenset(options_lib.names(options_lib.TRAINER_OPTIONS))
 ModelsOrVariables = Union[keras.Model, keras.Layer, tf.Variable, Sequence[Any]]

@@ -22,13 +22,13 @@ import tensorflow as tf
 from keras import layers, ops
 
 import tapekit
+
 from conftest import REPO
 
 if REPO not in sys.path:  # examples/ is a package of the repository, not installed
     sys.path.insert(0, REPO)
 
-from examples.shapes_classifier import (  # noqa: E402
-    IMAGE_SIZE, NUM_SHAPES, ShapesClassifier, shape_images)
+from examples.shapes_classifier import IMAGE_SIZE, NUM_SHAPES, ShapesClassifier, shape_images  # noqa: E402
 
 # 25 steps per epoch at the global batch size of 32: the suite's resume point (step 15)
 # falls mid-epoch and the resumed run crosses an epoch boundary.

@@ -6,9 +6,10 @@ import signal
 import numpy as np
 import tensorflow as tf
 
+from tapekit.checkpoint import checkpointing, damaged
+
 from helpers import TESTS, let_go, paused_cli
 from resumable import Poisoned
-from tapekit.checkpoint import checkpointing, damaged
 
 STEPS = dict(steps_per_loop=10)
 

@@ -7,8 +7,9 @@ import pytest
 import tensorflow as tf
 
 import tapekit
-from small_trainers import LinearSGD, Unshuffled, rows
 from tapekit.models import MLP
+
+from small_trainers import LinearSGD, Unshuffled, rows
 
 
 class FixedInput(Unshuffled):

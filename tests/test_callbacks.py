@@ -12,7 +12,7 @@ from tapekit.trainers import RegressionTrainer
 def test_evaluation_is_written_beside_training_metrics(tmp_path):
     trainer = RegressionTrainer(model_dir=str(tmp_path))
     trainer.fit(train_steps=60, steps_per_loop=10, eval_every_steps=25, eval_steps=3)
-    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["split"] == "eval"]
     assert [r["step"] for r in evals] == [30, 50, 60]
     assert all(np.isfinite(r["loss"]) for r in evals)

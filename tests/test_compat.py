@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO
 from tapekit import compat
-from tapekit.run import distribute
 from tapekit.compiled import tracing
+from tapekit.run import distribute
+
+from conftest import REPO
 
 # What reaching into TensorFlow/Keras looks like in a line of source.
 PRIVATE = {

@@ -17,9 +17,9 @@ import types
 import pytest
 
 from tapekit import callbacks as callbacks_lib
+from tapekit.errors import TapekitError
 from tapekit.run import controller as controller_lib
 from tapekit.run.controller import Controller
-from tapekit.errors import TapekitError
 from tapekit.run.runner import LoopResult
 
 from fake_runner import FakeRunner

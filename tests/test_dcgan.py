@@ -5,12 +5,13 @@ import pytest
 import tensorflow as tf
 
 import tapekit
-from conftest import REPO
-from helpers import run_cli
 from tapekit.models import GAN, DCGANDiscriminator, DCGANGenerator
 from tapekit.trainers import GANTrainer
-from tapekit.trainers.gan import _EVAL_NOISE_SEED, sliced_wasserstein_1
 from tapekit.trainers.datasets import as_gan_images, shapes_images
+from tapekit.trainers.gan import _EVAL_NOISE_SEED, sliced_wasserstein_1
+
+from conftest import REPO
+from helpers import run_cli
 
 
 def _ids(model):

@@ -106,7 +106,8 @@ def test_reported_loss_is_the_global_mean_with_regularization_on_two_replicas():
 
 
 def test_unknown_strategy_lists_the_choices():
-    with pytest.raises(tapekit.TapekitError, match="strategy must be one of default, auto, one_device.*got 'tpu'"):
+    with pytest.raises(tapekit.TapekitError,
+                       match="strategy must be one of default, auto, one_device.*got 'tpu'"):
         RegressionTrainer(strategy="tpu")
 
 

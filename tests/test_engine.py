@@ -6,9 +6,9 @@ import pytest
 import tensorflow as tf
 
 import tapekit
+from tapekit.namespace import TAPEKIT_ATTRIBUTES
 from tapekit.run import runner as runner_lib
 from tapekit.run.engine import Engine
-from tapekit.namespace import TAPEKIT_ATTRIBUTES
 
 
 class Line(tapekit.Trainer):

@@ -6,11 +6,11 @@ import pytest
 import tensorflow as tf
 
 import tapekit
-from conftest import REPO
-from helpers import TAPEKIT_EXPORT, run_cli
 from tapekit.checkpoint.export import export_saved_model
 from tapekit.trainers import GANTrainer, RegressionTrainer
 
+from conftest import REPO
+from helpers import TAPEKIT_EXPORT, run_cli
 
 
 def _serve(export_dir, name, inputs):

@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 
 import tapekit
+
 from families import nt_xent
 
 TOLERANCE = 1e-6

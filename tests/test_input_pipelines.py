@@ -2,10 +2,10 @@
 
 import logging
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-import keras
 
 import tapekit
 

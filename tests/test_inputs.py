@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tapekit.run import distribute as distribute_lib
-from tapekit.input import run_input
 from tapekit.checkpoint.checkpointing import Checkpointer
 from tapekit.errors import TapekitError
+from tapekit.input import run_input
+from tapekit.run import distribute as distribute_lib
 
 STRATEGY = tf.distribute.get_strategy()  # the default strategy: one replica
 

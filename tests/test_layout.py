@@ -6,8 +6,9 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
 from tapekit import errors
+
+from conftest import REPO
 
 TAPEKIT = os.path.join(REPO, "tapekit")
 SUBPACKAGES = ("callbacks", "checkpoint", "compiled", "faults", "input", "run")

@@ -4,8 +4,8 @@ import pytest
 import tensorflow as tf
 
 from tapekit.compiled import build
-from tapekit.errors import TapekitError
 from tapekit.compiled.loop import CompiledLoop, LoopPlan, describe_spec_changes
+from tapekit.errors import TapekitError
 
 STRATEGY = tf.distribute.get_strategy()
 

@@ -18,9 +18,10 @@ import time
 
 import pytest
 
-from helpers import TESTS, let_go, paused_cli, run_cli, start_cli, wait_for_pause
 from tapekit.errors import TapekitError
 from tapekit.faults import lock
+
+from helpers import TESTS, let_go, paused_cli, run_cli, start_cli, wait_for_pause
 
 # A claim's heartbeat thread that raised would otherwise pass unseen.
 pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
@@ -109,6 +110,7 @@ def test_judge_tells_alive_gone_reused_stale_and_another_machine(live_process, d
 def test_a_live_holder_is_refused_in_one_line_and_restore_and_evaluate_still_run(
         tmp_path, live_process):
     import tensorflow as tf
+
     from small_trainers import Unshuffled
 
     class Evaluated(Unshuffled):
@@ -136,8 +138,9 @@ def test_a_live_holder_is_refused_in_one_line_and_restore_and_evaluate_still_run
 
 
 def test_the_python_api_holds_the_model_dir_during_each_fit_only(tmp_path):
-    from small_trainers import Unshuffled
     import tapekit
+
+    from small_trainers import Unshuffled
     model_dir = str(tmp_path / "run")
     seen = []
 

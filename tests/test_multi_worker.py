@@ -2,8 +2,8 @@
 
 import json
 import os
-import socket
 import signal
+import socket
 import time
 
 import tensorflow as tf
@@ -24,7 +24,7 @@ def _free_ports(count):
 
 
 def _weights(stdout):
-    line = next(l for l in stdout.splitlines() if l.startswith("WEIGHTS "))
+    line = next(out for out in stdout.splitlines() if out.startswith("WEIGHTS "))
     return json.loads(line[len("WEIGHTS "):])
 
 
@@ -41,7 +41,8 @@ def _launch(tmp_path, env, flags, worker_flags=None,
         worker_env["TMPDIR"] = str(tmp_path / f"tmp{index}")
         os.makedirs(worker_env["TMPDIR"], exist_ok=True)
         processes.append(start_cli(
-            list(trainer) + ["--strategy=multi_worker", "--global_batch_size=100"] + flags + (worker_flags or {}).get(index, []),
+            list(trainer) + ["--strategy=multi_worker", "--global_batch_size=100"] + flags
+            + (worker_flags or {}).get(index, []),
             worker_env, cwd=TESTS))
     return processes
 

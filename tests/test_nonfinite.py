@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 import tapekit
+
 from helpers import TESTS, run_cli
 from small_trainers import Unshuffled
 
@@ -21,7 +22,7 @@ def test_nan_from_the_data_stops_at_the_loop_end_and_keeps_the_last_good_checkpo
     assert "ckpt-5 is kept" in message
     assert tf.train.latest_checkpoint(tmp_path / "checkpoints").endswith("ckpt-5")
     assert not (tmp_path / "checkpoints" / "ckpt-10.index").exists()
-    steps = [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(row)["step"] for row in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [5]
     saved = tf.train.load_variable(str(tmp_path / "checkpoints" / "ckpt-5"),
                                    "model/_kernel/.ATTRIBUTES/VARIABLE_VALUE")

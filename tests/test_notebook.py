@@ -23,8 +23,8 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
-from jupyter_client.kernelspec import KernelSpecManager  # nbclient's own dependency
-from jupyter_client.manager import AsyncKernelManager
+from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402 (nbclient's own dependency)
+from jupyter_client.manager import AsyncKernelManager  # noqa: E402
 
 SETUP = '''
 import os

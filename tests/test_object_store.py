@@ -15,8 +15,9 @@ import tensorflow as tf
 
 from tapekit.checkpoint import files
 from tapekit.errors import TapekitError
-from test_faults import Noisy
 from trainers.regression import RegressionTrainer
+
+from test_faults import Noisy
 
 gfile = tf.io.gfile
 

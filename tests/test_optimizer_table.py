@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import optimizer_table as table
 import tapekit
+
+import optimizer_table as table
 from conftest import REPO
 from optimizer_table import CASES, OPTIMIZERS, OptimizerTable
 

@@ -1,4 +1,5 @@
-"""`tapekit.checkpoint.record`: MODEL_DIR/run.json and flags.txt, and resumes that cannot silently change a run."""
+"""`tapekit.checkpoint.record`: MODEL_DIR/run.json and flags.txt, and resumes that cannot
+silently change a run."""
 
 import json
 import os
@@ -6,8 +7,9 @@ import os
 import pytest
 
 import tapekit
-from helpers import TESTS, reported_weights, run_cli
 from tapekit.trainers import RegressionTrainer
+
+from helpers import TESTS, reported_weights, run_cli
 
 
 def _snapshot(directory):
@@ -131,7 +133,7 @@ def test_flags_txt_starts_the_same_run_again_and_the_command_line_refuses_change
 
     refused = run_cli(flags + ["--train_steps=80", "--global_batch_size=50"], cli_env, cwd=TESTS)
     assert refused.returncode == 2
-    (line,) = [l for l in refused.stderr.splitlines() if l.startswith("tapekit-train: error:")]
+    (line,) = [out for out in refused.stderr.splitlines() if out.startswith("tapekit-train: error:")]
     assert "global_batch_size 100 → 50" in line and "--allow_changes=global_batch_size" in line
 
     rerun = run_cli([f"--flagfile={first / 'flags.txt'}", f"--model_dir={again}"], cli_env,
@@ -143,6 +145,7 @@ def test_flags_txt_starts_the_same_run_again_and_the_command_line_refuses_change
 def test_a_python_api_run_after_a_command_line_run_records_its_own_command(tmp_path):
     """The command line's argv and flags belong to the run it starts, not to the process."""
     import sys
+
     from tapekit.checkpoint import record
 
     by_command, by_python = tmp_path / "command", tmp_path / "python"

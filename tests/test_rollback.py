@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 import tapekit
+
 from helpers import TESTS, run_cli
 from resumable import Poisoned
 
@@ -134,7 +135,7 @@ def test_a_rerun_with_the_flagfile_skips_the_recorded_steps(tmp_path, cli_env):
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "rollback 1/" not in rerun.stderr  # nothing was bad: the steps were skipped up front
     assert "skipped steps 23-25 (read, not trained on)" in rerun.stderr
-    weights = [next(l for l in r.stdout.splitlines() if l.startswith("WEIGHTS "))
+    weights = [next(out for out in r.stdout.splitlines() if out.startswith("WEIGHTS "))
                for r in (first, rerun)]
     assert weights[0] == weights[1]
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from tapekit.run import runner
-from tapekit.trainers import RegressionTrainer
 from tapekit.run.engine import Engine
+from tapekit.trainers import RegressionTrainer
 
 from fake_runner import FakeRunner
 

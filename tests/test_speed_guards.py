@@ -8,6 +8,7 @@ import tensorflow as tf
 
 import tapekit
 from tapekit.trainers import RegressionTrainer
+
 from small_trainers import LinearSGD, rows
 
 

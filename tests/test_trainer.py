@@ -10,6 +10,7 @@ import tensorflow as tf
 import tapekit
 from tapekit.models import MLP
 from tapekit.trainers import GANTrainer, RegressionTrainer
+
 from small_trainers import Unshuffled
 
 

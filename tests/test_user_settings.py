@@ -5,8 +5,8 @@ import glob
 import os
 
 import keras
-import pytest
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import tapekit

@@ -1,10 +1,10 @@
 """What users look at: TensorBoard event files, sample PNGs, progress output, the README trainer."""
 
+import contextlib
 import glob
 import io
 import os
 import re
-import contextlib
 
 import numpy as np
 import pytest

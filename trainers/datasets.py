@@ -8,8 +8,8 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from tapekit.input import tfrecords
 from tapekit.errors import TapekitError
+from tapekit.input import tfrecords
 
 
 def seed_linear(seed: int, num_examples: int = 1000) -> Dict[str, np.ndarray]:
@@ -37,13 +37,15 @@ def gaussian_samples(seed: int, num_examples: int, mean: float, stddev: float) -
 def load_npz(path: str, keys: Sequence[str]) -> Dict[str, np.ndarray]:
     """Loads float32 arrays `keys` from an .npz file, checking that they exist and agree in length."""
     if not os.path.isfile(path):
-        raise TapekitError(f"--data={path!r} does not exist; give an .npz file with arrays {', '.join(keys)}.")
+        raise TapekitError(
+            f"--data={path!r} does not exist; give an .npz file with arrays {', '.join(keys)}.")
     try:
         with np.load(path) as archive:
             arrays = {key: archive[key] for key in keys if key in archive}
             present = list(archive.keys())
     except Exception as error:  # not a zip, truncated, pickled objects, …
-        raise TapekitError(f"cannot read --data={path!r} as .npz ({type(error).__name__}: {error}).") from None
+        raise TapekitError(
+            f"cannot read --data={path!r} as .npz ({type(error).__name__}: {error}).") from None
     missing = [key for key in keys if key not in arrays]
     if missing:
         raise TapekitError(f"--data={path!r} has arrays {present}, but needs {', '.join(missing)}.")

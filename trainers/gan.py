@@ -23,8 +23,9 @@ _SAMPLE_IMAGES_SEED = (20240, 7)
 # Evaluation: at most this many real samples, against as many generated from fixed noise.
 EVAL_EXAMPLES = 1024
 # In units of the target's stddev, for 1024 samples: two samples of one normal distribution
-# are about 0.057 apart (the mean over 200 pairs); below 0.2 the generator matches the target's mean and spread within
-# about a fifth of a stddev ("learned"); an untrained generator is several stddevs away.
+# are about 0.057 apart (the mean over 200 pairs); below 0.2 the generator matches the
+# target's mean and spread within about a fifth of a stddev ("learned"); an untrained
+# generator is several stddevs away.
 SAMPLING_W1_PER_STDDEV = 0.057
 LEARNED_W1_PER_STDDEV = 0.2
 _EVAL_NOISE_SEED = (20241, 11)

@@ -5,8 +5,8 @@ import os
 
 from absl import logging
 
-from tapekit.checkpoint import files
 from tapekit.callbacks.base import Callback, Logs
+from tapekit.checkpoint import files
 
 
 class MetricsFile(Callback):

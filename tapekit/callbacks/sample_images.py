@@ -1,7 +1,6 @@
 """Saves the trainer's sample images as PNG grids."""
 
 import os
-
 from typing import Optional
 
 from tapekit.callbacks.base import EveryNSteps

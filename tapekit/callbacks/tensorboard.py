@@ -33,6 +33,7 @@ class TensorBoard(EveryNSteps):
 
     def _learning_rates(self) -> Dict[str, float]:
         import tensorflow as tf
+
         from tapekit.checkpoint import state
         optimizers = state.optimizers(vars(self.trainer))
         # convert_to_tensor reads distributed (mirrored) variables too, where float() cannot

@@ -15,8 +15,7 @@ from typing import Sequence
 import keras
 import tensorflow as tf
 
-from tapekit.errors import TapekitError, summarize
-from tapekit.errors import describe_spec
+from tapekit.errors import TapekitError, describe_spec, summarize
 
 ENDPOINT = "serve"
 

@@ -57,6 +57,7 @@ def make_record(trainer_class: type, arguments: Dict[str, Any], settings: Dict[s
     """The record of a run starting now (`settings`: options and `fit` arguments)."""
     import keras
     import tensorflow as tf
+
     import tapekit
     from tapekit.run import distribute
     try:

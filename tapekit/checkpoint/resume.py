@@ -10,16 +10,16 @@ from typing import Any, Dict, Optional
 import tensorflow as tf
 from absl import logging
 
+from tapekit import compat
+from tapekit import options as options_lib
 from tapekit.checkpoint import checkpointing
 from tapekit.checkpoint import damaged as damaged_lib
-from tapekit import compat
-from tapekit.run import distribute
-from tapekit.input import run_input
-from tapekit import options as options_lib
 from tapekit.checkpoint import record as record_lib
 from tapekit.checkpoint import state as state_lib
 from tapekit.checkpoint.checkpointing import Checkpointer
 from tapekit.errors import TapekitError
+from tapekit.input import run_input
+from tapekit.run import distribute
 
 
 def start(engine, dataset, in_memory, fit_settings: Dict[str, Any], positioned: bool = True):

@@ -25,11 +25,17 @@ import tensorflow as tf
 from absl import logging
 
 from tapekit import compat
-from tapekit.compiled import means
 from tapekit.checkpoint import state as state_lib
-from tapekit.compiled import tracing
-from tapekit.errors import (TapekitError, blames_data, describe_spec, needs_eager, own_exception,
-                            summarize, user_frame)
+from tapekit.compiled import means, tracing
+from tapekit.errors import (
+    TapekitError,
+    blames_data,
+    describe_spec,
+    needs_eager,
+    own_exception,
+    summarize,
+    user_frame,
+)
 
 
 class BuildReport(NamedTuple):

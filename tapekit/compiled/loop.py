@@ -26,12 +26,8 @@ from typing import Any, Callable, Optional, Sequence
 import tensorflow as tf
 from absl import logging
 
-from tapekit.compiled import build
 from tapekit import compat
-from tapekit.compiled import means
-from tapekit.compiled import step_summaries
-from tapekit.compiled import tracing
-from tapekit.compiled import xla
+from tapekit.compiled import build, means, step_summaries, tracing, xla
 from tapekit.errors import TapekitError, user_message
 from tapekit.run.runner import LoopResult
 

@@ -38,12 +38,10 @@ from typing import Any, Callable, Dict, List, Optional
 import keras
 import tensorflow as tf
 
-from tapekit.compiled import build
-from tapekit import compat
-from tapekit.compiled import tracing
-from tapekit import errors
-from tapekit.errors import TapekitError
+from tapekit import compat, errors
+from tapekit.compiled import build, tracing
 from tapekit.compiled.precision import DynamicLossScale
+from tapekit.errors import TapekitError
 
 SUM = tf.distribute.ReduceOp.SUM
 

@@ -9,9 +9,8 @@ so that the work is not lost, then stops with the error's own line (naming the u
 """
 
 from tapekit.checkpoint import checkpointing
+from tapekit.errors import TapekitError, WriteFailed, summarize, user_frame, user_message, write_failure
 from tapekit.run import distribute
-from tapekit.errors import user_frame
-from tapekit.errors import TapekitError, WriteFailed, summarize, user_message, write_failure
 
 
 def stopped_by(engine, error: BaseException, step: int) -> TapekitError:

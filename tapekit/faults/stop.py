@@ -15,7 +15,6 @@ from typing import Callable, Optional
 
 from absl import logging
 
-
 # What a second Ctrl-C does: raise KeyboardInterrupt once Python runs again (the default,
 # for notebooks and scripts), or kill the process at once, even inside a long TensorFlow
 # call (inside `second_interrupt_kills()`, as the command line runs).

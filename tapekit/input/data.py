@@ -10,7 +10,6 @@ import inspect
 from typing import Optional
 
 import numpy as np
-
 import tensorflow as tf
 
 from tapekit.errors import TapekitError

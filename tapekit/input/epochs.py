@@ -15,8 +15,8 @@ from typing import Optional
 import tensorflow as tf
 
 from tapekit.checkpoint import state as state_lib
-from tapekit.input.run_input import read_and_drop
 from tapekit.errors import TapekitError
+from tapekit.input.run_input import read_and_drop
 from tapekit.run.runner import LoopResult
 
 

@@ -13,8 +13,8 @@ import tensorflow as tf
 from absl import logging
 
 from tapekit.checkpoint import checkpointing
-from tapekit.input import data as data_lib
 from tapekit.errors import TapekitError
+from tapekit.input import data as data_lib
 
 
 def distribute(strategy: tf.distribute.Strategy, dataset, dataset_fn: Callable,

@@ -18,8 +18,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
-from tapekit.input import data as data_lib
 from tapekit.errors import TapekitError
+from tapekit.input import data as data_lib
 
 
 def find(pattern: str) -> List[str]:

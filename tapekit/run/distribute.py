@@ -15,7 +15,6 @@ import tensorflow as tf
 from tapekit.errors import TapekitError
 from tapekit.options import STRATEGY_NAMES
 
-
 # Mirrored strategies over the same devices share TensorFlow's collective keys: a second one
 # in the same process collides with the first ("Shape mismatch in the collective instance").
 # So each device set gets one strategy per process, reused by every trainer.

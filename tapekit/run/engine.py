@@ -20,28 +20,24 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import keras
 import tensorflow as tf
 
-from tapekit.checkpoint import best
-from tapekit.compiled import build as build_lib
-from tapekit.checkpoint import checkpointing
 from tapekit import compat
-from tapekit.run import controller as controller_lib
-from tapekit.run import building
-from tapekit.run import distribute
-from tapekit.input import epochs as epochs_lib
-from tapekit.faults import between_loops
-from tapekit.faults import good_state as good_state_lib
-from tapekit.faults import lock
-from tapekit.faults.stop import StopFlag
-from tapekit.input import run_input
 from tapekit import options as options_lib
-from tapekit.compiled import precision as precision_lib
+from tapekit.checkpoint import best, checkpointing, resume
 from tapekit.checkpoint import record as record_lib
-from tapekit.checkpoint import resume
 from tapekit.checkpoint import state as state_lib
-from tapekit.compiled import updates
 from tapekit.checkpoint.checkpointing import Checkpointer
+from tapekit.compiled import build as build_lib
+from tapekit.compiled import precision as precision_lib
+from tapekit.compiled import updates
 from tapekit.compiled.loop import CompiledLoop, LoopPlan, call_loop
 from tapekit.compiled.step_summaries import RunSummaries
+from tapekit.faults import between_loops, lock
+from tapekit.faults import good_state as good_state_lib
+from tapekit.faults.stop import StopFlag
+from tapekit.input import epochs as epochs_lib
+from tapekit.input import run_input
+from tapekit.run import building, distribute
+from tapekit.run import controller as controller_lib
 from tapekit.run.ema import EmaWeights
 from tapekit.run.runner import LoopResult, RunStatus
 

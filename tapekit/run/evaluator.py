@@ -20,8 +20,8 @@ from typing import Optional
 import tensorflow as tf
 from absl import logging
 
-from tapekit.checkpoint import best, checkpointing
 from tapekit import callbacks as callbacks_lib
+from tapekit.checkpoint import best, checkpointing
 from tapekit.errors import TapekitError
 
 EVAL_METRICS_FILE = "eval_metrics.jsonl"
