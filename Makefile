@@ -40,10 +40,10 @@ demo: $(STAMP)
 	@echo "  dcgan/samples/step_*.png           generated image grids"
 	@echo "  gan_generator/, dcgan_generator/   SavedModels (serving_default)"
 
-# -rs: why each skipped test was skipped; --durations: the slowest tests.
+# -rfEs: a line for each failure, error and skip (with why); --durations: the slowest tests.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q -rs --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -rfEs --durations=15 $(PYTEST_ARGS)
 
 $(OLDEST_STAMP): setup.cfg pyproject.toml Makefile
 	test -x $(OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_VENV)
@@ -54,7 +54,7 @@ $(OLDEST_STAMP): setup.cfg pyproject.toml Makefile
 # Only what can differ between versions (tests/conftest.py, VERSION_SENSITIVE); the rest ran
 # on the newest pair in `make test`.
 test-oldest: $(OLDEST_STAMP)
-	$(OLDEST_VENV)/bin/python -m pytest -q -rs --durations=15 -m version_sensitive $(PYTEST_ARGS)
+	$(OLDEST_VENV)/bin/python -m pytest -q -rfEs --durations=15 -m version_sensitive $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py --readme benchmarks/README.md
