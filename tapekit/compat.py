@@ -71,6 +71,14 @@ def is_trackable(value) -> bool:
     return isinstance(value, tf.__internal__.tracking.Trackable)
 
 
+def checkpoint_reader(path: str):
+    """TensorFlow's reader of checkpoint `path` (a prefix such as .../ckpt-100), from the v1
+    API. Not `tf.train.load_checkpoint`: it first asks whether `path` is a directory, and
+    ram:// says yes to any prefix of a file's name (ckpt-100 of ckpt-100.index). Checked on
+    TensorFlow 2.16 and 2.21."""
+    return tf.compat.v1.train.NewCheckpointReader(path)
+
+
 def write_checkpoint_state(directory: str, latest: str, all_paths: Sequence[str]) -> None:
     """Rewrites `directory/checkpoint` (TensorFlow's checkpoint state file) to list
     `all_paths`, `latest` last; TF 2 offers no API for it (`tf.compat.v1.train.

@@ -125,10 +125,9 @@ def saved_step(path: str) -> int:
 
 
 def reader(path: str):
-    """TensorFlow's reader of checkpoint `path` (a prefix such as .../ckpt-100). Not
-    `tf.train.load_checkpoint`: it first asks whether `path` is a directory, and ram:// says
-    yes to any prefix of a file's name (ckpt-100 of ckpt-100.index)."""
-    return tf.compat.v1.train.NewCheckpointReader(path)
+    """TensorFlow's reader of checkpoint `path` (a prefix such as .../ckpt-100)
+    (`tapekit.compat.checkpoint_reader`)."""
+    return compat.checkpoint_reader(path)
 
 
 def has_iterator(path: str) -> bool:
