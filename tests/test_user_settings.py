@@ -13,11 +13,13 @@ import tapekit
 from tapekit.errors import TapekitError
 from tapekit.images import image_grid
 
+from small_trainers import Unshuffled
 from test_visuals import _events
 
 
-class Sampling(tapekit.Trainer):
-    """A regression whose `sample_images` draws fresh noise each call, and counts calls."""
+class Sampling(Unshuffled):
+    """Unshuffled's regression on 64 in-memory rows, whose `sample_images` draws fresh noise
+    each call and counts the calls."""
 
     default_global_batch_size = 8
     default_learning_rate = 0.1
@@ -26,20 +28,9 @@ class Sampling(tapekit.Trainer):
         super().__init__(**options)
         self.sample_calls = []
 
-    def build(self):
-        self.model = keras.layers.Dense(1)
-        self.optimizer = keras.optimizers.SGD(self.learning_rate)
-
     def train_arrays(self):
         x = np.linspace(-1, 1, 64, dtype=np.float32).reshape(-1, 1)
         return x, 2 * x
-
-    def train_step(self, batch):
-        x, y = batch
-        with tf.GradientTape() as tape:
-            loss = self.compute_loss(tf.square(y - self.model(x)))
-        self.apply_gradients(tape, loss, self.model, self.optimizer)
-        return {"loss": loss}
 
     def sample_images(self, num_images):
         self.sample_calls.append(self.current_step)
