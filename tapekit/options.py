@@ -22,6 +22,7 @@ ROLLBACK_SOURCES = ("auto", "memory", "checkpoint")
 PROGRESS_MODES = ("auto", "bar", "log", "none")
 BEST_MODES = ("auto", "min", "max")
 CLUSTER_RESOLVERS = ("tf_config", "slurm")
+LOGGERS = ("tensorboard", "jsonl", "csv", "mlflow")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,8 +147,20 @@ TRAINER_OPTIONS = (
            "Fail once the compiled loop is traced more than this many extra times (each retrace "
            "logs which input's shape or dtype changed). Unset: only warn.", minimum=0),
     Option("profile_steps", "list", None,
-           "START,END: write a TensorBoard profiler trace of these global steps to "
-           "MODEL_DIR/profile."),
+           "START,END: write a TensorBoard profiler trace of these global steps, each step "
+           "marked, to MODEL_DIR/profile, then log its analysis (step time, input wait, top "
+           "ops; needs tapekit[profile])."),
+    Option("log_gradient_norms", "bool", False,
+           "Report, per loop and per optimizer, the global gradient norm before and after "
+           "clipping, the update-to-weight ratio and the share of steps clipped (computed in "
+           "the graph, exact on any number of replicas)."),
+    Option("loggers", "list", "tensorboard,jsonl",
+           "Where each loop's and evaluation's metrics go, comma-separated: tensorboard "
+           "(MODEL_DIR/summaries), jsonl (MODEL_DIR/metrics.jsonl), csv (MODEL_DIR/metrics.csv), "
+           "mlflow (MLflow's tracking URI, else a local store; needs tapekit[mlflow])."),
+    Option("mlflow_experiment", "string", None,
+           "With --loggers=...,mlflow: the MLflow experiment; unset: MLFLOW_EXPERIMENT_NAME, "
+           "else the model_dir's parent folder's name."),
     Option("progress", "enum", "auto",
            "Progress bar (bar), one log line per loop (log), nothing (none); auto: a bar on a "
            "terminal or in a Jupyter notebook, log lines in a batch job.", choices=PROGRESS_MODES),
@@ -184,6 +197,10 @@ FIT_OPTIONS = (
     Option("checkpoint_every_epochs", "integer", None,
            "With --train_epochs: also save a checkpoint at the end of every this many epochs.",
            minimum=1),
+    Option("max_time", "string", None,
+           "A wall-time budget for this fit, e.g. 3h50m, 90m, 45s or seconds: stop at the next "
+           "step once the budget, less the measured time of a checkpoint save, is used up, "
+           "save, and exit 0 (the reason is in run.json). A resumed run gets a fresh budget."),
     Option("steps_per_loop", "integer", 100,
            "Steps per compiled in-graph loop; metrics are logged once per loop.", minimum=1),
     Option("eval_every_steps", "integer", None,
@@ -270,6 +287,8 @@ def resolve(arguments: Dict[str, Any]) -> "Options":
         allowed = allowed.split(",") if isinstance(allowed, str) else allowed
         values["allow_changes"] = tuple(name.strip() for name in allowed if name.strip())
     values["skip_steps"] = step_ranges(values.get("skip_steps"))
+    values["loggers"] = logger_names(values.get("loggers", _BY_NAME["loggers"].default),
+                                     values.get("model_dir"))
     rollback = values.get("nan_policy") == "rollback"
     for name, default in (("spike_threshold", None), ("rollback_from", "auto")):
         if values.get(name, default) != default and not rollback:
@@ -312,6 +331,58 @@ def step_ranges(value) -> Optional[Tuple[Tuple[int, int], ...]]:
         else:
             merged.append((first, last))
     return tuple(merged)
+
+
+def logger_names(value, model_dir: Optional[str]) -> Tuple[str, ...]:
+    """`loggers` ("tensorboard,jsonl" or a list of names) as a tuple of known names, in order,
+    without repeats; "" or None: none."""
+    if value is None:
+        return ()
+    items = value.split(",") if isinstance(value, str) else list(value)
+    result: list = []
+    for item in items:
+        name = str(item).strip().lower()
+        if not name or name in result:
+            continue
+        if name not in LOGGERS:
+            raise TapekitError(f"loggers: unknown logger {item!r}; the loggers are "
+                               f"{', '.join(LOGGERS)} (comma-separated).")
+        result.append(name)
+    needs_dir = [name for name in result if name in ("csv", "mlflow")]
+    if needs_dir and not model_dir:
+        raise TapekitError(f"loggers={','.join(needs_dir)} needs a model_dir (the CSV file, and "
+                           "the MLflow run's id that a resumed run continues, are kept there).")
+    return tuple(result)
+
+
+_DURATION_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+
+
+def parse_duration(value) -> Optional[float]:
+    """`max_time` in seconds: a number of seconds, or "3h50m", "90m", "1d2h", "45s", "1.5h"
+    (units d, h, m, s; an optional "HH:MM:SS" too). None or "": None."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        import re
+        text = str(value).strip().lower().replace(" ", "")
+        seconds = None
+        if re.fullmatch(r"\d+(\.\d+)?", text):
+            seconds = float(text)
+        elif re.fullmatch(r"\d+:\d{1,2}:\d{1,2}", text):
+            hours, minutes, secs = (int(part) for part in text.split(":"))
+            seconds = hours * 3600.0 + minutes * 60.0 + secs
+        elif re.fullmatch(r"(\d+(\.\d+)?[dhms])+", text):
+            seconds = sum(float(number) * _DURATION_UNITS[unit]
+                          for number, _, unit in re.findall(r"(\d+(\.\d+)?)([dhms])", text))
+        if seconds is None:
+            raise TapekitError(f"max_time must be a duration such as 3h50m, 90m, 45s, 1.5h, "
+                               f"02:30:00 or a number of seconds; got {value!r}.")
+    if not seconds > 0:
+        raise TapekitError(f"max_time must be positive, got {value!r}.")
+    return seconds
 
 
 def format_ranges(ranges) -> str:

@@ -223,7 +223,8 @@ class Trainer:
             eval_every_steps: Optional[int] = None,
             eval_steps: Optional[int] = None, train_epochs: Optional[int] = None,
             eval_every_epochs: Optional[int] = None,
-            checkpoint_every_epochs: Optional[int] = None) -> List[Dict[str, float]]:
+            checkpoint_every_epochs: Optional[int] = None,
+            max_time=None) -> List[Dict[str, float]]:
         """Trains until the global step reaches `train_steps`. Runs eagerly (the outer loop).
 
         On the first call, builds the models and optimizers, then resumes from `restore_from`
@@ -247,6 +248,9 @@ class Trainer:
           eval_every_epochs: with `train_epochs`, evaluate after every this many epochs and
             at the end.
           checkpoint_every_epochs: with `train_epochs`, also save at every this many epochs' end.
+          max_time: a wall-time budget for this call ("3h50m", "90m", "45s" or seconds): stop
+            at the next step once the budget, less the measured time of a checkpoint save, is
+            used up; save; return (`stopped_by_time` is then True). A new call gets a fresh one.
 
         Returns:
           One dict per loop: `step`, the loop's mean metrics, `steps_per_sec`, `examples_per_sec`.
@@ -265,9 +269,11 @@ class Trainer:
                             ("eval_every_steps", eval_every_steps), ("eval_steps", eval_steps),
                             *by_epochs.items()):
             options_lib.check(name, value)
+        budget = options_lib.parse_duration(max_time)
         history = self._engine.fit(train_steps, steps_per_loop, dataset, callbacks,
                                    eval_every_steps, eval_steps,
-                                   by_epochs if train_epochs is not None else None)
+                                   by_epochs if train_epochs is not None else None,
+                                   max_time=budget)
         if self.interrupted:  # Ctrl-C: saved (with a model_dir); stop the caller too
             raise KeyboardInterrupt(f"interrupted at step {self.current_step}")
         return history

@@ -15,7 +15,10 @@ def test_every_option_is_a_flag_with_the_same_default_choices_and_bounds():
     options_lib.define_flags(values)
     for option in options_lib.TRAINER_OPTIONS + options_lib.FIT_OPTIONS:
         flag = values[option.name]
-        assert flag.default == option.default, option.name
+        default = option.default
+        if option.kind == "list" and isinstance(default, str):  # absl splits it
+            default = default.split(",")
+        assert flag.default == default, option.name
         assert flag.help.endswith(option.help)
         if option.kind == "enum":
             assert flag.parser.enum_values == list(option.choices)
@@ -23,6 +26,8 @@ def test_every_option_is_a_flag_with_the_same_default_choices_and_bounds():
             assert flag.parser.lower_bound == option.minimum
     values(["prog", "--nan_policy=skip_step", "--profile_steps=3,5", "--learning_rate=0.5"])
     assert values.nan_policy == "skip_step" and values.profile_steps == ["3", "5"]
+    assert values.loggers == ["tensorboard", "jsonl"]
+    assert options_lib.resolve({}).loggers == ("tensorboard", "jsonl")
     with pytest.raises(flags.IllegalFlagValueError):
         values(["prog", "--progress=loud"])
 
@@ -73,3 +78,26 @@ def test_fit_arguments_use_the_same_checks():
     options_lib.check("steps_per_loop", 1)
     with pytest.raises(TapekitError, match="^eval_steps must be a positive integer, got 0"):
         options_lib.check("eval_steps", 0)
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("3h50m", 13800.0), ("90m", 5400.0), ("45s", 45.0), ("1.5h", 5400.0), ("1d2h", 93600.0),
+    ("02:30:00", 9000.0), ("3600", 3600.0), (12, 12.0), (None, None)])
+def test_max_time_reads_durations(text, seconds):
+    assert options_lib.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["abc", "0", "-3m", "3x", "h"])
+def test_a_bad_max_time_says_what_is_accepted(text):
+    with pytest.raises(TapekitError, match="max_time must be"):
+        options_lib.parse_duration(text)
+
+
+def test_loggers_are_known_names_and_files_need_a_model_dir():
+    assert options_lib.resolve({"model_dir": "/tmp/x", "loggers": "tensorboard, CSV,csv"}).loggers \
+        == ("tensorboard", "csv")
+    assert options_lib.resolve({"loggers": ""}).loggers == ()
+    with pytest.raises(TapekitError, match="unknown logger 'wandb'"):
+        options_lib.resolve({"loggers": "wandb"})
+    with pytest.raises(TapekitError, match="loggers=mlflow needs a model_dir"):
+        options_lib.resolve({"loggers": ["mlflow"]})

@@ -169,7 +169,8 @@ class Engine:
 
     def fit(self, train_steps: Optional[int], steps_per_loop: int, dataset, callbacks: Sequence,
             eval_every_steps: Optional[int], eval_steps: Optional[int],
-            by_epochs: Optional[Dict[str, Optional[int]]] = None) -> List[Dict[str, float]]:
+            by_epochs: Optional[Dict[str, Optional[int]]] = None,
+            max_time: Optional[float] = None) -> List[Dict[str, float]]:
         """`Trainer.fit` (arguments validated there); `by_epochs`: its train_epochs,
         eval_every_epochs and checkpoint_every_epochs (`tapekit.input.epochs`)."""
         by_epochs = by_epochs or {}
