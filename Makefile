@@ -20,7 +20,7 @@ install: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,profile,mlflow]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -45,6 +45,8 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -rfEs --durations=15 $(PYTEST_ARGS)
 
+# Not the profile and mlflow extras: they need a newer numpy and protobuf than TensorFlow
+# 2.16 takes (their tests run on the newest pair only).
 $(OLDEST_STAMP): setup.cfg pyproject.toml Makefile
 	test -x $(OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_VENV)
 	$(OLDEST_VENV)/bin/python -m pip install --quiet --upgrade pip
