@@ -29,6 +29,16 @@ class Callback:
     def on_eval_end(self, step: int, logs: Logs) -> None:
         """After each evaluation, with the evaluation's metrics."""
 
+    def on_loop_stats(self, step: int, stats: Logs) -> None:
+        """After each loop and all that followed it (callbacks, evaluation, checkpoint
+        saves), before the next: where the loop's wall time went (`time/...` seconds) and
+        memory (`memory/...` bytes). The loggers record it; progress bars ignore it."""
+
+    def on_profile(self, step: int, analysis: Dict[str, object]) -> None:
+        """After a `--profile_steps` trace ending at global step `step` was analysed:
+        `step_time_ms`, `input_wait_percent`, `verdict`, `top_ops`, ... (the loggers record
+        the numbers)."""
+
     def on_epoch_end(self, step: int, epoch: int) -> None:
         """Training by epochs (`train_epochs`): after the loop that ended epoch `epoch`
         (1-based), before any evaluation of it."""
