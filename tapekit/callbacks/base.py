@@ -46,6 +46,12 @@ class Callback:
     def on_train_end(self, step: int, logs: Optional[Logs]) -> None:
         """After the last loop of `fit` (also when a callback stopped training)."""
 
+    def on_exception(self, step: int, error: BaseException) -> None:
+        """When `fit` stops with an exception (a step, an evaluation or a callback raised, or
+        a second Ctrl-C) at global step `step`, instead of `on_train_end`; the exception then
+        reaches the caller. A logger closes its run as failed here; what this raises is
+        logged, not raised."""
+
 
 class EveryNSteps(Callback):
     """Base for actions taken after the first loop end past each multiple of `every_steps`

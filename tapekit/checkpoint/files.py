@@ -28,8 +28,8 @@ from tapekit.errors import TapekitError
 
 # What tapekit writes at the top of a model_dir (TensorFlow writes inside the directories).
 ENTRIES = ("checkpoints", "summaries", "samples", "best", "profile", "metrics.jsonl",
-           "metrics.jsonl.tmp", "eval_metrics.jsonl", "run.json", "run.json.tmp", "flags.txt",
-           "flags.txt.tmp")
+           "metrics.jsonl.tmp", "metrics.csv", "metrics.csv.tmp", "eval_metrics.jsonl", "run.json",
+           "run.json.tmp", "flags.txt", "flags.txt.tmp")
 
 
 def is_remote(path) -> bool:

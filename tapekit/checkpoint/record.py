@@ -159,6 +159,8 @@ def resumed(old: Dict[str, Any], new: Dict[str, Any], step: int,
     record["resumes"] = list(old.get("resumes", [])) + [entry]
     if old.get("skipped"):  # nan_policy=rollback's: a resumed run skips them too
         record["skipped"] = old["skipped"]
+    if old.get("logger_runs"):  # e.g. the MLflow run a resumed run continues
+        record["logger_runs"] = old["logger_runs"]
     return record
 
 
@@ -175,6 +177,15 @@ def record_skipped(model_dir: str, ranges: Sequence[Tuple[int, int]]) -> None:
                  if not line.startswith("--skip_steps=")]
         command_line["flags"] = "\n".join(lines + [f"--skip_steps={value}"]) + "\n"
     write(model_dir, record)
+
+
+def record_logger(model_dir: str, name: str, values: Dict[str, Any]) -> None:
+    """Keeps what logger `name` needs to continue this run after a resume (the MLflow run's
+    id) in run.json `logger_runs`; a resume carries it over (`resumed`). Only run.json is written."""
+    record = read(model_dir) or {}
+    record["logger_runs"] = {**record.get("logger_runs", {}), name: values}
+    files.write_text_atomically(os.path.join(model_dir, RECORD_FILE),
+                                json.dumps(record, indent=1) + "\n")
 
 
 def trainer_arguments(trainer_class: type, args: Sequence, kwargs: Dict[str, Any],

@@ -20,6 +20,7 @@ from absl import logging
 
 from tapekit import callbacks as callbacks_lib
 from tapekit.callbacks import Callback
+from tapekit.callbacks.loggers import loggers_for
 from tapekit.callbacks.progress import in_notebook
 from tapekit.errors import TapekitError, WriteFailed, pass_through
 from tapekit.faults.nonfinite import NonFiniteCheck
@@ -38,8 +39,9 @@ def default_callbacks(runner: Runner, options, train_steps: Optional[int],
 
     Progress first, then `keep_best` (MODEL_DIR/best/, on every worker: it adds the best
     value to the evaluation's logs), then (with `write_dir`: the chief's model_dir) the
-    metrics file, TensorBoard and sample images, and last the checkpoints (on every worker
-    that has a `checkpointer`), so that a loop is recorded before it is saved. The non-finite check
+    loggers and sample images, and last the checkpoints (on every worker
+    that has a `checkpointer`), so that a loop is recorded before it is saved. The loggers are
+    those `options.loggers` names (`tapekit.callbacks.loggers`). The non-finite check
     is not a callback: the controller makes it before any of these runs. `summary_writers`:
     the run's (`tapekit.compiled.step_summaries.SummaryWriters`), which TensorBoard shares.
     """
@@ -56,10 +58,7 @@ def default_callbacks(runner: Runner, options, train_steps: Optional[int],
     if write_dir:
         model_dir = write_dir
         samples = callbacks_lib.Samples()  # drawn once per sampling step, shown twice
-        result.append(callbacks_lib.MetricsFile(os.path.join(model_dir, "metrics.jsonl")))
-        result.append(callbacks_lib.TensorBoard(os.path.join(model_dir, "summaries"),
-                                                options.sample_every_steps, samples=samples,
-                                                writers=summary_writers))
+        result.extend(loggers_for(options, model_dir, summary_writers, samples))
         if options.sample_every_steps:
             result.append(callbacks_lib.SampleImages(os.path.join(model_dir, "samples"),
                                                      options.sample_every_steps,
@@ -127,7 +126,7 @@ class Controller:
         step, history, logs = runner.current_step, [], None
         status.stop_training = status.preempted = status.interrupted = False
         self._each("on_train_begin", step)
-        with StopSignals(runner.request_stop) as signals:
+        with StopSignals(runner.request_stop) as signals, self._telling_of_exceptions():
             while self._more(step) and not status.stop_training:
                 step, skipped = self._skip(step)
                 if skipped:
@@ -220,6 +219,20 @@ class Controller:
             logging.warning("preempted at step %d, %s", step, saved)
         if status.interrupted:
             logging.warning("interrupted at step %d, %s", step, saved)
+
+    @contextlib.contextmanager
+    def _telling_of_exceptions(self):
+        """Calls each callback's `on_exception` when training stops with one (a logger marks
+        its run failed), then lets it pass; a callback failing there only logs."""
+        try:
+            yield
+        except BaseException as error:
+            for callback in self.callbacks:
+                try:
+                    getattr(callback, "on_exception", lambda *_: None)(self.runner.current_step, error)
+                except Exception:  # the first error is the one to report
+                    logging.exception("%s.on_exception failed", type(callback).__name__)
+            raise
 
     def _each(self, hook: str, *args) -> None:
         for callback in self.callbacks:

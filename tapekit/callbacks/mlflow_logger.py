@@ -1,0 +1,338 @@
+"""Logs a run to MLflow with MLflow's own client, off the training thread."""
+
+import importlib.util
+import os
+import queue
+import re
+import threading
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+from absl import logging
+
+from tapekit.callbacks.base import Callback
+from tapekit.callbacks.loggers import numbers, run_settings
+from tapekit.checkpoint import files
+from tapekit.checkpoint import record as record_lib
+from tapekit.errors import TapekitError
+
+# For the client tapekit makes, unless the user set them: a tracker that is down or hung
+# costs the sending thread seconds, not minutes (MLflow's defaults: 120 s, 7 retries).
+HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+_END = object()
+_KEY = re.compile(r"[^\w\-. /]")  # what MLflow allows in a metric or param name
+
+
+class MlflowLogger(Callback):
+    """Logs a run's settings, metrics and files to an MLflow run (the chief only).
+
+    * Tracking URI: MLflow's (`MLFLOW_TRACKING_URI`, `mlflow.set_tracking_uri`); when none is
+      set, `sqlite:///PARENT/mlflow.db` beside the model_dir (PARENT is its parent folder;
+      artifacts in PARENT/mlartifacts), so the runs of one folder share a store that
+      `mlflow ui --backend-store-uri sqlite:///PARENT/mlflow.db` shows. A model_dir on an
+      object store falls back on MLflow's own default.
+    * Experiment: `experiment`, else `MLFLOW_EXPERIMENT_NAME`, else PARENT's name.
+    * Params: `run_settings` (run.json flattened), each value cut to MLflow's 6000
+      characters. A resumed run adds the params that are new; a changed value (a longer
+      `train_steps`) stays as first logged, since MLflow cannot change a param (run.json,
+      logged as an artifact, lists each resume's changes).
+    * Metrics, with step = the global step: each loop's as `train/NAME`, each evaluation's
+      as `eval/NAME`, a loop's time and memory under their own names (`time/...`,
+      `memory/...`), a profile's numbers as `profile/NAME`.
+    * Resume: the run's id is kept in run.json (`logger_runs.mlflow.run_id`); a later `fit`
+      on the model_dir continues that run. A key's steps only go up: a resume from a
+      checkpoint older than the last step logged trains those steps again but does not log
+      them again (MLflow cannot delete points; tapekit's resume is exact, so the first
+      values stand). What a killed job had not sent is not sent later.
+    * At the end: status FINISHED, or KILLED when stopped by a signal (to be resumed) or a
+      second Ctrl-C, FAILED when `fit` raised; run.json and MODEL_DIR/best/ as artifacts.
+
+    Everything MLflow is asked runs on a background thread fed by a bounded queue: training
+    never waits for the tracker. When the tracker is unreachable (down at the start, or
+    stopped during the run) the thread logs one warning and goes on; what it could not send,
+    or what did not fit in the queue, is dropped and counted in one line at the end.
+    `on_train_end` waits up to `flush_timeout_secs` for the queue to drain. HTTP requests
+    get a 5 s timeout and 2 retries unless MLFLOW_HTTP_REQUEST_TIMEOUT and
+    MLFLOW_HTTP_REQUEST_MAX_RETRIES say otherwise (they are set in this process's
+    environment only when unset).
+    """
+
+    def __init__(self, model_dir: str, experiment: Optional[str] = None,
+                 tracking_uri: Optional[str] = None, queue_size: int = 1000,
+                 flush_timeout_secs: float = 30.0):
+        if importlib.util.find_spec("mlflow") is None:
+            raise TapekitError("loggers=mlflow needs MLflow, which is not installed: "
+                               "pip install 'tapekit[mlflow]'")
+        self.model_dir = model_dir
+        self.experiment = experiment
+        self.tracking_uri = tracking_uri
+        self.flush_timeout_secs = flush_timeout_secs
+        self.run_id: Optional[str] = None
+        self.dropped = 0  # metric points not sent (tracker unreachable, queue full)
+        self._queue: "queue.Queue" = queue.Queue(maxsize=queue_size)
+        self._thread: Optional[threading.Thread] = None
+        self._recorded: Optional[str] = None  # the run id run.json holds
+        self._uri: Optional[str] = None  # the tracking URI, once the thread has chosen it
+        self._warned = False
+        self._lock = threading.Lock()
+        self._ending = threading.Event()  # on_train_end: a failing tracker is not waited for
+
+    # ------------------------------------------------------------------ the training thread
+
+    def on_train_begin(self, step):
+        for name, value in HTTP_SETTINGS.items():
+            os.environ.setdefault(name, value)
+        recorded = (record_lib.read(self.model_dir) or {}).get("logger_runs", {}).get("mlflow", {})
+        self._recorded = recorded.get("run_id")
+        self.dropped, self._warned = 0, False
+        self._queue = queue.Queue(maxsize=self._queue.maxsize)
+        self._ending = threading.Event()
+        sender = _Sender(self, self._queue, self._ending, self._recorded,
+                         run_settings(self.model_dir))
+        self._thread = threading.Thread(target=sender.run, name="tapekit-mlflow", daemon=True)
+        self._thread.start()
+
+    def on_loop_end(self, step, logs):
+        self._send(step, {f"train/{name}": value for name, value in logs.items()})
+
+    def on_eval_end(self, step, logs):
+        self._send(step, {f"eval/{name}": value for name, value in logs.items()})
+
+    def on_loop_stats(self, step, stats):
+        self._send(step, stats)
+
+    def on_profile(self, step, analysis):
+        self._send(step, {f"profile/{name}": value for name, value in numbers(analysis).items()})
+
+    def on_train_end(self, step, logs):
+        trainer = self.trainer
+        stopped = bool(getattr(trainer, "preempted", False) or getattr(trainer, "interrupted", False))
+        self._finish("KILLED" if stopped else "FINISHED")
+
+    def on_exception(self, step, error):
+        self._finish("FAILED" if isinstance(error, Exception) else "KILLED")
+
+    def _send(self, step: int, values: Dict[str, Any]) -> None:
+        self._record_run_id()
+        points = {name: float(value) for name, value in values.items()
+                  if isinstance(value, (int, float)) or hasattr(value, "__float__")}
+        try:
+            self._queue.put_nowait((int(step), time.time(), points))
+        except queue.Full:
+            self._drop(len(points), "the queue to the tracker is full")
+
+    def _finish(self, status: str) -> None:
+        if self._thread is None:
+            return
+        self._ending.set()
+        deadline = time.monotonic() + self.flush_timeout_secs
+        try:  # waits for room: the end (status, artifacts) is sent after every loop's metrics
+            self._queue.put((_END, status, None), timeout=self.flush_timeout_secs)
+        except queue.Full:
+            pass
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        self._record_run_id()
+        if self._thread.is_alive():
+            left = sum(len(item[2] or {}) for item in list(self._queue.queue))
+            self._drop(left, f"the MLflow tracker did not take the run's end within "
+                             f"{self.flush_timeout_secs:g} s")
+        if self.dropped:
+            logging.warning("mlflow: %d metric value(s) of run %s were not logged (the tracker "
+                            "was unreachable or slow); they are in the model_dir's other "
+                            "loggers' files", self.dropped, self.run_id)
+        self._thread = None
+
+    def _record_run_id(self) -> None:
+        """Keeps the run's id in run.json once the thread has it (written from this thread
+        only, as every other run.json write)."""
+        run_id = self.run_id
+        if run_id is not None and run_id != self._recorded:
+            record_lib.record_logger(self.model_dir, "mlflow", {
+                "run_id": run_id, "tracking_uri": self._uri})
+            self._recorded = run_id
+
+    def _drop(self, count: int, why: str) -> None:
+        with self._lock:
+            self.dropped += count
+            warned, self._warned = self._warned, True
+        if not warned:
+            logging.warning("mlflow: %s; training goes on without it (what is not logged is "
+                            "counted and dropped)", why)
+
+
+class _Sender:
+    """The background thread's side: owns the client, the run and the last step per key."""
+
+    RETRY_START_SECS = 30.0  # a tracker down at the start is tried again this often
+
+    def __init__(self, logger: MlflowLogger, items: "queue.Queue", ending: threading.Event,
+                 run_id: Optional[str], params: Dict[str, Any]):
+        self.logger = logger
+        self.items = items
+        self.ending = ending
+        self.run_id = run_id
+        self.params = params
+        self.client = None
+        self.last_step: Dict[str, int] = {}
+        self.failing = False
+        self.tried = 0.0
+
+    def run(self) -> None:
+        started = self._start()
+        while True:
+            items = [self.items.get()]
+            while items[-1][0] is not _END and len(items) < 100:
+                try:
+                    items.append(self.items.get_nowait())
+                except queue.Empty:
+                    break
+            metrics = [item for item in items if item[0] is not _END]
+            if metrics:
+                if not started and time.monotonic() - self.tried >= self.RETRY_START_SECS:
+                    started = self._start()
+                if started and not (self.failing and self.ending.is_set()):
+                    self._log(metrics)
+                else:
+                    self.logger._drop(sum(len(points) for _, _, points in metrics),
+                                      "the MLflow tracker is unreachable")
+            if items[-1][0] is _END:
+                if started or self._start():
+                    self._end(items[-1][1])
+                return
+
+    def _call(self, what: str, function, *args, **kwargs):
+        """`function(...)`, or None after warning once (the tracker is unreachable)."""
+        try:
+            result = function(*args, **kwargs)
+        except Exception as error:  # any client error: the run goes on without MLflow
+            self.failing = True
+            uri = self.logger._uri
+            self.logger._drop(0, f"the MLflow tracker at {uri} failed to {what} "
+                                 f"({type(error).__name__}: {str(error).splitlines()[0][:200]})")
+            return None
+        self.failing = False
+        return result if result is not None else True
+
+    def _start(self) -> bool:
+        """Connects, and continues the recorded run or starts one. False: unreachable."""
+        self.tried = time.monotonic()
+        uri, artifact_location = tracking_uri(self.logger.model_dir, self.logger.tracking_uri)
+        self.logger._uri = uri
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+        self.client = MlflowClient(uri)
+        run = None
+        if self.run_id is not None:
+            try:
+                run = self.client.get_run(self.run_id)
+            except MlflowException as error:
+                if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    return self._call("find the recorded run", _raise, error) is not None
+                logging.warning("mlflow: run %s, recorded in run.json, is not in %s; starting "
+                                "a new run", self.run_id, uri)
+            except Exception as error:  # e.g. a connection refused before MLflow wraps it
+                return self._call("find the recorded run", _raise, error) is not None
+        if run is None:
+            run = self._create(artifact_location)
+            if run is None:
+                return False
+        else:
+            self._call("mark the run running", self.client.update_run, run.info.run_id, "RUNNING")
+            for key in run.data.metrics:
+                history = self._call("read a metric's history", self.client.get_metric_history,
+                                     run.info.run_id, key)
+                if history is None:
+                    return False
+                steps = [point.step for point in history] if history is not True else []
+                self.last_step[key] = max(steps, default=-1)
+        self.run_id = run.info.run_id
+        self._log_params(run)
+        self.logger.run_id = self.run_id
+        logging.info("mlflow: logging to run %s of experiment %s at %s", self.run_id,
+                     run.info.experiment_id, uri)
+        return True
+
+    def _create(self, artifact_location: Optional[str]):
+        name = experiment_name(self.logger.model_dir, self.logger.experiment)
+        experiment = self._call("read the experiment", self.client.get_experiment_by_name, name)
+        if experiment is None:
+            return None
+        if experiment is True:  # none yet
+            experiment_id = self._call("create the experiment", self.client.create_experiment,
+                                       name, artifact_location=artifact_location)
+            if experiment_id is None:
+                return None
+        else:
+            experiment_id = experiment.experiment_id
+        tags = {"mlflow.source.name": "tapekit", "tapekit.model_dir": self.logger.model_dir}
+        return self._call("create a run", self.client.create_run, experiment_id,
+                          tags=tags, run_name=os.path.basename(os.path.normpath(self.logger.model_dir)))
+
+    def _log_params(self, run) -> None:
+        from mlflow.entities import Param
+        known = run.data.params
+        params = [Param(_key(name), str(value)[:6000]) for name, value in self.params.items()
+                  if _key(name) not in known]
+        for first in range(0, len(params), 100):
+            self._call("log params", self.client.log_batch, self.run_id,
+                       params=params[first:first + 100])
+
+    def _log(self, items: List[Tuple[int, float, Dict[str, float]]]) -> None:
+        from mlflow.entities import Metric
+        metrics, sent = [], {}
+        for step, seconds, points in items:
+            for name, value in points.items():
+                key = _key(name)
+                if step <= sent.get(key, self.last_step.get(key, -1)):
+                    continue  # logged before this resume: steps only go up
+                sent[key] = step
+                metrics.append(Metric(key, value, int(seconds * 1000), step))
+        for first in range(0, len(metrics), 1000):
+            batch = metrics[first:first + 1000]
+            if self._call("log metrics", self.client.log_batch, self.run_id, metrics=batch) is None:
+                self.logger._drop(len(batch), "the MLflow tracker is unreachable")
+            else:
+                for metric in batch:
+                    self.last_step[metric.key] = max(metric.step, self.last_step.get(metric.key, -1))
+
+    def _end(self, status: str) -> None:
+        model_dir = self.logger.model_dir
+        record = files.read_text(os.path.join(model_dir, record_lib.RECORD_FILE))
+        if record is not None:
+            import tempfile
+            with tempfile.TemporaryDirectory() as folder:
+                path = os.path.join(folder, record_lib.RECORD_FILE)
+                with open(path, "w") as stream:
+                    stream.write(record)
+                self._call("log run.json", self.client.log_artifact, self.run_id, path)
+        best = os.path.join(model_dir, "best")
+        if not files.is_remote(best) and os.path.isdir(best):
+            self._call("log best/", self.client.log_artifacts, self.run_id, best, "best")
+        self._call("end the run", self.client.set_terminated, self.run_id, status)
+
+
+def tracking_uri(model_dir: str, uri: Optional[str] = None) -> Tuple[str, Optional[str]]:
+    """(the tracking URI to log to, the artifact location for an experiment created there):
+    `uri`, else MLflow's when one is set, else sqlite:///PARENT/mlflow.db with artifacts in
+    PARENT/mlartifacts (MLflow's own default when the model_dir has a scheme)."""
+    import mlflow
+    if uri:
+        return uri, None
+    if mlflow.is_tracking_uri_set() or files.is_remote(model_dir):
+        return mlflow.get_tracking_uri(), None
+    parent = os.path.dirname(os.path.abspath(model_dir))
+    return f"sqlite:///{os.path.join(parent, 'mlflow.db')}", os.path.join(parent, "mlartifacts")
+
+
+def experiment_name(model_dir: str, experiment: Optional[str] = None) -> str:
+    return (experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+            or os.path.basename(os.path.dirname(os.path.normpath(model_dir))) or "Default")
+
+
+def _raise(error: Exception):
+    raise error
+
+
+def _key(name: str) -> str:
+    return _KEY.sub("_", str(name))[:250]
