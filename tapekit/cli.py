@@ -239,7 +239,7 @@ def _train(program: str, trainer_class: Type[Trainer], own_flags: List[str], arg
                 trainer.fit(callbacks=callbacks, **fit_arguments)
         except KeyboardInterrupt:  # Ctrl-C: the loop finished and was saved (and logged)
             sys.exit(130)
-        if trainer.preempted:  # exit 0 so that the scheduler's requeue resumes the run
+        if trainer.preempted or trainer.stopped_by_time:  # exit 0: a requeue resumes the run
             return
         if FLAGS.export_dir and distribute.is_chief(trainer.strategy):
             logging.info("exported the model to %s", trainer.export(FLAGS.export_dir))

@@ -18,6 +18,7 @@ TAPEKIT_ATTRIBUTES = {
     "history": "the metrics of every loop run",
     "preempted": "whether the last fit stopped on SIGTERM",
     "interrupted": "whether the last fit stopped on Ctrl-C",
+    "stopped_by_time": "whether the last fit stopped when max_time was used up",
     "loss_scales": "the dynamic loss scales under mixed_float16",
     "train_loop_trace_count": "how often the training loop was traced",
     "options": "the run's validated options",

@@ -24,6 +24,7 @@ from tapekit.compiled import means
 from tapekit.errors import TapekitError
 from tapekit.namespace import TAPEKIT_ATTRIBUTES
 from tapekit.run.engine import Engine
+from tapekit.run.time_budget import TimeBudget
 
 _OPTION_NAMES = frozenset(options_lib.names(options_lib.TRAINER_OPTIONS))
 ModelsOrVariables = Union[keras.Model, keras.Layer, tf.Variable, Sequence[Any]]
@@ -269,7 +270,7 @@ class Trainer:
                             ("eval_every_steps", eval_every_steps), ("eval_steps", eval_steps),
                             *by_epochs.items()):
             options_lib.check(name, value)
-        budget = options_lib.parse_duration(max_time)
+        budget = TimeBudget(options_lib.parse_duration(max_time))  # counts from this call
         history = self._engine.fit(train_steps, steps_per_loop, dataset, callbacks,
                                    eval_every_steps, eval_steps,
                                    by_epochs if train_epochs is not None else None,
@@ -391,6 +392,12 @@ class Trainer:
     def interrupted(self) -> bool:
         """True when the last `fit` stopped on a first Ctrl-C (after saving a checkpoint)."""
         return self._engine.status.interrupted
+
+    @property
+    def stopped_by_time(self) -> bool:
+        """True when the last `fit` stopped because its `max_time` was used up (after saving
+        a checkpoint, with a model_dir; run.json `stopped` says where)."""
+        return self._engine.status.stopped_by_time
 
     @property
     def loss_scales(self) -> List[Any]:

@@ -26,6 +26,7 @@ class FakeRunner:
         self.epoch_steps = epoch_steps  # by epochs: batches per pass
         self.input_at = step  # batches read so far (the next is input_at + 1)
         self.loops, self.evaluations, self.stop_requests, self.stopped = [], [], [], []
+        self.stop_records = []
         self.kept: Optional[int] = None
         self.recorded: Sequence[Tuple[int, int]] = ()
         self.epochs = 0
@@ -78,6 +79,12 @@ class FakeRunner:
 
     def any_worker(self, flag):
         return self.votes(flag, self.step)
+
+    def device_memory(self):
+        return {"memory/GPU_0/current_bytes": 1000 * self.step, "memory/GPU_0/peak_bytes": 5000}
+
+    def record_stop(self, entry):
+        self.stop_records.append(entry)
 
     # ------------------------------------------------------------------ fault policies' view
 

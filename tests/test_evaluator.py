@@ -41,7 +41,7 @@ def test_an_evaluator_process_evaluates_every_checkpoint_of_a_training_process(t
     assert [row["step"] for row in evaluated] == [100, 200, 300, 400, 500, 600]
     assert all(row["split"] == "eval" and np.isfinite(row["loss"]) for row in evaluated)
     # The training process evaluated nothing; the evaluator kept best/ and left checkpoints/ alone.
-    assert {row["split"] for row in _rows(model_dir / "metrics.jsonl")} == {"train"}
+    assert {row["split"] for row in _rows(model_dir / "metrics.jsonl")} == {"train", "stats"}
     best = json.loads((model_dir / "best" / "best.json").read_text())
     assert best["value"] == min(row["loss"] for row in evaluated)
     assert evaluated[-1]["best_loss"] == best["value"]

@@ -19,7 +19,8 @@ from examples.wgan_gp import WGANGPTrainer  # noqa: E402
 
 
 def _records(model_dir):
-    return [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row for row in rows if row["split"] != "stats"]  # train and eval
 
 
 def _all_finite(record):

@@ -47,7 +47,8 @@ def _snapshot(model_dir):
 
 
 def _rows(model_dir, name="metrics.jsonl"):
-    return [json.loads(line)["step"] for line in open(os.path.join(model_dir, name))]
+    rows = [json.loads(line) for line in open(os.path.join(model_dir, name))]
+    return [row["step"] for row in rows if row["split"] != "stats"]
 
 
 def _errors(stderr):

@@ -43,7 +43,9 @@ def _read(path):
 
 
 def _rows(path):
-    return [json.loads(line) for line in _read(path).splitlines()]
+    """A metrics file's train and eval rows (not the loops' stats)."""
+    rows = [json.loads(line) for line in _read(path).splitlines()]
+    return [row for row in rows if row["split"] != "stats"]
 
 
 def _tear(path):

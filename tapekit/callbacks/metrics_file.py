@@ -50,6 +50,11 @@ class MetricsFile(Callback):
     def on_eval_end(self, step, logs):
         self._append("eval", step, logs)
 
+    def on_loop_stats(self, step, stats):
+        """A row {"split": "stats", "step": S, "time/train_secs": ..., "memory/...": ...}
+        (`tapekit.run.accounting`): seconds as floats, bytes as integers."""
+        self._append("stats", step, stats)
+
 
 def _row_after(line: str, step: int) -> bool:
     try:

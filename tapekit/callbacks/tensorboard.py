@@ -53,6 +53,15 @@ class TensorBoard(EveryNSteps):
         super().on_loop_end(step, logs)
         self.train_writer.flush()
 
+    def on_loop_stats(self, step, stats):
+        """Where the loop's time and memory went, as scalars in LOGDIR/train (`time/...`
+        seconds, `memory/...` bytes)."""
+        from tapekit import summaries
+        with self.train_writer.as_default(step=step):
+            for name, value in stats.items():
+                summaries.scalar(name, value, step)
+        self.train_writer.flush()
+
     def on_eval_end(self, step, logs):
         from tapekit import summaries
         writer = self._writer("eval")

@@ -159,6 +159,8 @@ def resumed(old: Dict[str, Any], new: Dict[str, Any], step: int,
     record["resumes"] = list(old.get("resumes", [])) + [entry]
     if old.get("skipped"):  # nan_policy=rollback's: a resumed run skips them too
         record["skipped"] = old["skipped"]
+    if old.get("stopped"):  # where max_time stopped earlier fits (`tapekit.run.time_budget`)
+        record["stopped"] = old["stopped"]
     if old.get("logger_runs"):  # e.g. the MLflow run a resumed run continues
         record["logger_runs"] = old["logger_runs"]
     return record

@@ -13,7 +13,6 @@ eagerly, once per loop; it imports no TensorFlow.
 import contextlib
 import os
 import sys
-import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
@@ -25,9 +24,11 @@ from tapekit.callbacks.progress import in_notebook
 from tapekit.errors import TapekitError, WriteFailed, pass_through
 from tapekit.faults.nonfinite import NonFiniteCheck
 from tapekit.faults.stop import StopSignals
+from tapekit.run.accounting import LoopClock, host_memory
 from tapekit.run.hooks import LoopHook
 from tapekit.run.profiler import Profiler
 from tapekit.run.runner import LoopResult, Runner
+from tapekit.run.time_budget import TimeBudget
 
 
 def default_callbacks(runner: Runner, options, train_steps: Optional[int],
@@ -103,18 +104,22 @@ class Controller:
             Profiler(profile_steps, profile_dir) if profile_steps else None) if hook is not None]
         for callback in self.callbacks:
             callback.set_trainer(trainer)
+        self.clock = LoopClock()  # where each loop's time went: `on_loop_stats`
+        self._stats_step: Optional[int] = None  # the recorded loop whose stats are due
+        self._budget = TimeBudget(None)
 
     def train(self, train_steps: Optional[int], steps_per_loop: int,
               train_epochs: Optional[int] = None,
-              eval_every_epochs: Optional[int] = None) -> List[Dict[str, float]]:
+              eval_every_epochs: Optional[int] = None, max_time=None) -> List[Dict[str, float]]:
         """Runs loops of `steps_per_loop` steps (the last one clamped) up to `train_steps`.
 
         Stops early, after the loop in progress, when a callback sets
         `trainer.stop_training` (`runner.status.stop_training`), when the input runs out,
         on SIGTERM (then a checkpoint is saved and `status.preempted` is True) or on a first
         Ctrl-C (SIGINT: a checkpoint is saved and `status.interrupted` is True; a second
-        Ctrl-C aborts at once). Returns one dict per loop: the global `step` at its end, the
-        loop's mean metrics, `steps_per_sec`, `examples_per_sec`.
+        Ctrl-C aborts at once), and at the next step once `max_time` is used up (saved;
+        `status.stopped_by_time`; `tapekit.run.time_budget`). Returns one dict per loop: the
+        global `step` at its end, the loop's mean metrics, `steps_per_sec`, `examples_per_sec`.
 
         With `train_epochs` (and `train_steps` None) it trains until the runner has finished
         that many passes over the data (`runner.epochs_done`); rows then carry `epoch` (the
@@ -124,20 +129,21 @@ class Controller:
         runner, status = self.runner, self.runner.status
         self._goal = (train_steps, train_epochs, eval_every_epochs)
         step, history, logs = runner.current_step, [], None
-        status.stop_training = status.preempted = status.interrupted = False
+        status.stop_training = status.preempted = status.interrupted = status.stopped_by_time = False
+        self._budget = TimeBudget.of(max_time)
         self._each("on_train_begin", step)
-        with StopSignals(runner.request_stop) as signals, self._telling_of_exceptions():
+        with StopSignals(runner.request_stop) as signals, self._telling_of_exceptions(), \
+                self._budget.watching(runner.request_stop):
             while self._more(step) and not status.stop_training:
                 step, skipped = self._skip(step)
                 if skipped:
                     continue
                 num_steps = self._loop_length(step, steps_per_loop)
-                start_step, start = step, time.perf_counter()
-                result = runner.run_train_loop(num_steps)
-                seconds = max(time.perf_counter() - start, 1e-9)
+                start_step = step
+                result, seconds = self._run_loop(num_steps)
                 step += result.steps_run  # what the loop added to the global step
                 epoch_ended = train_epochs is not None and result.epoch_ended
-                if signals.stopping and result.steps_run == 0:  # asked to stop before it began
+                if self._stopping(signals) and result.steps_run == 0:  # asked to stop before it began
                     self._stop_on_signal(signals)
                     break
                 back_to = self._after_loop(step, result, num_steps, epoch_ended)
@@ -145,7 +151,7 @@ class Controller:
                     step = back_to
                     continue
                 replayed = any(hook.replayed(step) for hook in self.hooks)
-                if result.steps_run < num_steps and not epoch_ended and not signals.stopping:
+                if result.steps_run < num_steps and not epoch_ended and not self._stopping(signals):
                     logging.warning("the training data ran out: %d of this loop's %d steps ran, "
                                     "training stops at step %d", result.steps_run, num_steps, step)
                     status.stop_training = True
@@ -198,8 +204,8 @@ class Controller:
         if logs is not None:
             if not replayed:
                 self._each("on_loop_end", step, logs)
-            if self.runner.any_worker(signals.stopping):  # every worker stops at this step
-                self._stop_on_signal(signals)
+                self._stats_step = step
+            if self._stop_voted(signals):  # every worker stops at this step
                 return  # not evaluating: the grace period is for the checkpoint
         if replayed:
             return
@@ -207,18 +213,48 @@ class Controller:
             self._end_epoch(step, start_step)
         elif self._evaluation_due(start_step, step):
             self._evaluate(step)
+        else:
+            return
+        self._time_voted()  # the budget ran out during the evaluation: stop before the next loop
+
+    def _run_loop(self, num_steps: int) -> Tuple[LoopResult, float]:
+        """Runs one compiled loop, timed (its seconds, at least 1 ns), after handing the
+        callbacks the stats of the loop before: a row ends where the next loop starts."""
+        self._loop_stats()
+        with self.clock.timing("train") as timed:
+            result = self.runner.run_train_loop(num_steps)
+        return result, max(timed["seconds"], 1e-9)
+
+    def _loop_stats(self) -> None:
+        """`on_loop_stats` for the loop recorded last, with all that followed it up to now
+        (`tapekit.run.accounting`), once; the clock then times the next. The loops undone or
+        replayed before a recorded one count in its row."""
+        if self._stats_step is None:
+            if not self.clock.running:  # rows start with the first loop
+                self.clock.restart()
+            return
+        stats = self.clock.stats()
+        self.clock.restart()
+        stats.update({**host_memory(), **self.runner.device_memory()})
+        step, self._stats_step = self._stats_step, None
+        self._each("on_loop_stats", step, stats)
 
     def _end(self, step: int, logs: Optional[Dict[str, float]]) -> None:
         for hook in self.hooks:
             hook.end()
         with self._between_loops(step):
             self._each("on_train_end", step, logs)
+            self._loop_stats()  # the last loop's: after on_train_end, to count the final save
         status, latest = self.runner.status, self.runner.latest_checkpoint
         saved = f"checkpoint {latest} saved" if latest else "nothing saved (no model_dir)"
         if status.preempted:
             logging.warning("preempted at step %d, %s", step, saved)
         if status.interrupted:
             logging.warning("interrupted at step %d, %s", step, saved)
+        if status.stopped_by_time:
+            self.runner.record_stop(self._budget.stop_record(step))
+            logging.warning("max_time (%s s) used up: stopped at step %d, %s",
+                            f"{self._budget.seconds:g}", step, saved)
 
     @contextlib.contextmanager
     def _telling_of_exceptions(self):
@@ -235,8 +271,14 @@ class Controller:
             raise
 
     def _each(self, hook: str, *args) -> None:
+        """Calls `hook` on each callback, timed: `SaveCheckpoints` as checkpoint time (its
+        longest call also tells the time budget what a save takes), the rest as callbacks."""
         for callback in self.callbacks:
-            getattr(callback, hook)(*args)
+            saves = isinstance(callback, callbacks_lib.SaveCheckpoints)
+            with self.clock.timing("checkpoint" if saves else "callbacks") as timed:
+                getattr(callback, hook)(*args)
+            if saves:
+                self._budget.saw_save(timed["seconds"])
 
     def _skip(self, step: int) -> Tuple[int, bool]:
         """Skips the steps a hook says are due (their batches are read, not trained on) and
@@ -247,7 +289,8 @@ class Controller:
             due = hook.steps_to_skip(step, train_steps)
             if not due:
                 continue
-            skipped = hook.skip(due)
+            with self.clock.timing("input_wait"):  # batches read outside the compiled loop
+                skipped = hook.skip(due)
             if skipped:
                 logging.info("skipped %s (read, not trained on)", f"step {step + 1}"
                              if skipped == 1 else f"steps {step + 1}-{step + skipped}")
@@ -264,11 +307,33 @@ class Controller:
                 return step, True
         return step, False
 
+    def _stopping(self, signals: StopSignals) -> bool:
+        """A signal arrived, or the time budget is used up (on this worker)."""
+        return signals.stopping or self._budget.expired
+
+    def _stop_voted(self, signals: StopSignals) -> bool:
+        """Whether every worker stops at this step: a signal on any of them (one vote), or
+        the time budget used up on any (a second, only with a budget)."""
+        if self.runner.any_worker(signals.stopping):
+            self._stop_on_signal(signals)
+            return True
+        return self._time_voted()
+
+    def _time_voted(self) -> bool:
+        if self._budget.seconds is None or not self.runner.any_worker(self._budget.check()):
+            return False
+        status = self.runner.status
+        status.stop_training = status.stopped_by_time = True
+        return True
+
     def _stop_on_signal(self, signals: StopSignals) -> None:
         status = self.runner.status
         status.stop_training = True
-        status.interrupted = signals.interrupted
-        status.preempted = not signals.interrupted
+        if signals.stopping or not self._budget.expired:  # a signal, here or on another worker
+            status.interrupted = signals.interrupted
+            status.preempted = not signals.interrupted
+        else:
+            status.stopped_by_time = True
 
     @contextlib.contextmanager
     def _between_loops(self, step: int):
@@ -295,7 +360,8 @@ class Controller:
         return step < train_steps
 
     def _evaluate(self, step: int) -> None:
-        eval_logs = self.runner.evaluate(self.eval_steps)
+        with self.clock.timing("eval"):
+            eval_logs = self.runner.evaluate(self.eval_steps)
         self._each("on_eval_end", step, eval_logs)
 
     def _end_epoch(self, step: int, start_step: int) -> None:

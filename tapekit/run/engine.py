@@ -36,7 +36,7 @@ from tapekit.faults import good_state as good_state_lib
 from tapekit.faults.stop import StopFlag
 from tapekit.input import epochs as epochs_lib
 from tapekit.input import run_input
-from tapekit.run import building, distribute
+from tapekit.run import accounting, building, distribute, time_budget
 from tapekit.run import controller as controller_lib
 from tapekit.run.ema import EmaWeights
 from tapekit.run.runner import LoopResult, RunStatus
@@ -167,12 +167,18 @@ class Engine:
     def any_worker(self, flag: bool) -> bool:
         return distribute.any_worker(self.strategy, flag)
 
+    def device_memory(self) -> Dict[str, int]:
+        return accounting.device_memory()
+
+    def record_stop(self, entry: Dict[str, Any]) -> None:
+        time_budget.record_stop(self.model_dir if distribute.is_chief(self.strategy) else None, entry)
+
     def fit(self, train_steps: Optional[int], steps_per_loop: int, dataset, callbacks: Sequence,
             eval_every_steps: Optional[int], eval_steps: Optional[int],
             by_epochs: Optional[Dict[str, Optional[int]]] = None,
-            max_time: Optional[float] = None) -> List[Dict[str, float]]:
-        """`Trainer.fit` (arguments validated there); `by_epochs`: its train_epochs,
-        eval_every_epochs and checkpoint_every_epochs (`tapekit.input.epochs`)."""
+            max_time=None) -> List[Dict[str, float]]:
+        """`Trainer.fit` (arguments validated there; `max_time`: its `TimeBudget`); `by_epochs`:
+        its train_epochs, eval_every_epochs and checkpoint_every_epochs (`tapekit.input.epochs`)."""
         by_epochs = by_epochs or {}
         self._by_epochs = by_epochs.get("train_epochs") is not None
         if self._by_epochs and self.checkpointer is not None:  # built by restore/evaluate
@@ -198,7 +204,7 @@ class Engine:
             with distribute.peers_stopping_explained(self):
                 history = controller.train(train_steps, int(steps_per_loop),
                                            by_epochs.get("train_epochs"),
-                                           by_epochs.get("eval_every_epochs"))
+                                           by_epochs.get("eval_every_epochs"), max_time)
             self.ema.swap_in()  # as Keras fit ends: the models hold the averages
         self.history.extend(history)
         return history

@@ -31,6 +31,7 @@ class RunStatus:
         self.stop_training = False
         self.preempted = False  # stopped on SIGTERM (a checkpoint was saved)
         self.interrupted = False  # stopped on a first Ctrl-C (a checkpoint was saved)
+        self.stopped_by_time = False  # stopped when max_time was used up (a checkpoint was saved)
 
 
 class Runner(Protocol):
@@ -70,6 +71,14 @@ class Runner(Protocol):
 
     def any_worker(self, flag: bool) -> bool:
         """True if `flag` is True on any worker (a collective vote when multi-worker)."""
+
+    def device_memory(self) -> Dict[str, int]:
+        """`memory/<device>/current_bytes` and `peak_bytes` for each device that reports
+        them (`tapekit.run.accounting.device_memory`: GPUs; none on CPU)."""
+
+    def record_stop(self, entry: Dict[str, object]) -> None:
+        """Appends `entry` (why and where training stopped: `max_time`) to run.json's
+        `stopped` (the chief; nothing without a model_dir)."""
 
     # What fault policies (`tapekit.faults.rollback`) ask, between loops.
 

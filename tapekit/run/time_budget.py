@@ -1,0 +1,124 @@
+"""`max_time`: a wall-time budget for one `fit`, which stops it cleanly with a checkpoint.
+
+The budget counts from the `fit` call. It is used up when what is left of it is what a
+checkpoint save takes (`reserve`: the longest save measured in this `fit`, and never less
+than `DEFAULT_RESERVE_SECS` or a tenth of the budget, whichever is smaller, for the saves
+not measured yet). A watcher thread then asks the running compiled loop to stop at its
+next step (`Runner.request_stop`, as SIGTERM does); the outer loop (`Controller.train`)
+also checks between loops (a budget used up during an evaluation), every worker agreeing
+(`Runner.any_worker`), skips the evaluation due, saves, records the stop in run.json
+(`record_stop`) and returns normally. A new `fit` gets a fresh budget. Imports no TensorFlow.
+"""
+
+import datetime
+import threading
+import time
+from typing import Any, Callable, Dict, Optional
+
+from absl import logging
+
+# Kept for the final save until one is measured (a tenth of a shorter budget).
+DEFAULT_RESERVE_SECS = 30.0
+
+
+class TimeBudget:
+    """`seconds` of wall time from now (None: no budget). `watching` starts the watcher."""
+
+    def __init__(self, seconds: Optional[float], now: Callable[[], float] = time.monotonic):
+        self.seconds = seconds
+        self._now = now
+        self.started = now()
+        self.expired = False
+        self._longest_save = 0.0
+        self._wake = threading.Condition()
+        self._watching = False
+
+    @classmethod
+    def of(cls, max_time) -> "TimeBudget":
+        """`max_time` as given to `Controller.train`: a `TimeBudget` (started at the `fit`
+        call), seconds (starting now) or None."""
+        return max_time if isinstance(max_time, TimeBudget) else cls(max_time)
+
+    @property
+    def reserve(self) -> float:
+        """The seconds kept for the final checkpoint save."""
+        return max(min(DEFAULT_RESERVE_SECS, self.seconds / 10), self._longest_save)
+
+    def remaining(self) -> float:
+        """Seconds until the budget, less the reserve, is used up (inf: no budget)."""
+        if self.seconds is None:
+            return float("inf")
+        return self.started + self.seconds - self.reserve - self._now()
+
+    def saw_save(self, seconds: float) -> None:
+        """A checkpoint save (or the callback that may save) took `seconds`."""
+        with self._wake:
+            if seconds > self._longest_save:
+                self._longest_save = seconds
+                self._wake.notify()  # the deadline moved closer
+
+    def check(self) -> bool:
+        """Whether the budget is used up (says so in a line, once). Eager, any thread."""
+        with self._wake:
+            return self._check()
+
+    def _check(self) -> bool:  # holding self._wake
+        if self.expired or self.remaining() > 0:
+            return self.expired
+        self.expired = True
+        logging.warning("max_time: %.1f s of the %.1f s budget used (%.1f s kept for the "
+                        "checkpoint save): stopping at the next step, then saving a checkpoint",
+                        self._now() - self.started, self.seconds, self.reserve)
+        return True
+
+    def watching(self, on_stop: Callable[[], None]):
+        """A context within which a thread calls `on_stop` once the budget is used up; on
+        exit the thread is gone, so it never stops a later `fit`."""
+        return _Watcher(self, on_stop)
+
+    def _watch(self, on_stop: Callable[[], None]) -> None:
+        with self._wake:  # held while stopping: the context's exit waits for it, then none comes
+            while self._watching and self.remaining() > 0:
+                self._wake.wait(self.remaining())
+            if self._watching and self._check():
+                on_stop()
+
+    def stop_record(self, step: int) -> Dict[str, Any]:
+        """run.json's entry for a stop at `step` (`Runner.record_stop`)."""
+        return {"reason": "max_time", "step": int(step), "budget_secs": self.seconds,
+                "used_secs": round(self._now() - self.started, 3),
+                "reserve_secs": round(self.reserve, 3),
+                "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+class _Watcher:
+    def __init__(self, budget: TimeBudget, on_stop: Callable[[], None]):
+        self.budget = budget
+        self.on_stop = on_stop
+        self.thread = None
+
+    def __enter__(self):
+        if self.budget.seconds is not None:
+            self.budget._watching = True
+            self.thread = threading.Thread(target=self.budget._watch, args=(self.on_stop,),
+                                           name="tapekit-max-time", daemon=True)
+            self.thread.start()
+        return self.budget
+
+    def __exit__(self, *exc):
+        if self.thread is not None:
+            with self.budget._wake:
+                self.budget._watching = False
+                self.budget._wake.notify()
+            self.thread.join()
+
+
+def record_stop(model_dir: Optional[str], entry: Dict[str, Any]) -> None:
+    """Appends `entry` to run.json's `stopped` list (None: no model_dir, nothing written)."""
+    if not model_dir:
+        return
+    from tapekit.checkpoint import record
+
+    written = record.read(model_dir) or {}
+    written["stopped"] = list(written.get("stopped", [])) + [entry]
+    record.write(model_dir, written)
