@@ -45,7 +45,7 @@ def _read(path):
 def _rows(path):
     """A metrics file's train and eval rows (not the loops' stats)."""
     rows = [json.loads(line) for line in _read(path).splitlines()]
-    return [row for row in rows if row["split"] != "stats"]
+    return [row for row in rows if row.get("split") != "stats"]
 
 
 def _tear(path):
