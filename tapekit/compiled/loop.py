@@ -21,13 +21,14 @@ it the loop has no summary op.
 
 import contextlib
 import dataclasses
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import tensorflow as tf
 from absl import logging
 
 from tapekit import compat
 from tapekit.compiled import build, means, step_summaries, tracing, xla
+from tapekit.compiled.gradient_norms import NormsPlan, StepNorms
 from tapekit.errors import TapekitError, user_message
 from tapekit.run.runner import LoopResult
 
@@ -56,6 +57,8 @@ class LoopPlan:
     name: str = "train_loop"
     # tf.summary calls in the step, recorded every summary_every_steps; None: off, no op added
     summaries: Optional[step_summaries.LoopSummaries] = None
+    # log_gradient_norms: the updates' norms, metrics after the step's own; None: off, no op added
+    gradient_norms: Optional[NormsPlan] = None
 
     @classmethod
     def from_build(cls, report, **options) -> "LoopPlan":
@@ -64,13 +67,19 @@ class LoopPlan:
                    report.static_weights, report.spec, report.reads_step_counter, **options)
 
     @classmethod
-    def for_training(cls, report, options, summaries=None) -> "LoopPlan":
-        """The training loop's plan, with the run's `nan_policy`, `jit_compile`, `max_retraces`
-        and its in-step summaries (`summaries`: a `step_summaries.RunSummaries`)."""
+    def for_training(cls, report, options, summaries=None, updaters=None) -> "LoopPlan":
+        """The training loop's plan, with the run's `nan_policy`, `jit_compile`, `max_retraces`,
+        its in-step summaries (`summaries`: a `step_summaries.RunSummaries`) and, with
+        `log_gradient_norms`, the norms of the updates of `updaters` (`updates.Updaters`)."""
+        norms = (updaters.norms_plan() if updaters is not None
+                 and getattr(options, "log_gradient_norms", False) else None)
+        if norms is not None:
+            norms = _checked_norms(norms, report) if norms.optimizers else None
         return cls.from_build(report, finite_means=options.nan_policy == "skip_step",
                               jit_compile=options.jit_compile, max_retraces=options.max_retraces,
                               run_eagerly=options.run_eagerly, name="train_loop",
-                              summaries=summaries and summaries.for_loop(step_summaries.TRAIN))
+                              summaries=summaries and summaries.for_loop(step_summaries.TRAIN),
+                              gradient_norms=norms)
 
     @classmethod
     def for_evaluation(cls, report, options, summaries=None) -> "LoopPlan":
@@ -81,7 +90,26 @@ class LoopPlan:
 
     def static_weights_for(self, spec) -> bool:
         """Whether batches of `spec` (one replica's) have constant weights, as traced."""
+        if self.gradient_norms is not None and self.gradient_norms.conditional:
+            return False  # a step that applies no update does not count
         return self.static_weights and _same_spec(spec, self.spec)
+
+    @property
+    def step_metric_names(self) -> Tuple[str, ...]:
+        """The metrics each step reports: the step's own, then the updates' norms."""
+        norms = self.gradient_norms.metric_names if self.gradient_norms is not None else ()
+        return tuple(self.metric_names) + norms
+
+
+def _checked_norms(norms, report):
+    """`norms`, once its names are known not to be the step's own metrics' names."""
+    taken = set(report.metric_names) | {metric.name for metric in report.keras_metrics}
+    clashes = [name for name in norms.metric_names if name in taken]
+    if clashes:
+        raise TapekitError(
+            f"train_step reports {', '.join(clashes)}, which log_gradient_norms "
+            "(--log_gradient_norms) reports too; rename the step's metric or turn the option off.")
+    return norms
 
 
 class CompiledLoop:
@@ -106,7 +134,7 @@ class CompiledLoop:
         self.strategy = strategy
         self.stop_flag = stop_flag  # a bool variable: True ends the loop at the next step
         self.plan = plan
-        self.step_metric_names = tuple(plan.metric_names)
+        self.step_metric_names = plan.step_metric_names
         self.keras_metrics = tuple(plan.keras_metrics)
         self.metric_names = self.step_metric_names + tuple(m.name for m in self.keras_metrics)
         self.step_counter = step_counter
@@ -124,8 +152,10 @@ class CompiledLoop:
         self._eager = False  # while a loop runs eagerly (`run_eagerly`)
         self._eager_noted = False
         self._measured_step = self._measure
+        self._norms_warned = False
         if plan.jit_compile and strategy.num_replicas_in_sync > 1:  # updates outside XLA
-            self._measured_step = xla.SplitStep(self._measure)
+            self._measured_step = xla.SplitStep(
+                self._measure, self._updates_measured if plan.gradient_norms else None)
         elif plan.jit_compile:
             self._measured_step = tf.function(self._measure, jit_compile=True, autograph=False)
         self._function = tf.function(self._loop, autograph=False)
@@ -153,12 +183,48 @@ class CompiledLoop:
         its updates are recorded there, not applied (`tapekit.compiled.xla`)."""
         step = self._eager_step if self._eager else self._user_step
         purpose = "eager" if self._eager else "loop"
-        with tracing.step(tracing.StepTrace(purpose, deferred=deferred)):
+        norms = self._step_norms() if deferred is None else None  # deferred: after the step
+        with tracing.step(tracing.StepTrace(purpose, deferred=deferred, gradient_norms=norms)):
             outputs = (step() if batch is None else step(batch)) or {}  # None: makes its own
-            recorded = [means.recorded(outputs[name]) for name in self.step_metric_names]
-        if not self.step_metric_names:
-            return tf.zeros([0]), None, None
-        values = [tf.cast(outputs[name], tf.float32) for name in self.step_metric_names]
+            columns = [(tf.cast(outputs[name], tf.float32), means.recorded(outputs[name]))
+                       for name in self.plan.metric_names]
+        if norms is not None:
+            columns += self._norm_columns(norms)
+        return self._stacked(columns, batch)
+
+    def _step_norms(self) -> Optional[StepNorms]:
+        norms = self.plan.gradient_norms
+        return None if norms is None else StepNorms(norms)
+
+    def _norm_columns(self, norms):
+        """(value, recorded entry) of the step's gradient metrics: each weighted by whether
+        the step applied the update (`tapekit.compiled.gradient_norms`)."""
+        missing = norms.missing()
+        if missing and not self._norms_warned:
+            self._norms_warned = True
+            logging.warning("log_gradient_norms: %s reported as 0: train_step does not apply its "
+                            "gradients with self.apply_gradients(tape, loss, model, optimizer)",
+                            ", ".join(missing))
+        return [(value, (None, weight)) for value, weight in norms.columns()]
+
+    def _updates_measured(self, apply_updates, measured):
+        """jit_compile on several replicas (`xla.SplitStep`): runs the step's updates, after
+        its compiled part, and adds their gradient metrics to what it `measured`."""
+        norms = self._step_norms()
+        with tracing.step(tracing.StepTrace("loop", gradient_norms=norms)):
+            apply_updates()
+        added = self._stacked(self._norm_columns(norms), None)
+        return tuple(None if mine is None else tf.concat([mine, more], 0)
+                     for mine, more in zip(measured, added))
+
+    def _stacked(self, columns, batch):
+        """The values [k] of (value, recorded entry) `columns` and, unless every weight is a
+        constant, their weighted sums [k] and weights [k] (`tapekit.compiled.means`)."""
+        if not columns:
+            empty = tf.zeros([0])
+            return (empty, empty, empty) if self._carries_counts else (empty, None, None)
+        values = [value for value, _ in columns]
+        recorded = [entry for _, entry in columns]
         weights = means.weights(recorded, batch)
         if not self._carries_counts:
             if not means.constant(weights):  # the build trace said otherwise for this spec

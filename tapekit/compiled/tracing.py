@@ -50,6 +50,9 @@ class StepTrace:
     # jit_compile on several replicas: `apply_gradients` records its gradients here
     # (`tapekit.compiled.xla.DeferredUpdates`) and the update runs after the compiled part.
     deferred: Any = None
+    # log_gradient_norms, purpose="loop"/"eager": what each update of the step adds to the
+    # loop's gradient metrics (`tapekit.compiled.gradient_norms.StepNorms`); None: off.
+    gradient_norms: Any = None
 
     def __post_init__(self):
         if self.purpose not in PURPOSES:

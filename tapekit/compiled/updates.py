@@ -39,7 +39,7 @@ import keras
 import tensorflow as tf
 
 from tapekit import compat, errors
-from tapekit.compiled import build, tracing
+from tapekit.compiled import build, gradient_norms, tracing
 from tapekit.compiled.precision import DynamicLossScale
 from tapekit.errors import TapekitError
 
@@ -148,14 +148,22 @@ class GradientUpdater(tf.Module):
                 and not (is_linear(self.optimizer) and self.clip_global_norm is None))
 
     def apply(self, gradients: List[tf.Tensor], variables: List[tf.Variable]) -> None:
-        """Runs per replica: hands the optimizer the gradient one device would see."""
+        """Runs per replica: hands the optimizer the gradient one device would see. With
+        `log_gradient_norms` (the step's trace holds a `StepNorms`) it notes the gradient's
+        and the update's norms there (`tapekit.compiled.gradient_norms`)."""
         context = tf.distribute.get_replica_context()
         replicas = context.num_replicas_in_sync
+        norms = _step_norms()
         combine = self.combines_rows(gradients)
-        if self.is_plain and (replicas == 1 or not (combine or optimizer_clips(self.optimizer))):
+        # The norms need the global gradient: on several replicas it is summed here.
+        if self.is_plain and (replicas == 1 or not (combine or optimizer_clips(self.optimizer)
+                                                    or norms is not None)):
             if combine:
                 gradients = [combined_rows(g) for g in gradients]
+            watch = None if norms is None else self._watch(gradients, variables, combine)
             self.optimizer.apply_gradients(zip(gradients, variables))
+            if watch is not None:
+                watch.finish(norms)
             return
         if self.loss_scale is not None:
             gradients = [_scaled(g, 1.0 / self.loss_scale.scale) for g in gradients]
@@ -176,14 +184,27 @@ class GradientUpdater(tf.Module):
             bad_replicas = (context.all_reduce(SUM, 1.0 - tf.cast(finite_here, tf.float32))
                             if replicas > 1 else 1.0 - tf.cast(finite_here, tf.float32))
             finite = tf.equal(bad_replicas, 0.0)
+        unclipped, factor = gradients, None
         if self.clip_global_norm is not None:  # factor exactly 1 below the threshold
             norm = tf.linalg.global_norm(gradients)
             factor = tf.minimum(1.0, self.clip_global_norm / tf.maximum(norm, 1e-12))
             gradients = [_scaled(g, factor) for g in gradients]
-        context.merge_call(self._cross_replica_apply,
-                           args=(gradients, variables, finite, accumulated))
+        watch = (None if norms is None
+                 else self._watch(unclipped, variables, combine or accumulated is not None, factor))
+        applied = context.merge_call(self._cross_replica_apply,
+                                     args=(gradients, variables, finite, accumulated))
+        if watch is not None:
+            watch.finish(norms, True if applied is None else applied)
+
+    def _watch(self, gradients, variables, combined: bool, clip_factor=None):
+        """An `UpdateWatch` of the global gradient (its sparse rows summed unless `combined`)."""
+        if not combined:
+            gradients = [combined_rows(g) for g in gradients]
+        return gradient_norms.UpdateWatch(self.optimizer, gradients, variables, clip_factor)
 
     def _cross_replica_apply(self, strategy, gradients, variables, finite, accumulated):
+        """The update, in cross-replica context. Returns whether it was applied (a bool
+        tensor), or None where it always is."""
         finite = strategy.experimental_local_results(finite)[0]
         if self.accumulation_steps > 1:
             accumulators = self._accumulators_of(variables)
@@ -201,10 +222,12 @@ class GradientUpdater(tf.Module):
                     args=(gradients,))
             return tf.constant(True)
 
+        applied = None
         if self.accumulation_steps == 1 and not self.skip_nonfinite:
             apply()  # unconditional: no cond to build
         else:
-            tf.cond(tf.logical_and(due, finite), apply, lambda: tf.constant(False))
+            applied = tf.logical_and(due, finite)
+            tf.cond(applied, apply, lambda: tf.constant(False))
         if self.accumulation_steps > 1:
             def reset():
                 for accumulator in self.accumulators:
@@ -214,6 +237,13 @@ class GradientUpdater(tf.Module):
         if self.loss_scale is not None:
             tf.cond(due, lambda: self.loss_scale.update(finite) or tf.constant(True),
                     lambda: tf.constant(False))
+        return applied
+
+
+def _step_norms() -> Optional[gradient_norms.StepNorms]:
+    """The running step's `StepNorms` (log_gradient_norms), else None."""
+    trace = tracing.current()
+    return None if trace is None else trace.gradient_norms
 
 
 def combined_rows(gradient):
@@ -351,6 +381,15 @@ class Updaters:
         where = errors.calling_user_frame()
         return ((f" of {', '.join(names)}" if names else "")
                 + (f" (in apply_gradients at {where})" if where else ""))
+
+    def norms_plan(self) -> gradient_norms.NormsPlan:
+        """What `log_gradient_norms` reports: the optimizers in the order the step first
+        applies them, each named by the trainer attribute holding it."""
+        named = tuple((self._attribute_name(optimizer) or optimizer.name, optimizer)
+                      for optimizer, _ in self.built)
+        conditional = any(u.accumulation_steps > 1 or u.skip_nonfinite
+                          for u in self._by_key.values())
+        return gradient_norms.NormsPlan(named, conditional)
 
     @property
     def loss_scales(self) -> List[DynamicLossScale]:

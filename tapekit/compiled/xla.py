@@ -24,7 +24,7 @@ float operations). What a step cannot do here, it is told before step 1 in one l
 """
 
 import dataclasses
-from typing import Any, Callable, List, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import keras
 import tensorflow as tf
@@ -94,8 +94,11 @@ class SplitStep:
     """`measure(batch, deferred)` (`CompiledLoop._measure`) with XLA up to the gradients
     and the deferred updates applied after it (see the module docstring). Runs per replica."""
 
-    def __init__(self, measure: Callable):
+    def __init__(self, measure: Callable, updates_measured: Optional[Callable] = None):
         self._measure = measure
+        # (apply_updates, measured) -> measured: runs the updates and adds what it measures of
+        # them (`CompiledLoop._updates_measured`, log_gradient_norms); None: just runs them.
+        self._updates_measured = updates_measured
         self._compiled = tf.function(self._forward_and_backward, jit_compile=True,
                                      autograph=False)
         self._applies: List[Tuple[Any, List]] = []  # (updater, variables): the last trace's
@@ -105,10 +108,16 @@ class SplitStep:
         values, totals, weights, gradients, written = self._compiled(batch)
         for variable, value in zip(self._written, written):
             variable.assign(value)
-        start = 0
-        for updater, variables in self._applies:
-            updater.apply(list(gradients[start:start + len(variables)]), variables)
-            start += len(variables)
+
+        def apply_updates():
+            start = 0
+            for updater, variables in self._applies:
+                updater.apply(list(gradients[start:start + len(variables)]), variables)
+                start += len(variables)
+
+        if self._updates_measured is not None:
+            return self._updates_measured(apply_updates, (values, totals, weights))
+        apply_updates()
         return values, totals, weights
 
     def _forward_and_backward(self, batch):

@@ -241,7 +241,7 @@ class Engine:
         endless = in_memory is None and self.input.train_endless
         loop = self.train_loop
         if loop is None or loop.in_memory is not in_memory or loop.endless != endless:
-            plan = LoopPlan.for_training(self.train_report, self.options, self.summaries)
+            plan = LoopPlan.for_training(self.train_report, self.options, self.summaries, self.updaters)
             self.train_loop = CompiledLoop(self.strategy, self.trainer.train_step, plan,
                                            self.global_step, in_memory, endless, self.stop.variable)
 
