@@ -55,6 +55,12 @@ class MetricsFile(Callback):
         (`tapekit.run.accounting`): seconds as floats, bytes as integers."""
         self._append("stats", step, stats)
 
+    def on_profile(self, step, analysis):
+        """A row {"split": "profile", "step": END, "step_time_ms", "input_wait_percent",
+        "verdict", "top_ops": [{"op", "percent"}], ...}: the analysis as it is."""
+        files.makedirs(os.path.dirname(self.path) or ".")
+        files.append_line(self.path, json.dumps({"split": "profile", "step": int(step), **analysis}))
+
 
 def _row_after(line: str, step: int) -> bool:
     try:

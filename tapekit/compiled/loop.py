@@ -20,6 +20,7 @@ it the loop has no summary op.
 """
 
 import contextlib
+import contextvars
 import dataclasses
 from typing import Any, Callable, Optional, Sequence, Tuple
 
@@ -36,6 +37,22 @@ NO_BAD_STEP = tf.int64.max
 # Below this many steps per epoch, in-memory input checks its epoch at every step rather
 # than looping over stretches of one epoch (whose set-up would cost more than it saves).
 SHORT_EPOCH = 8
+# Set by `one_step_per_call` (the profiler, around each marked step): the step marker.
+_ONE_STEP_PER_CALL = contextvars.ContextVar("tapekit_one_step_per_call", default=None)
+
+
+@contextlib.contextmanager
+def one_step_per_call(marker: Callable[[], Any] = contextlib.nullcontext):
+    """Within: a `CompiledLoop` call of one step runs it with no `tf.while_loop` around it,
+    in a function traced for that once (not counted as a retrace), inside `marker()` (a
+    context: the profiler's step marker) entered around that call only. xprof takes a TF
+    loop's iterations for the steps and then ignores the step markers, so a marked step must
+    not be inside one (`tapekit.run.profiler`). Eager."""
+    token = _ONE_STEP_PER_CALL.set(marker)
+    try:
+        yield
+    finally:
+        _ONE_STEP_PER_CALL.reset(token)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +162,7 @@ class CompiledLoop:
         self.endless = endless  # the iterator never runs out: no per-step end-of-data check
         self.trace_count = 0
         self._traced_spec = None
-        self._concrete = None
+        self._concrete = self._concrete_one_step = None
         self._carries_counts = plan.finite_means  # decided as each trace starts (_loop)
         self._user_step = build.autographed(replica_step)
         self._eager_step = replica_step  # as written: breakpoint() stops in the user's source
@@ -159,6 +176,7 @@ class CompiledLoop:
         elif plan.jit_compile:
             self._measured_step = tf.function(self._measure, jit_compile=True, autograph=False)
         self._function = tf.function(self._loop, autograph=False)
+        self._one_step_function = tf.function(self._one_step_loop, autograph=False)
 
     @property
     def carries_counts(self) -> bool:
@@ -280,11 +298,19 @@ class CompiledLoop:
     def _loop(self, iterator, num_steps):
         # Traced without AutoGraph (its conversion of tapekit's own code cost ~1 s of start-up);
         # the user's step is converted on its own (`autographed`).
-        spec = self._count_trace(iterator)  # Python side effects: run only while tracing
+        return self._traced_loop(iterator, num_steps, one_step=False)
+
+    def _one_step_loop(self, iterator, num_steps):
+        """`_loop` of one step, with no `tf.while_loop` (`one_step_per_call`)."""
+        return self._traced_loop(iterator, num_steps, one_step=True)
+
+    def _traced_loop(self, iterator, num_steps, one_step):
+        # Python side effects: run only while tracing. A one-step trace is not a retrace.
+        spec = self._input_spec(iterator) if one_step else self._count_trace(iterator)
         self._carries_counts = self.plan.finite_means or not self.plan.static_weights_for(
             self._delivered(build.per_replica_spec(spec)))
         with self._summaries_of_loop():
-            return self._run(iterator, num_steps)
+            return self._run(iterator, num_steps, one_step)
 
     def _summaries_of_loop(self):
         """Around a loop's steps: its summary writer is the default (`plan.summaries`)."""
@@ -296,13 +322,15 @@ class CompiledLoop:
         summaries = self.plan.summaries
         return summaries.step(offset) if summaries else contextlib.nullcontext()
 
-    def _run(self, iterator, num_steps):
+    def _run(self, iterator, num_steps, one_step=False):
         """The loop itself: traced by `_loop`, or run as Python by `_run_eagerly`."""
         strategy = self.strategy
         for metric in self.keras_metrics:
             metric.reset_state()
         state = strategy.run(self._initial_state)
-        if self.in_memory is not None:
+        if one_step:
+            steps_run, state = self._one_step(iterator, state)
+        elif self.in_memory is not None:
             steps_run, state = self._in_memory_steps(state, num_steps)
         elif self.endless:
             steps_run, state = self._endless_steps(iterator, state, num_steps)
@@ -372,6 +400,32 @@ class CompiledLoop:
 
         return tf.while_loop(lambda offset, _: self._going_on(offset, stop), body, (start, state))
 
+    def _one_step(self, iterator, state):
+        """One step with no `tf.while_loop` (`one_step_per_call`), unless a stop was requested
+        or the data has ended. Returns (steps run: 0 or 1, state)."""
+        offset = tf.constant(0, tf.int64)
+
+        def run(replica_fn, arguments):
+            new_state = self.strategy.run(replica_fn, args=arguments)
+            self._count_step()
+            return tf.constant(1, tf.int64), new_state
+
+        def none():
+            return tf.constant(0, tf.int64), state
+
+        def step():
+            if self.in_memory is not None:
+                first_step = (self.step_counter.read_value() if self.step_counter is not None
+                              else tf.constant(0, tf.int64))
+                return run(self._in_memory_step_and_accumulate, (first_step, state, offset, True))
+            if self.endless:
+                return run(self._step_and_accumulate, (next(iterator), state, offset))
+            batch = iterator.get_next_as_optional()
+            return tf.cond(batch.has_value(), lambda: run(
+                self._step_and_accumulate, (batch.get_value(), state, offset)), none)
+
+        return tf.cond(self._going_on(offset, 1), step, none)
+
     def _endless_steps(self, iterator, state, num_steps):
         """`num_steps` steps of data that provably never ends: read with `next`, without the
         per-step end-of-data check (get_next_as_optional/has_value: ~35 µs a step on CPU
@@ -437,11 +491,14 @@ class CompiledLoop:
             results.append(tf.cast(result, tf.float32))
         return tf.stack(results) if results else tf.zeros([0])
 
+    def _input_spec(self, iterator):
+        return (iterator.element_spec if iterator is not None
+                else self.in_memory.element_spec if self.in_memory is not None else None)
+
     def _count_trace(self, iterator):
         """Counts traces; a retrace logs which input changed, and too many raise. Returns
         the spec of the input traced."""
-        spec = (iterator.element_spec if iterator is not None
-                else self.in_memory.element_spec if self.in_memory is not None else None)
+        spec = self._input_spec(iterator)
         self.trace_count += 1
         previous, self._traced_spec = self._traced_spec, spec
         if self.trace_count == 1:
@@ -463,7 +520,7 @@ class CompiledLoop:
         """`plan.run_eagerly`, or TensorFlow's `tf.config.run_functions_eagerly(True)`."""
         return self.plan.run_eagerly or tf.config.functions_run_eagerly()
 
-    def _run_eagerly(self, iterator, num_steps):
+    def _run_eagerly(self, iterator, num_steps, one_step=False):
         """The same loop as Python: `tf.while_loop` and `tf.cond` run their bodies eagerly,
         so the user's step runs once per step (per replica) with eager tensors."""
         if self.plan.jit_compile and not self._eager_noted:
@@ -480,9 +537,12 @@ class CompiledLoop:
 
     def __call__(self, iterator, num_steps: Optional[int]) -> LoopResult:
         """Runs up to `num_steps` steps (None: until the iterator runs out). Eager."""
+        marker = _ONE_STEP_PER_CALL.get() if num_steps == 1 else None
         num_steps = tf.constant(NO_BAD_STEP if num_steps is None else num_steps, tf.int64)
         run = self._run_eagerly if self.runs_eagerly else self._call
-        results = {name: value.numpy() for name, value in run(iterator, num_steps).items()}
+        with marker() if marker else contextlib.nullcontext():
+            results = {name: value.numpy()
+                       for name, value in run(iterator, num_steps, marker is not None).items()}
         means = [float(value) for value in results["means"]]
         steps_run, first_bad = int(results["steps_run"]), int(results["first_bad"])
         bad_steps = int(results["bad_steps"])
@@ -495,13 +555,17 @@ class CompiledLoop:
                            if value != value or abs(value) == float("inf")), self.metric_names[0])
         return LoopResult(dict(zip(self.metric_names, means)), steps_run, bad_steps, offset, metric)
 
-    def _call(self, iterator, num_steps):
+    def _call(self, iterator, num_steps, one_step=False):
         # The concrete function for this iterator, called directly: it skips tf.function's
         # per-call binding of the arguments to a signature and its cache lookup (~0.3 ms a
         # loop, ~3 µs a step at 100 steps a loop). Looked up again for a new iterator.
-        if self._concrete is None or self._concrete[0] is not iterator:
-            self._concrete = (iterator, self._function.get_concrete_function(iterator, num_steps))
-        concrete = self._concrete[1]
+        attribute, function = (("_concrete_one_step", self._one_step_function) if one_step
+                               else ("_concrete", self._function))
+        cached = getattr(self, attribute)
+        if cached is None or cached[0] is not iterator:
+            cached = (iterator, function.get_concrete_function(iterator, num_steps))
+            setattr(self, attribute, cached)
+        concrete = cached[1]
         return concrete(num_steps) if iterator is None else concrete(iterator, num_steps)
 
 

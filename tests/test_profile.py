@@ -1,0 +1,92 @@
+"""`--profile_steps`: a trace whose steps are marked, read back with xprof into a step time,
+an input wait and TensorBoard's verdict (tapekit/run/profiler.py, profile_analysis.py)."""
+
+import glob
+import json
+import logging
+import os
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tapekit.run import profile_analysis
+from tapekit.trainers import RegressionTrainer
+
+from helpers import run_cli
+
+pytest.importorskip("xprof", reason="needs the profile extra: pip install 'tapekit[profile]'")
+
+
+def profile_rows(model_dir):
+    rows = [json.loads(line) for line in open(os.path.join(model_dir, "metrics.jsonl"))]
+    return [row for row in rows if row["split"] == "profile"]
+
+
+def test_the_seed_mlp_profile_has_a_step_time_and_is_not_input_bound(tmp_path):
+    result = run_cli(["--trainer=regression", "--model=mlp", f"--model_dir={tmp_path}",
+                      "--train_steps=40", "--steps_per_loop=10", "--profile_steps=21,30",
+                      "--progress=none"])
+    assert result.returncode == 0, result.stderr
+    traces = glob.glob(os.path.join(tmp_path, "profile", "plugins", "profile", "*", "*.xplane.pb"))
+    analysis = profile_analysis.analyse(traces)  # the converted trace, read again
+    assert analysis["steps_measured"] >= 5 and 0 < analysis["step_time_ms"] < 100
+    (row,) = profile_rows(tmp_path)
+    assert row["step"] == 30 and row["step_time_ms"] > 0 and row["input_wait_percent"] < 5
+    assert not row["input_bound"] and row["verdict"] in ("NOT input-bound", "POTENTIALLY input-bound")
+    assert len(row["top_ops"]) == 5 and sum(op["percent"] for op in row["top_ops"]) <= 100.01
+    assert ("profile of steps 21-30: step time " in result.stderr
+            and f"(TensorBoard: {row['verdict']}), top ops: {row['top_ops'][0]['op']}" in result.stderr)
+    train_steps = [row["step"] for row in map(json.loads, open(tmp_path / "metrics.jsonl"))
+                   if row["split"] == "train"]
+    assert train_steps == [10, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 40]  # one step a call
+
+
+def slow_batches(milliseconds):
+    """The seed MLP's kind of batches, each made on one thread with a `milliseconds` wait."""
+    x = np.random.default_rng(0).uniform(size=(1000, 5)).astype(np.float32)
+    y = x.sum(axis=1, keepdims=True)
+
+    def slow(x, y):
+        def wait(x):
+            time.sleep(milliseconds / 1000)
+            return x
+        x = tf.py_function(wait, [x], tf.float32)
+        return tf.ensure_shape(x, [100, 5]), y
+
+    return tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(100, drop_remainder=True).map(
+        slow, num_parallel_calls=1)
+
+
+def test_a_slow_input_pipeline_is_called_input_bound(tmp_path):
+    trainer = RegressionTrainer(model="mlp", model_dir=str(tmp_path), profile_steps=(6, 15),
+                                progress="none")
+    trainer.fit(train_steps=15, steps_per_loop=5, dataset=slow_batches(milliseconds=30))
+    (row,) = profile_rows(tmp_path)
+    assert row["verdict"] == "HIGHLY input-bound" and row["input_bound"]
+    # Part of each wait overlaps the callbacks between one-step calls (the input reads ahead).
+    assert row["input_wait_percent"] > 50 and row["step_time_ms"] > 15
+
+
+def test_without_xprof_the_log_says_how_to_get_the_analysis(tmp_path, monkeypatch, caplog):
+    for name in [name for name in sys.modules if name.split(".")[0] == "xprof"] + ["xprof"]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed
+    trainer = RegressionTrainer(model_dir=str(tmp_path), profile_steps=(3, 4), progress="none")
+    with caplog.at_level(logging.INFO, logger="absl"):
+        trainer.fit(train_steps=6, steps_per_loop=3)
+    assert glob.glob(os.path.join(tmp_path, "profile", "plugins", "profile", "*", "*.xplane.pb"))
+    assert (f"profile of steps 3-4 is in {tmp_path}/profile (TensorBoard's Profile tab opens it); "
+            "`pip install 'tapekit[profile]'`") in caplog.text
+    assert not profile_rows(tmp_path)
+
+
+def test_an_analysis_that_fails_is_a_warning(tmp_path, monkeypatch, caplog):
+    def broken(paths, top=5):
+        raise ValueError("xprof could not convert the trace for overview_page")
+
+    monkeypatch.setattr(profile_analysis, "analyse", broken)
+    trainer = RegressionTrainer(model_dir=str(tmp_path), profile_steps=(3, 4), progress="none")
+    assert [h["step"] for h in trainer.fit(train_steps=6, steps_per_loop=3)] == [1, 2, 3, 4, 6]
+    assert "profile of steps 3-4 in" in caplog.text and "could not be analysed: ValueError" in caplog.text
