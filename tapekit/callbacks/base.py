@@ -32,7 +32,8 @@ class Callback:
     def on_loop_stats(self, step: int, stats: Logs) -> None:
         """After each loop and all that followed it (callbacks, evaluation, checkpoint
         saves), before the next: where the loop's wall time went (`time/...` seconds) and
-        memory (`memory/...` bytes). The loggers record it; progress bars ignore it."""
+        memory (`memory/...` bytes). The last loop's comes after `on_train_end`, so that the
+        final save counts. The loggers record it; progress bars ignore it."""
 
     def on_profile(self, step: int, analysis: Dict[str, object]) -> None:
         """After a `--profile_steps` trace ending at global step `step` was analysed:

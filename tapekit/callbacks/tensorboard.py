@@ -9,7 +9,8 @@ from tapekit.callbacks.sample_images import Samples
 class TensorBoard(EveryNSteps):
     """Writes TensorBoard summaries to LOGDIR/train and LOGDIR/eval (the chief only).
 
-    Every loop: each metric, `steps_per_sec`, and each optimizer's learning rate. Every
+    Every loop: each metric, `steps_per_sec`, each optimizer's learning rate, and where the
+    loop's time and memory went (`on_loop_stats`: `time/...`, `memory/...`). Every
     `sample_every_steps` (and at the end): the trainer's `sample_images` as an image grid
     and its `sample_histograms`. Eager, at loop boundaries. `samples` may be shared with
     `SampleImages`, which then writes the same images as PNG. `writers`: the run's

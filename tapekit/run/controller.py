@@ -84,8 +84,7 @@ class Controller:
       nan_policy: "stop" raises at the end of a loop that saw a non-finite metric, before
         any callback records or saves it; "skip_step" (the steps were skipped) warns
         (`tapekit.faults.nonfinite`).
-      profile_steps, profile_dir: record a profiler trace of global steps START..END; its
-        analysis goes to the callbacks' `on_profile`.
+      profile_steps, profile_dir: record a profiler trace of global steps START..END.
       rollback: with skipped steps or nan_policy="rollback", the
         `tapekit.faults.rollback.Rollback` that skips them, and rolls a bad loop back
         (before anything records or saves it).
@@ -102,8 +101,7 @@ class Controller:
         # In the order they act on a loop: undo it, then judge what is kept.
         self.hooks: List[LoopHook] = [hook for hook in (
             rollback, NonFiniteCheck(nan_policy, lambda: runner.latest_checkpoint),
-            Profiler(profile_steps, profile_dir, lambda *args: self._each("on_profile", *args))
-            if profile_steps else None) if hook is not None]
+            Profiler(profile_steps, profile_dir) if profile_steps else None) if hook is not None]
         for callback in self.callbacks:
             callback.set_trainer(trainer)
         self.clock = LoopClock()  # where each loop's time went: `on_loop_stats`
@@ -239,14 +237,15 @@ class Controller:
         self.clock.restart()
         stats.update({**host_memory(), **self.runner.device_memory()})
         step, self._stats_step = self._stats_step, None
-        self._each("on_loop_stats", step, stats)
+        with self._between_loops(step):
+            self._each("on_loop_stats", step, stats)
 
     def _end(self, step: int, logs: Optional[Dict[str, float]]) -> None:
         for hook in self.hooks:
             hook.end()
         with self._between_loops(step):
             self._each("on_train_end", step, logs)
-            self._loop_stats()  # the last loop's: after on_train_end, to count the final save
+        self._loop_stats()  # the last loop's: after on_train_end, to count the final save
         status, latest = self.runner.status, self.runner.latest_checkpoint
         saved = f"checkpoint {latest} saved" if latest else "nothing saved (no model_dir)"
         if status.preempted:
