@@ -84,7 +84,8 @@ class Controller:
       nan_policy: "stop" raises at the end of a loop that saw a non-finite metric, before
         any callback records or saves it; "skip_step" (the steps were skipped) warns
         (`tapekit.faults.nonfinite`).
-      profile_steps, profile_dir: record a profiler trace of global steps START..END.
+      profile_steps, profile_dir: record a profiler trace of global steps START..END; its
+        analysis goes to the callbacks' `on_profile`.
       rollback: with skipped steps or nan_policy="rollback", the
         `tapekit.faults.rollback.Rollback` that skips them, and rolls a bad loop back
         (before anything records or saves it).
@@ -101,7 +102,8 @@ class Controller:
         # In the order they act on a loop: undo it, then judge what is kept.
         self.hooks: List[LoopHook] = [hook for hook in (
             rollback, NonFiniteCheck(nan_policy, lambda: runner.latest_checkpoint),
-            Profiler(profile_steps, profile_dir) if profile_steps else None) if hook is not None]
+            Profiler(profile_steps, profile_dir, lambda *args: self._each("on_profile", *args))
+            if profile_steps else None) if hook is not None]
         for callback in self.callbacks:
             callback.set_trainer(trainer)
         self.clock = LoopClock()  # where each loop's time went: `on_loop_stats`
