@@ -174,14 +174,16 @@ def test_another_workers_signal_stops_every_worker_at_the_same_step():
 
 def test_default_callbacks_are_progress_then_records_then_checkpoints(tmp_path):
     options = types.SimpleNamespace(progress="log", sample_every_steps=None,
-                                    checkpoint_every_steps=50, checkpoint_every_secs=None)
+                                    checkpoint_every_steps=50, checkpoint_every_secs=None,
+                                    loggers=("tensorboard", "jsonl", "csv"))
     checkpointer = object()
     found = controller_lib.default_callbacks(FakeRunner(), options, 100, None, checkpointer)
     assert [type(c).__name__ for c in found] == ["LogProgress", "SaveCheckpoints"]
     assert found[1].checkpointer is checkpointer and found[1].every_steps == 50
     options.progress, options.sample_every_steps = "none", 10
     found = controller_lib.default_callbacks(FakeRunner(), options, 100, str(tmp_path), None)
-    assert [type(c).__name__ for c in found] == ["MetricsFile", "TensorBoard", "SampleImages"]
+    assert [type(c).__name__ for c in found] == ["TensorBoard", "HParams", "MetricsFile",
+                                                 "CsvLogger", "SampleImages"]
 
 
 class FakeCheckpointer:

@@ -1,6 +1,7 @@
 """Logs a run to MLflow with MLflow's own client, off the training thread."""
 
 import importlib.util
+import logging as pylogging
 import os
 import queue
 import re
@@ -17,10 +18,12 @@ from tapekit.checkpoint import record as record_lib
 from tapekit.errors import TapekitError
 
 # For the client tapekit makes, unless the user set them: a tracker that is down or hung
-# costs the sending thread seconds, not minutes (MLflow's defaults: 120 s, 7 retries).
-HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+# costs the sending thread seconds, not minutes (MLflow's defaults: 120 s, 7 retries with
+# backoff factor 2).
+HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 _END = object()
+THREAD_NAME = "tapekit-mlflow"
 _KEY = re.compile(r"[^\w\-. /]")  # what MLflow allows in a metric or param name
 
 
@@ -45,15 +48,16 @@ class MlflowLogger(Callback):
       checkpoint older than the last step logged trains those steps again but does not log
       them again (MLflow cannot delete points; tapekit's resume is exact, so the first
       values stand). What a killed job had not sent is not sent later.
-    * At the end: status FINISHED, or KILLED when stopped by a signal (to be resumed) or a
-      second Ctrl-C, FAILED when `fit` raised; run.json and MODEL_DIR/best/ as artifacts.
+    * At the end: run.json and MODEL_DIR/best/ as artifacts, then the status: FINISHED, or
+      KILLED when stopped by a signal (to be resumed) or a second Ctrl-C, FAILED when `fit`
+      raised. A tracker that is failing then is not waited for: the run stays RUNNING there.
 
     Everything MLflow is asked runs on a background thread fed by a bounded queue: training
     never waits for the tracker. When the tracker is unreachable (down at the start, or
     stopped during the run) the thread logs one warning and goes on; what it could not send,
     or what did not fit in the queue, is dropped and counted in one line at the end.
     `on_train_end` waits up to `flush_timeout_secs` for the queue to drain. HTTP requests
-    get a 5 s timeout and 2 retries unless MLFLOW_HTTP_REQUEST_TIMEOUT and
+    get a 5 s timeout and 1 retry unless MLFLOW_HTTP_REQUEST_TIMEOUT and
     MLFLOW_HTTP_REQUEST_MAX_RETRIES say otherwise (they are set in this process's
     environment only when unset).
     """
@@ -83,6 +87,9 @@ class MlflowLogger(Callback):
     def on_train_begin(self, step):
         for name, value in HTTP_SETTINGS.items():
             os.environ.setdefault(name, value)
+        retries = pylogging.getLogger("urllib3.connectionpool")
+        if not any(isinstance(item, _NotFromSender) for item in retries.filters):
+            retries.addFilter(_NotFromSender())  # its "Retrying" lines: the one warning says it
         recorded = (record_lib.read(self.model_dir) or {}).get("logger_runs", {}).get("mlflow", {})
         self._recorded = recorded.get("run_id")
         self.dropped, self._warned = 0, False
@@ -90,7 +97,7 @@ class MlflowLogger(Callback):
         self._ending = threading.Event()
         sender = _Sender(self, self._queue, self._ending, self._recorded,
                          run_settings(self.model_dir))
-        self._thread = threading.Thread(target=sender.run, name="tapekit-mlflow", daemon=True)
+        self._thread = threading.Thread(target=sender.run, name=THREAD_NAME, daemon=True)
         self._thread.start()
 
     def on_loop_end(self, step, logs):
@@ -161,6 +168,11 @@ class MlflowLogger(Callback):
                             "counted and dropped)", why)
 
 
+class _NotFromSender(pylogging.Filter):
+    def filter(self, record):
+        return record.threadName != THREAD_NAME
+
+
 class _Sender:
     """The background thread's side: owns the client, the run and the last step per key."""
 
@@ -196,8 +208,8 @@ class _Sender:
                 else:
                     self.logger._drop(sum(len(points) for _, _, points in metrics),
                                       "the MLflow tracker is unreachable")
-            if items[-1][0] is _END:
-                if started or self._start():
+            if items[-1][0] is _END:  # a tracker that is down is not waited for at the end
+                if not self.failing and (started or self._start()):
                     self._end(items[-1][1])
                 return
 
@@ -291,10 +303,10 @@ class _Sender:
         for first in range(0, len(metrics), 1000):
             batch = metrics[first:first + 1000]
             if self._call("log metrics", self.client.log_batch, self.run_id, metrics=batch) is None:
-                self.logger._drop(len(batch), "the MLflow tracker is unreachable")
-            else:
-                for metric in batch:
-                    self.last_step[metric.key] = max(metric.step, self.last_step.get(metric.key, -1))
+                self.logger._drop(len(metrics) - first, "the MLflow tracker is unreachable")
+                return
+            for metric in batch:
+                self.last_step[metric.key] = max(metric.step, self.last_step.get(metric.key, -1))
 
     def _end(self, status: str) -> None:
         model_dir = self.logger.model_dir

@@ -1,0 +1,200 @@
+"""--loggers=...,mlflow against a real MLflow store (sqlite) and a real `mlflow server` on
+loopback: params, metrics per step, a resumed run continued with steps that only go up,
+artifacts, the run's status, and a tracker that stops answering in the middle of a run."""
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from tapekit.callbacks import Callback, MlflowLogger
+from tapekit.callbacks.mlflow_logger import tracking_uri
+
+from helpers import run_cli
+
+mlflow = pytest.importorskip("mlflow")
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+COMMON = ["--trainer=regression", "--model=linear", "--steps_per_loop=10", "--eval_every_steps=20",
+          "--progress=none", "--best_metric=loss"]
+
+
+def only_run(client, experiment):
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return run
+
+
+def steps(client, run_id, key):
+    return [point.step for point in client.get_metric_history(run_id, key)]
+
+
+def recorded_run_id(model_dir):
+    return json.load(open(os.path.join(model_dir, "run.json")))["logger_runs"]["mlflow"]["run_id"]
+
+
+def test_a_run_and_its_resume_are_one_mlflow_run_in_a_sqlite_store(tmp_path, cli_env):
+    env = {**cli_env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/store.db"}
+    model_dir = tmp_path / "regression" / "run1"
+    for train_steps in (40, 80):  # stopped at 40, resumed to 80
+        result = run_cli(COMMON + [f"--model_dir={model_dir}", f"--train_steps={train_steps}",
+                                   "--loggers=jsonl,mlflow"], env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        if train_steps == 40:
+            first_id = recorded_run_id(model_dir)
+    assert recorded_run_id(model_dir) == first_id
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    run = only_run(client, "regression")  # the experiment: the model_dir's parent's name
+    assert run.info.run_id == first_id and run.info.status == "FINISHED"
+    assert run.info.run_name == "run1"
+    params = run.data.params
+    assert params["model"] == "linear" and params["learning_rate"] == "0.1"
+    assert params["train_steps"] == "40"  # as first logged: MLflow cannot change a param
+    assert params["trainer"] == "tapekit.trainers.regression:RegressionTrainer"
+    assert steps(client, first_id, "train/loss") == [10, 20, 30, 40, 50, 60, 70, 80]
+    assert steps(client, first_id, "eval/loss") == [20, 40, 60, 80]
+    assert steps(client, first_id, "eval/best_loss") == [20, 40, 60, 80]
+    rows = [json.loads(line) for line in open(model_dir / "metrics.jsonl")]
+    history = client.get_metric_history(first_id, "train/loss")
+    assert [point.value for point in history] == pytest.approx(
+        [row["loss"] for row in rows if row["split"] == "train"], rel=1e-6)
+    artifacts = {item.path for item in client.list_artifacts(first_id)}
+    assert {"run.json", "best"} <= artifacts
+    best = {item.path for item in client.list_artifacts(first_id, "best")}
+    assert "best/best.json" in best
+    assert not os.path.exists(tmp_path / "mlflow.db")  # the user's URI, not the default
+
+
+def test_without_a_tracking_uri_the_store_is_beside_the_model_dir_and_steps_only_go_up(
+        tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    model_dir = str(tmp_path / "sweep" / "run1")
+    os.makedirs(model_dir)
+    uri, artifacts = tracking_uri(model_dir)
+    assert uri == f"sqlite:///{tmp_path}/sweep/mlflow.db"
+    assert artifacts == f"{tmp_path}/sweep/mlartifacts"
+    first = MlflowLogger(model_dir, experiment="mine")
+    first.on_train_begin(0)
+    for step in (10, 20, 30, 40):
+        first.on_loop_end(step, {"loss": 1.0 / step})
+    first.on_loop_stats(40, {"time/train_secs": 0.5, "memory/host_rss_bytes": 1e8})
+    first.on_train_end(40, None)
+    # Resumed from the checkpoint of step 20 (the job was killed after logging step 40):
+    # steps 30 and 40 are trained and reported again, and not logged twice.
+    second = MlflowLogger(model_dir, experiment="mine")
+    second.on_train_begin(20)
+    for step in (30, 40, 50):
+        second.on_loop_end(step, {"loss": 2.0 / step})
+    second.on_profile(50, {"step_time_ms": 1.5, "verdict": "input-bound"})
+    second.on_exception(50, ValueError("a bug"))
+    assert second.run_id == first.run_id == recorded_run_id(model_dir)
+    client = MlflowClient(uri)
+    run = only_run(client, "mine")
+    assert run.info.status == "FAILED"
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [(point.step, point.value) for point in history] == [
+        (10, 0.1), (20, 0.05), (30, 1.0 / 30), (40, 0.025), (50, 0.04)]
+    assert steps(client, run.info.run_id, "time/train_secs") == [40]
+    assert steps(client, run.info.run_id, "profile/step_time_ms") == [50]
+    assert "profile/verdict" not in run.data.metrics
+    assert os.path.exists(tmp_path / "sweep" / "mlflow.db")
+
+
+class Raise(Callback):
+    def on_loop_end(self, step, logs):
+        if step == 20:
+            raise ValueError("a bug in a callback")
+
+
+def test_a_fit_that_raises_leaves_the_run_failed(tmp_path, monkeypatch):
+    from tapekit.trainers.regression import RegressionTrainer
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/store.db")
+    trainer = RegressionTrainer(model="linear", model_dir=str(tmp_path / "exp" / "run"),
+                                loggers="mlflow", progress="none")
+    with pytest.raises(ValueError):
+        trainer.fit(train_steps=40, steps_per_loop=10, callbacks=[Raise()])
+    run = only_run(MlflowClient(f"sqlite:///{tmp_path}/store.db"), "exp")
+    assert run.info.status == "FAILED"
+    assert steps(MlflowClient(f"sqlite:///{tmp_path}/store.db"), run.info.run_id,
+                 "train/loss") == [10, 20]
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real `mlflow server` on loopback (its sqlite store and artifacts in a temporary
+    folder), shared by the tests of this file; the last one stops it."""
+    folder = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    process = subprocess.Popen(
+        [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{folder}/db",
+         "--artifacts-destination", str(folder / "artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=folder)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        assert process.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+        time.sleep(0.25)
+    process.uri = uri
+    yield process
+    process.kill()
+    process.wait()
+
+
+class StopServer(Callback):
+    def __init__(self, process, at_step):
+        self.process, self.at_step = process, at_step
+
+    def on_loop_end(self, step, logs):
+        if step == self.at_step:
+            self.process.terminate()
+            self.process.wait(30)
+
+
+def test_a_server_run_goes_on_when_the_server_stops_in_the_middle(tmp_path, server, monkeypatch,
+                                                                   caplog):
+    from tapekit.trainers.regression import RegressionTrainer
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    model_dir = str(tmp_path / "served" / "run")
+
+    def trainer():
+        return RegressionTrainer(model="linear", model_dir=model_dir, loggers="jsonl,mlflow",
+                                 progress="none")
+    trainer().fit(train_steps=40, steps_per_loop=10, eval_every_steps=20)
+    client = MlflowClient(server.uri)
+    run = only_run(client, "served")
+    assert run.info.status == "FINISHED" and run.info.run_id == recorded_run_id(model_dir)
+    assert steps(client, run.info.run_id, "train/loss") == [10, 20, 30, 40]
+    assert "run.json" in {item.path for item in client.list_artifacts(run.info.run_id)}
+    # Resumed; the server stops after the loop of step 60.
+    caplog.set_level(logging.WARNING)
+    start = time.monotonic()
+    history = trainer().fit(train_steps=200, steps_per_loop=10, eval_every_steps=20,
+                            callbacks=[StopServer(server, 60)])
+    seconds = time.monotonic() - start
+    assert history[-1]["step"] == 200
+    warnings = [record.getMessage() for record in caplog.records
+                if record.levelno == logging.WARNING and record.getMessage().startswith("mlflow:")]
+    assert warnings and ("unreachable" in warnings[0] or "failed" in warnings[0]), warnings
+    assert len([line for line in warnings if "training goes on" in line]) == 1, warnings
+    assert seconds < 60, seconds  # a sanity bound only: the sends are off the training thread
+    rows = [json.loads(line) for line in open(os.path.join(model_dir, "metrics.jsonl"))]
+    assert [row["step"] for row in rows if row["split"] == "train"][-1] == 200
