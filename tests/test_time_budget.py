@@ -78,9 +78,9 @@ class SlowCheckpointer:
 
 
 def test_each_loop_gets_a_row_whose_parts_add_up_to_its_wall_time():
-    runner = SlowRunner(loop_secs=0.03, eval_secs=0.02, step=0)
+    runner = SlowRunner(loop_secs=0.1, eval_secs=0.05, step=0)
     recorded = Recorded()
-    checkpointer = SlowCheckpointer(0.015)
+    checkpointer = SlowCheckpointer(0.03)
     controller = Controller(runner, [recorded, SaveCheckpoints(checkpointer, 10)],
                             eval_every_steps=10)
     controller.train(20, 5)
@@ -91,17 +91,18 @@ def test_each_loop_gets_a_row_whose_parts_add_up_to_its_wall_time():
         assert all(row[key] >= 0 for key in TIME_PARTS)
         parts = sum(row[key] for key in TIME_PARTS if key != "time/loop_secs")
         assert parts == pytest.approx(row["time/loop_secs"], abs=1e-9)
-        assert row["time/train_secs"] == pytest.approx(0.03, abs=0.02)
+        assert 0.1 <= row["time/train_secs"] < 0.2
         saved_and_evaluated = row["step"] in (10, 20)
-        assert row["time/eval_secs"] == (pytest.approx(0.02, abs=0.02) if saved_and_evaluated else 0)
-        assert (row["time/checkpoint_secs"] >= 0.015) == saved_and_evaluated
+        assert (0.05 <= row["time/eval_secs"] < 0.15) if saved_and_evaluated else (
+            row["time/eval_secs"] == 0)
+        assert (row["time/checkpoint_secs"] >= 0.03) == saved_and_evaluated
         assert row["memory/host_rss_bytes"] > 10_000_000
         assert row["memory/host_peak_rss_bytes"] >= row["memory/host_rss_bytes"]
         assert row["memory/GPU_0/current_bytes"] == 1000 * row["step"]  # the fake's reading
         assert "time/input_wait_secs" not in row  # nothing read outside the compiled loop
     # A row runs from its loop's start to the next's: the times between rows are theirs.
     for before, after, row in zip(recorded.times, recorded.times[1:], rows[1:]):
-        assert after - before == pytest.approx(row["time/loop_secs"], abs=0.01)
+        assert after - before == pytest.approx(row["time/loop_secs"], abs=0.02)
 
 
 def test_the_clock_reports_input_wait_only_when_it_measured_some():
@@ -148,7 +149,7 @@ def test_a_budget_used_up_stops_between_loops_skipping_the_evaluation_and_record
     history = controller.train(1000, 5, max_time=0.35)
     assert runner.status.stopped_by_time and not runner.status.preempted
     stopped = history[-1]["step"]
-    assert 10 <= stopped <= 20 and runner.stop_requests[-1] is True
+    assert 5 <= stopped <= 20 and runner.stop_requests[-1] is True
     assert [step for step, _ in runner.evaluations] == list(range(5, stopped, 5))  # not at the stop
     (record,) = runner.stop_records
     assert record["reason"] == "max_time" and record["step"] == stopped
@@ -223,9 +224,14 @@ def test_a_bad_max_time_is_one_line(tmp_path, cli_env):
         "02:30:00 or a number of seconds; got 'abc'.")
 
 
-def test_no_watcher_thread_outlives_a_fit(tmp_path):
-    trainer = SlowSteps(progress="none")
+def test_each_fit_call_gets_a_fresh_budget_and_no_watcher_outlives_it():
+    trainer = SlowSteps(progress="none")  # no model_dir: it just stops
+    history = trainer.fit(train_steps=100000, steps_per_loop=100000, max_time="1.5s")
+    first = trainer.current_step
+    assert trainer.stopped_by_time and 10 < first < 100000 and history[-1]["step"] == first
+    trainer.fit(train_steps=100000, steps_per_loop=100000, max_time=1.5)
+    assert trainer.stopped_by_time and trainer.current_step > first + 10
     trainer.SLEEP = 0.0
-    trainer.fit(train_steps=5, steps_per_loop=5, max_time=60)
+    trainer.fit(train_steps=trainer.current_step + 5, steps_per_loop=5, max_time=60)
     assert not trainer.stopped_by_time
     assert not [thread for thread in threading.enumerate() if thread.name == "tapekit-max-time"]
