@@ -59,6 +59,9 @@ def test_a_run_and_its_resume_are_one_mlflow_run_in_a_sqlite_store(tmp_path, cli
     assert steps(client, first_id, "train/loss") == [10, 20, 30, 40, 50, 60, 70, 80]
     assert steps(client, first_id, "eval/loss") == [20, 40, 60, 80]
     assert steps(client, first_id, "eval/best_loss") == [20, 40, 60, 80]
+    timings = sorted(key for key in run.data.metrics if key.startswith("time/"))
+    assert timings and all(steps(client, first_id, key) == [10, 20, 30, 40, 50, 60, 70, 80]
+                           for key in timings), timings  # each fit's last comes after its end
     rows = [json.loads(line) for line in open(model_dir / "metrics.jsonl")]
     history = client.get_metric_history(first_id, "train/loss")
     assert [point.value for point in history] == pytest.approx(
@@ -83,8 +86,8 @@ def test_without_a_tracking_uri_the_store_is_beside_the_model_dir_and_steps_only
     first.on_train_begin(0)
     for step in (10, 20, 30, 40):
         first.on_loop_end(step, {"loss": 1.0 / step})
-    first.on_loop_stats(40, {"time/train_secs": 0.5, "memory/host_rss_bytes": 1e8})
     first.on_train_end(40, None)
+    first.on_loop_stats(40, {"time/train_secs": 0.5, "memory/host_rss_bytes": 1e8})  # as fit does
     # Resumed from the checkpoint of step 20 (the job was killed after logging step 40):
     # steps 30 and 40 are trained and reported again, and not logged twice.
     second = MlflowLogger(model_dir, experiment="mine")

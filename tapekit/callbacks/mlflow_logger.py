@@ -76,6 +76,7 @@ class MlflowLogger(Callback):
         self.dropped = 0  # metric points not sent (tracker unreachable, queue full)
         self._queue: "queue.Queue" = queue.Queue(maxsize=queue_size)
         self._thread: Optional[threading.Thread] = None
+        self._sender: Optional["_Sender"] = None
         self._recorded: Optional[str] = None  # the run id run.json holds
         self._uri: Optional[str] = None  # the tracking URI, once the thread has chosen it
         self._warned = False
@@ -95,8 +96,8 @@ class MlflowLogger(Callback):
         self.dropped, self._warned = 0, False
         self._queue = queue.Queue(maxsize=self._queue.maxsize)
         self._ending = threading.Event()
-        sender = _Sender(self, self._queue, self._ending, self._recorded,
-                         run_settings(self.model_dir))
+        sender = self._sender = _Sender(self, self._queue, self._ending, self._recorded,
+                                        run_settings(self.model_dir))
         self._thread = threading.Thread(target=sender.run, name=THREAD_NAME, daemon=True)
         self._thread.start()
 
@@ -124,10 +125,25 @@ class MlflowLogger(Callback):
         self._record_run_id()
         points = {name: float(value) for name, value in values.items()
                   if isinstance(value, (int, float)) or hasattr(value, "__float__")}
+        if self._thread is None:  # the last loop's stats come after on_train_end
+            self._send_after_end((int(step), time.time(), points))
+            return
         try:
             self._queue.put_nowait((int(step), time.time(), points))
         except queue.Full:
             self._drop(len(points), "the queue to the tracker is full")
+
+    def _send_after_end(self, item) -> None:
+        """Sends `item` on a thread of its own, waited for up to `flush_timeout_secs`; not
+        when the run never reached the tracker or the tracker was failing at the end."""
+        sender = self._sender
+        if sender is None or sender.run_id is None or sender.client is None or sender.failing:
+            self._drop(len(item[2]), "the MLflow tracker is unreachable")
+            return
+        thread = threading.Thread(target=sender._log, args=([item],), name=THREAD_NAME,
+                                  daemon=True)
+        thread.start()
+        thread.join(self.flush_timeout_secs)
 
     def _finish(self, status: str) -> None:
         if self._thread is None:
