@@ -125,14 +125,16 @@ def fit(trainer, x, y, steps=4, size=16):
     return trainer.fit(train_steps=steps, steps_per_loop=steps, dataset=batches(x, y, size))[-1]
 
 
-@pytest.mark.parametrize("replicas", [1, 2])
-def test_sgd_norms_with_clipping_on_some_steps_match_the_hand_computation(replicas):
+@pytest.mark.parametrize("replicas, clipped_by", [(1, "tapekit"), (2, "tapekit"), (2, "optimizer")])
+def test_sgd_norms_with_clipping_on_some_steps_match_the_hand_computation(replicas, clipped_by):
     x, y = rows(64)
     hand = Hand(clip=5.0)
     for start in range(0, 64, 16):
         hand.step(x[start:start + 16], y[start:start + 16])
     assert hand.steps["clipped_share"] == [1.0, 1.0, 0.0, 0.0]  # some steps clip, some don't
-    loop = fit(Linear(clip_global_norm=5.0, log_gradient_norms=True,
+    clipping = ({"clip_global_norm": 5.0} if clipped_by == "tapekit" else
+                {"make_optimizer": lambda: keras.optimizers.SGD(0.1, global_clipnorm=5.0)})
+    loop = fit(Linear(log_gradient_norms=True, **clipping,
                       **(TWO_REPLICAS if replicas == 2 else {})), x, y)
     check(loop, hand.means())
     assert loop["clipped_share"] == 0.5
