@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from tapekit.callbacks import Callback, CsvLogger
+from tapekit.callbacks import Callback, CsvLogger, HParams
 from tapekit.checkpoint import files
 
 from helpers import run_cli
@@ -166,3 +166,12 @@ def test_two_runs_line_up_in_tensorboards_hparams_dashboard(tmp_path, cli_env):
         assert values[("eval", "loss")]["value"] == pytest.approx(last_eval["loss"], rel=1e-6)
         assert values[("eval", "best_loss")]["value"] == pytest.approx(last_eval["best_loss"],
                                                                        rel=1e-6)
+
+
+def test_without_tensorboard_hparams_says_how_to_get_it_and_writes_nothing(tmp_path, monkeypatch,
+                                                                           caplog):
+    monkeypatch.setitem(sys.modules, "tensorboard.plugins.hparams.api", None)  # not installed
+    caplog.set_level("INFO")
+    HParams(str(tmp_path)).on_train_begin(0)
+    assert any("pip install tensorboard" in record.getMessage() for record in caplog.records)
+    assert not (tmp_path / "summaries").exists()

@@ -201,3 +201,10 @@ def test_a_server_run_goes_on_when_the_server_stops_in_the_middle(tmp_path, serv
     assert seconds < 60, seconds  # a sanity bound only: the sends are off the training thread
     rows = [json.loads(line) for line in open(os.path.join(model_dir, "metrics.jsonl"))]
     assert [row["step"] for row in rows if row["split"] == "train"][-1] == 200
+
+
+def test_without_mlflow_the_logger_says_how_to_get_it(tmp_path, monkeypatch):
+    from tapekit.errors import TapekitError
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # as if not installed
+    with pytest.raises(TapekitError, match=r"pip install 'tapekit\[mlflow\]'"):
+        MlflowLogger(str(tmp_path / "run"))
