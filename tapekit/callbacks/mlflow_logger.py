@@ -140,7 +140,7 @@ class MlflowLogger(Callback):
         if sender is None or sender.run_id is None or sender.client is None or sender.failing:
             self._drop(len(item[2]), "the MLflow tracker is unreachable")
             return
-        thread = threading.Thread(target=sender._log, args=([item],), name=THREAD_NAME,
+        thread = threading.Thread(target=sender.send, args=([item],), name=THREAD_NAME,
                                   daemon=True)
         thread.start()
         thread.join(self.flush_timeout_secs)
@@ -220,7 +220,7 @@ class _Sender:
                 if not started and time.monotonic() - self.tried >= self.RETRY_START_SECS:
                     started = self._start()
                 if started and not (self.failing and self.ending.is_set()):
-                    self._log(metrics)
+                    self.send(metrics)
                 else:
                     self.logger._drop(sum(len(points) for _, _, points in metrics),
                                       "the MLflow tracker is unreachable")
@@ -306,7 +306,7 @@ class _Sender:
             self._call("log params", self.client.log_batch, self.run_id,
                        params=params[first:first + 100])
 
-    def _log(self, items: List[Tuple[int, float, Dict[str, float]]]) -> None:
+    def send(self, items: List[Tuple[int, float, Dict[str, float]]]) -> None:
         from mlflow.entities import Metric
         metrics, sent = [], {}
         for step, seconds, points in items:
