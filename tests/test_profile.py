@@ -90,3 +90,17 @@ def test_an_analysis_that_fails_is_a_warning(tmp_path, monkeypatch, caplog):
     trainer = RegressionTrainer(model_dir=str(tmp_path), profile_steps=(3, 4), progress="none")
     assert [h["step"] for h in trainer.fit(train_steps=6, steps_per_loop=3)] == [1, 2, 3, 4, 6]
     assert "profile of steps 3-4 in" in caplog.text and "could not be analysed: ValueError" in caplog.text
+
+
+def test_profiled_steps_train_as_unprofiled_ones_on_two_replicas(tmp_path):
+    weights = []
+    for profile_steps in (None, (6, 12)):
+        trainer = RegressionTrainer(model="mlp", model_dir=str(tmp_path / str(profile_steps)),
+                                    profile_steps=profile_steps, progress="none",
+                                    strategy="mirrored", cpu_replicas=2)
+        trainer.fit(train_steps=20, steps_per_loop=5)
+        weights.append([variable.numpy() for variable in trainer.model.weights])
+    for profiled, unprofiled in zip(*weights):
+        np.testing.assert_array_equal(profiled, unprofiled)  # the one-step calls: the same steps
+    (row,) = profile_rows(tmp_path / str((6, 12)))
+    assert row["step"] == 12 and row["step_time_ms"] > 0 and row["steps_measured"] >= 3
