@@ -58,7 +58,8 @@ def analyse(xplane_paths: Sequence[str], top: int = TOP_OPS) -> Dict[str, object
 def describe(first: int, last: int, analysis: Dict[str, object]) -> str:
     """The log line: 'profile of steps 21-40: step time 1.1 ms, 3% waiting for input (NOT
     input-bound), top ops: MatMul 20%, ...'."""
-    ops = ", ".join(f"{op['op']} {op['percent']:.0f}%" for op in analysis["top_ops"]) or "none"
+    ops = ", ".join(f"{op['op']} {op['percent']:.0f}%" for op in analysis["top_ops"]
+                    if op["percent"] >= 0.5) or "none"
     if not analysis["steps_measured"]:
         return (f"profile of steps {first}-{last}: no step time measured ({analysis['statement']}), "
                 f"top ops: {ops}")
