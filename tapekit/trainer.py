@@ -251,7 +251,8 @@ class Trainer:
           checkpoint_every_epochs: with `train_epochs`, also save at every this many epochs' end.
           max_time: a wall-time budget for this call ("3h50m", "90m", "45s" or seconds): stop
             at the next step once the budget, less the measured time of a checkpoint save, is
-            used up; save; return (`stopped_by_time` is then True). A new call gets a fresh one.
+            used up; skip the evaluation due; save; return (`stopped_by_time` is then True, and
+            run.json's `stopped` says where). A new call gets a fresh one.
 
         Returns:
           One dict per loop: `step`, the loop's mean metrics, `steps_per_sec`, `examples_per_sec`.
