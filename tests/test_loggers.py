@@ -170,7 +170,8 @@ def test_two_runs_line_up_in_tensorboards_hparams_dashboard(tmp_path, cli_env):
 
 def test_without_tensorboard_hparams_says_how_to_get_it_and_writes_nothing(tmp_path, monkeypatch,
                                                                            caplog):
-    monkeypatch.setitem(sys.modules, "tensorboard.plugins.hparams.api", None)  # not installed
+    for name in ("tensorboard.plugins.hparams", "tensorboard.plugins.hparams.api"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed
     caplog.set_level("INFO")
     HParams(str(tmp_path)).on_train_begin(0)
     assert any("pip install tensorboard" in record.getMessage() for record in caplog.records)
