@@ -194,7 +194,7 @@ def test_max_time_stops_mid_loop_saves_exits_zero_and_a_resume_gets_a_fresh_budg
                                                                                  cli_env):
     model_dir = tmp_path / "run"
     args = ["--trainer=test_time_budget:SlowSteps", "--train_steps=100000",
-            "--steps_per_loop=100000", "--max_time=3s", "--progress=none",
+            "--steps_per_loop=100000", "--max_time=3s", "--progress=log",
             f"--model_dir={model_dir}"]
     started = time.monotonic()
     first = run_cli(args, cli_env, cwd=TESTS)
@@ -207,6 +207,7 @@ def test_max_time_stops_mid_loop_saves_exits_zero_and_a_resume_gets_a_fresh_budg
     assert 10 < step < 100000 and 2.0 < stop["used_secs"] < 3.0  # by the watcher, at a step
     assert tf.train.latest_checkpoint(str(model_dir / "checkpoints")).endswith(f"ckpt-{step}")
     assert f"max_time (3 s) used up: stopped at step {step}, checkpoint" in first.stderr
+    assert f"step {step}/100000: loss=" in first.stderr and "time/" not in first.stderr  # not shown
     resumed = run_cli(args, cli_env, cwd=TESTS)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at step {step}" in resumed.stderr  # resumed where it stopped
