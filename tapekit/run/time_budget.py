@@ -6,8 +6,11 @@ than `DEFAULT_RESERVE_SECS` or a tenth of the budget, whichever is smaller, for 
 not measured yet). A watcher thread then asks the running compiled loop to stop at its
 next step (`Runner.request_stop`, as SIGTERM does); the outer loop (`Controller.train`)
 also checks between loops (a budget used up during an evaluation), every worker agreeing
-(`Runner.any_worker`), skips the evaluation due, saves, records the stop in run.json
-(`record_stop`) and returns normally. A new `fit` gets a fresh budget. Imports no TensorFlow.
+(`Runner.any_worker`), skips the evaluation due (what is left of a batch slot is for the
+checkpoint; the resumed run or `--mode=evaluate` evaluates later), saves, records the stop in
+run.json (`record_stop`) and returns normally. Several workers have no stop flag (they must
+stop at the same step): the loop in progress ends first, so there `steps_per_loop` times the
+step time adds to the overrun. A new `fit` gets a fresh budget. Imports no TensorFlow.
 """
 
 import datetime
