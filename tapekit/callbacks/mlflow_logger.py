@@ -354,8 +354,9 @@ def tracking_uri(model_dir: str, uri: Optional[str] = None) -> Tuple[str, Option
 
 
 def experiment_name(model_dir: str, experiment: Optional[str] = None) -> str:
+    path = model_dir if files.is_remote(model_dir) else os.path.abspath(model_dir)
     return (experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME")
-            or os.path.basename(os.path.dirname(os.path.normpath(model_dir))) or "Default")
+            or os.path.basename(os.path.dirname(os.path.normpath(path))) or "Default")
 
 
 def _raise(error: Exception):
