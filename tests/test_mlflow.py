@@ -43,7 +43,7 @@ def test_a_run_and_its_resume_are_one_mlflow_run_in_a_sqlite_store(tmp_path, cli
     model_dir = tmp_path / "regression" / "run1"
     for train_steps in (40, 80):  # stopped at 40, resumed to 80
         result = run_cli(COMMON + [f"--model_dir={model_dir}", f"--train_steps={train_steps}",
-                                   "--loggers=jsonl,mlflow"], env)
+                                   "--loggers=jsonl,mlflow"], env, cwd=tmp_path)  # ./mlruns there
         assert result.returncode == 0, result.stderr[-3000:]
         if train_steps == 40:
             first_id = recorded_run_id(model_dir)
@@ -118,6 +118,7 @@ class Raise(Callback):
 def test_a_fit_that_raises_leaves_the_run_failed(tmp_path, monkeypatch):
     from tapekit.trainers.regression import RegressionTrainer
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/store.db")
+    monkeypatch.chdir(tmp_path)  # MLflow's artifacts for a sqlite URI: ./mlruns
     trainer = RegressionTrainer(model="linear", model_dir=str(tmp_path / "exp" / "run"),
                                 loggers="mlflow", progress="none")
     with pytest.raises(ValueError):
