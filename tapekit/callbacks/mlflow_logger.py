@@ -119,7 +119,10 @@ class MlflowLogger(Callback):
         self._finish("KILLED" if stopped else "FINISHED")
 
     def on_exception(self, step, error):
-        self._finish("FAILED" if isinstance(error, Exception) else "KILLED")
+        if isinstance(error, Exception):
+            self._finish("FAILED")
+        else:  # a second Ctrl-C asks to leave at once
+            self._finish("KILLED", min(self.flush_timeout_secs, 2.0))
 
     def _send(self, step: int, values: Dict[str, Any]) -> None:
         self._record_run_id()
@@ -145,25 +148,25 @@ class MlflowLogger(Callback):
         thread.start()
         thread.join(self.flush_timeout_secs)
 
-    def _finish(self, status: str) -> None:
+    def _finish(self, status: str, wait_secs: Optional[float] = None) -> None:
+        """Queues the end and waits up to `wait_secs` (`flush_timeout_secs`) for the thread."""
         if self._thread is None:
             return
         self._ending.set()
-        deadline = time.monotonic() + self.flush_timeout_secs
+        wait_secs = self.flush_timeout_secs if wait_secs is None else wait_secs
+        deadline = time.monotonic() + wait_secs
         try:  # waits for room: the end (status, artifacts) is sent after every loop's metrics
-            self._queue.put((_END, status, None), timeout=self.flush_timeout_secs)
+            self._queue.put((_END, status, None), timeout=wait_secs)
         except queue.Full:
             pass
         self._thread.join(max(0.0, deadline - time.monotonic()))
         self._record_run_id()
         if self._thread.is_alive():
             left = sum(len(item[2] or {}) for item in list(self._queue.queue))
-            self._drop(left, f"the MLflow tracker did not take the run's end within "
-                             f"{self.flush_timeout_secs:g} s")
+            self._drop(left, f"the MLflow tracker did not take the run's end within {wait_secs:g} s")
         if self.dropped:
             logging.warning("mlflow: %d metric value(s) of run %s were not logged (the tracker "
-                            "was unreachable or slow); they are in the model_dir's other "
-                            "loggers' files", self.dropped, self.run_id)
+                            "was unreachable or slow)", self.dropped, self.run_id)
         self._thread = None
 
     def _record_run_id(self) -> None:
