@@ -165,8 +165,9 @@ class MlflowLogger(Callback):
             left = sum(len(item[2] or {}) for item in list(self._queue.queue))
             self._drop(left, f"the MLflow tracker did not take the run's end within {wait_secs:g} s")
         if self.dropped:
-            logging.warning("mlflow: %d metric value(s) of run %s were not logged (the tracker "
-                            "was unreachable or slow)", self.dropped, self.run_id)
+            logging.warning("mlflow: %d metric value(s)%s were not logged (the tracker was "
+                            "unreachable or slow)", self.dropped,
+                            f" of run {self.run_id}" if self.run_id else "")
         self._thread = None
 
     def _record_run_id(self) -> None:
