@@ -11,9 +11,12 @@ Two workloads, each trained by two trainers built alike, one with `log_gradient_
   in memory, batch 128 (`--quick`: 32).
 
 Each figure is the time of one loop of `steps` steps over their number (a loop call costs
-a fraction of a step of either), after a warm-up loop; on and off are measured in turn
-(which goes first alternating), `--repeats` times. Prints the median µs per step of each and
-the median of the repeats' ratios on/off. A noisy 2-core machine: compare within one run.
+a fraction of a step of either), after a warm-up of two loops; on and off are measured in turn
+(which goes first alternating), `--repeats` times. Prints, for each, the median µs per step
+of wall time and of the process's CPU time (all threads: less moved by other processes on a
+shared machine than the wall time), the medians of the repeats' ratios on/off, and the ops
+the option adds to the compiled loop (its graph and the functions it calls). A noisy 2-core
+machine: compare within one run.
 """
 
 import argparse
@@ -47,6 +50,10 @@ def main() -> None:
     from tapekit.trainers import RegressionTrainer
     logging.set_verbosity(logging.ERROR)
 
+    rng = np.random.default_rng(0)
+    arrays = (rng.standard_normal((512, 32, 32, 3)).astype(np.float32),
+              rng.integers(0, 10, (512,)).astype(np.int32))
+
     class ResNet20(tapekit.Trainer):
         """ResNet-20 on seeded synthetic CIFAR-sized images, in memory."""
 
@@ -55,9 +62,7 @@ def main() -> None:
             self.optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
 
         def train_arrays(self):
-            rng = np.random.default_rng(0)
-            images = rng.standard_normal((512, 32, 32, 3)).astype(np.float32)
-            return images, rng.integers(0, 10, (512,)).astype(np.int32)
+            return arrays  # the same arrays every call: kept on the devices, loop traced once
 
         def train_step(self, batch):
             images, labels = batch
@@ -81,24 +86,38 @@ def main() -> None:
     print(f"{args.replicas} replica(s), {args.repeats} repeats; µs per step (median)", flush=True)
     for name, (make, steps) in workloads.items():
         trainers = {on: make(log_gradient_norms=on, **options) for on in (False, True)}
-        for trainer in trainers.values():
-            _step_us(trainer, steps)  # warm-up: build, trace, first loop
+        for _ in range(2):  # warm-up: build, trace, first loops
+            for trainer in trainers.values():
+                _step_us(trainer, steps)
         samples = {False: [], True: []}
         for repeat in range(args.repeats):
             for on in ((False, True) if repeat % 2 == 0 else (True, False)):
                 samples[on].append(_step_us(trainers[on], steps))
-        ratios = [on / off for off, on in zip(samples[False], samples[True])]
-        off, on = statistics.median(samples[False]), statistics.median(samples[True])
-        print(f"{name:42s} off {off:9.1f}  on {on:9.1f}  on/off {statistics.median(ratios):.3f} "
-              f"(repeats' ratios {min(ratios):.3f}–{max(ratios):.3f})", flush=True)
+        ops = {on: _op_count(trainer) for on, trainer in trainers.items()}
+        print(f"{name}: the option adds {ops[True] - ops[False]} ops to the loop's "
+              f"{ops[False]}", flush=True)
+        for clock, index in (("wall", 0), ("CPU", 1)):
+            off = [sample[index] for sample in samples[False]]
+            on = [sample[index] for sample in samples[True]]
+            ratios = [b / a for a, b in zip(off, on)]
+            print(f"  {clock:4s} µs/step: off {statistics.median(off):10.1f}  on "
+                  f"{statistics.median(on):10.1f}  on/off {statistics.median(ratios):.3f} "
+                  f"(repeats {min(ratios):.3f}–{max(ratios):.3f})", flush=True)
         assert "grad_norm" in trainers[True].history[-1]
 
 
-def _step_us(trainer, steps) -> float:
-    """µs per step of one loop of `steps` steps."""
-    start = time.perf_counter()
+def _step_us(trainer, steps):
+    """(wall, CPU) µs per step of one loop of `steps` steps."""
+    wall, cpu = time.perf_counter(), time.process_time()
     trainer.fit(train_steps=trainer.current_step + steps, steps_per_loop=steps)
-    return (time.perf_counter() - start) / steps * 1e6
+    return ((time.perf_counter() - wall) / steps * 1e6,
+            (time.process_time() - cpu) / steps * 1e6)
+
+
+def _op_count(trainer) -> int:
+    """The ops of the trainer's compiled training loop, with the functions it calls."""
+    graph_def = trainer._engine.train_loop._concrete[1].graph.as_graph_def()
+    return len(graph_def.node) + sum(len(f.node_def) for f in graph_def.library.function)
 
 
 if __name__ == "__main__":

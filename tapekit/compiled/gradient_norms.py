@@ -70,7 +70,7 @@ class _Sums:
     clipped_gradient: tf.Tensor
     update: tf.Tensor
     weights: tf.Tensor
-    clipped: tf.Tensor  # bool
+    clipped: Any  # a bool tensor, or False (nothing clips)
     applied: Any  # True (unconditional) or a bool tensor
 
 
@@ -90,8 +90,11 @@ class StepNorms:
         if before is not None:
             applied = (True if before.applied is True and sums.applied is True
                        else tf.logical_or(before.applied, sums.applied))
-            sums = _Sums(before.gradient + sums.gradient,
-                         before.clipped_gradient + sums.clipped_gradient,
+            unclipped = before.clipped_gradient is before.gradient and (
+                sums.clipped_gradient is sums.gradient)
+            gradient = before.gradient + sums.gradient
+            sums = _Sums(gradient, gradient if unclipped
+                         else before.clipped_gradient + sums.clipped_gradient,
                          before.update + sums.update, before.weights + sums.weights,
                          tf.logical_or(before.clipped, sums.clipped), applied)
         self._sums[id(optimizer)] = sums
@@ -107,9 +110,10 @@ class StepNorms:
                 continue
             weight = 1 if sums.applied is True else tf.cast(sums.applied, tf.float32)
             gradient_norm = tf.sqrt(sums.gradient)
-            ratio = tf.math.divide_no_nan(tf.sqrt(sums.update), tf.sqrt(sums.weights))
-            for value in (gradient_norm, tf.sqrt(sums.clipped_gradient), ratio,
-                          tf.cast(sums.clipped, tf.float32)):
+            clipped_norm = (gradient_norm if sums.clipped_gradient is sums.gradient
+                            else tf.sqrt(sums.clipped_gradient))
+            ratio = tf.sqrt(tf.math.divide_no_nan(sums.update, sums.weights))
+            for value in (gradient_norm, clipped_norm, ratio, tf.cast(sums.clipped, tf.float32)):
                 columns.append((value, weight))
         return columns
 
@@ -124,9 +128,11 @@ class UpdateWatch:
 
     Traced, per replica. `gradients`: the global-batch gradient before any clipping (dense
     tensors, or `tf.IndexedSlices` with one row per index, whose norm is the dense
-    gradient's: `tapekit.compiled.updates.combined_rows`); `clip_factor`: what tapekit's `clip_global_norm`
-    multiplies it by (None: not set); the optimizer's own clipping is then computed as Keras
-    does it. The weights are read here, before the update.
+    gradient's: `tapekit.compiled.updates.combined_rows`); `clip_factor`: what tapekit's
+    `clip_global_norm` multiplies it by (None: not set); the optimizer's own clipping is then
+    computed as Keras does it. The weights are read here, before the update. A handful of
+    ops per variable (each squared norm is one `l2_loss`): the cost is per-op overhead on a
+    small model, a pass over the weights on a large one.
     """
 
     def __init__(self, optimizer, gradients: Sequence, variables: Sequence,
@@ -134,53 +140,56 @@ class UpdateWatch:
         self.optimizer = optimizer
         self.variables = list(variables)
         values = [_float(_values(g)) for g in gradients]
-        squares = [tf.reduce_sum(tf.square(v)) for v in values]
-        self.gradient = tf.add_n(squares)
-        clipped = tf.constant(False)
+        halves = [tf.nn.l2_loss(v) for v in values]  # each sum(v²) / 2
+        self.gradient = 2.0 * tf.add_n(halves)
+        self.clipped_gradient, self.clipped = self.gradient, False
         if clip_factor is not None:
             clip_factor = tf.cast(clip_factor, tf.float32)
-            clipped = clip_factor < 1.0
-            squares = [s * tf.square(clip_factor) for s in squares]
-            values = [v * clip_factor for v in values] if _clips_values(optimizer) else values
-        squares, clipped_here = _optimizer_clipping(optimizer, squares, values)
-        self.clipped_gradient = tf.add_n(squares)
-        self.clipped = tf.logical_or(clipped, clipped_here)
+            self.clipped = clip_factor < 1.0
+            self.clipped_gradient = self.gradient * tf.square(clip_factor)
+            if _optimizer_clip(optimizer)[0] == "clipnorm":
+                halves = [h * tf.square(clip_factor) for h in halves]
+            elif _optimizer_clip(optimizer)[0] == "clipvalue":
+                values = [v * clip_factor for v in values]
+        self._optimizer_clipping(halves, values)
         self.weights_before = [_read(v) for v in self.variables]
-        self.weights = tf.add_n([tf.reduce_sum(tf.square(w)) for w in self.weights_before])
+        self.weights = 2.0 * tf.add_n([tf.nn.l2_loss(w) for w in self.weights_before])
+
+    def _optimizer_clipping(self, halves, values) -> None:
+        """The optimizer's own clipping, as Keras does it (clipnorm per variable, else
+        global_clipnorm, else clipvalue): the squared norm after it, and whether it clipped."""
+        kind, limit = _optimizer_clip(self.optimizer)
+        if kind is None:
+            return
+        if kind == "clipnorm":
+            half_limit = limit ** 2 / 2.0
+            clipped = tf.reduce_any(tf.stack(halves) > half_limit)
+            self.clipped_gradient = 2.0 * tf.add_n([tf.minimum(h, half_limit) for h in halves])
+        elif kind == "global_clipnorm":
+            clipped = self.clipped_gradient > limit ** 2
+            self.clipped_gradient = tf.minimum(self.clipped_gradient, limit ** 2)
+        else:
+            clipped = tf.reduce_any(tf.stack([tf.reduce_any(tf.abs(v) > limit) for v in values]))
+            self.clipped_gradient = 2.0 * tf.add_n(
+                [tf.nn.l2_loss(tf.clip_by_value(v, -limit, limit)) for v in values])
+        self.clipped = clipped if self.clipped is False else tf.logical_or(self.clipped, clipped)
 
     def finish(self, norms: StepNorms, applied=True) -> None:
         """After the update (`applied`: True, or a bool tensor: whether it was applied)."""
-        update = tf.add_n([tf.reduce_sum(tf.square(_read(v) - w))
-                           for v, w in zip(self.variables, self.weights_before)])
+        update = 2.0 * tf.add_n([tf.nn.l2_loss(_read(v) - w)
+                                 for v, w in zip(self.variables, self.weights_before)])
         norms.add(self.optimizer, _Sums(self.gradient, self.clipped_gradient, update,
                                         self.weights, self.clipped, applied))
 
 
-def _optimizer_clipping(optimizer, squares, values):
-    """The squared norms of each gradient after the optimizer's own clipping, and whether it
-    changed the gradient (Keras: clipnorm per variable, else global_clipnorm, else clipvalue)."""
-    clipnorm = getattr(optimizer, "clipnorm", None)
-    global_clipnorm = getattr(optimizer, "global_clipnorm", None)
-    clipvalue = getattr(optimizer, "clipvalue", None)
-    if clipnorm and clipnorm > 0:
-        limit = float(clipnorm) ** 2
-        return ([tf.minimum(s, limit) for s in squares],
-                tf.reduce_any(tf.stack(squares) > limit))
-    if global_clipnorm and global_clipnorm > 0:
-        total = tf.add_n(squares)
-        factor = tf.minimum(1.0, float(global_clipnorm) ** 2 / tf.maximum(total, 1e-24))
-        return [s * factor for s in squares], total > float(global_clipnorm) ** 2
-    if clipvalue and clipvalue > 0:
-        limit = float(clipvalue)
-        return ([tf.reduce_sum(tf.square(tf.clip_by_value(v, -limit, limit))) for v in values],
-                tf.reduce_any(tf.stack([tf.reduce_any(tf.abs(v) > limit) for v in values])))
-    return squares, tf.constant(False)
-
-
-def _clips_values(optimizer) -> bool:
-    clipvalue = getattr(optimizer, "clipvalue", None)
-    return bool(clipvalue and clipvalue > 0 and not getattr(optimizer, "clipnorm", None)
-                and not getattr(optimizer, "global_clipnorm", None))
+def _optimizer_clip(optimizer) -> Tuple[Optional[str], float]:
+    """How the optimizer clips its gradient itself, as Keras decides: (kind, limit) or
+    (None, 0): one of clipnorm, global_clipnorm, clipvalue (Keras allows one)."""
+    for kind in ("clipnorm", "global_clipnorm", "clipvalue"):
+        limit = getattr(optimizer, kind, None)
+        if limit and limit > 0:
+            return kind, float(limit)
+    return None, 0.0
 
 
 def _values(gradient):
@@ -193,7 +202,7 @@ def _float(tensor):
 
 def _read(variable):
     """The variable's value now (this replica's copy), as float32: a read that later
-    updates of the variable are ordered after."""
+    updates of the variable are ordered after (and do not change: they copy first)."""
     if isinstance(variable, keras.Variable):
         variable = variable.value
-    return _float(tf.identity(variable))
+    return _float(tf.convert_to_tensor(variable))
