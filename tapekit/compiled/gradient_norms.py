@@ -10,7 +10,7 @@ optimizer, means over the loop's steps of:
   optimizer's own `clipnorm`, `global_clipnorm` or `clipvalue` (as Keras clips);
 * `update_ratio`: the global norm of the update the step made to the optimizer's variables
   (new weights minus old: the optimizer's whole update, weight decay included) over the
-  global norm of the weights before it;
+  global norm of the weights before it (0 while the weights are all zero);
 * `clipped_share`: the share of steps whose gradient clipping changed (0 to 1).
 
 With one optimizer the names are as above; with several, each is followed by
