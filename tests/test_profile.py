@@ -104,3 +104,21 @@ def test_profiled_steps_train_as_unprofiled_ones_on_two_replicas(tmp_path):
         np.testing.assert_array_equal(profiled, unprofiled)  # the one-step calls: the same steps
     (row,) = profile_rows(tmp_path / str((6, 12)))
     assert row["step"] == 12 and row["step_time_ms"] > 0 and row["steps_measured"] >= 3
+
+
+def test_a_run_that_fails_inside_the_window_stops_the_profiler(tmp_path):
+    import tapekit
+
+    class FailsAt25(tapekit.Callback):
+        def on_loop_end(self, step, logs):
+            if step == 25:
+                raise RuntimeError("a bug at step 25")
+
+    trainer = RegressionTrainer(model="mlp", model_dir=str(tmp_path / "run"), profile_steps=(21, 30),
+                                progress="none")
+    with pytest.raises(RuntimeError, match="a bug at step 25"):
+        trainer.fit(train_steps=40, steps_per_loop=10, callbacks=[FailsAt25()])
+    # The trace was stopped (and read): a new capture can start in this process.
+    assert glob.glob(str(tmp_path / "run" / "profile" / "plugins" / "profile" / "*" / "*.xplane.pb"))
+    tf.profiler.experimental.start(str(tmp_path / "again"))
+    tf.profiler.experimental.stop()

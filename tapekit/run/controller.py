@@ -262,10 +262,16 @@ class Controller:
     @contextlib.contextmanager
     def _telling_of_exceptions(self):
         """Calls each callback's `on_exception` when training stops with one (a logger marks
-        its run failed), then lets it pass; a callback failing there only logs."""
+        its run failed), after ending the hooks (the profiler stops its trace), then lets it
+        pass; a hook or callback failing there only logs."""
         try:
             yield
         except BaseException as error:
+            for hook in self.hooks:
+                try:
+                    hook.end()
+                except Exception:  # the first error is the one to report
+                    logging.exception("%s.end failed", type(hook).__name__)
             for callback in self.callbacks:
                 try:
                     getattr(callback, "on_exception", lambda *_: None)(self.runner.current_step, error)
