@@ -11,6 +11,7 @@ subclass may set them anywhere in its `__init__`.
 """
 
 import dataclasses
+import functools
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from tapekit.errors import TapekitError
@@ -37,11 +38,14 @@ class Option:
     minimum: Optional[float] = None  # integers: at least this; floats: see `positive`
     positive: bool = False  # a float that must be > 0
     choices: Tuple[str, ...] = ()
+    parse: Optional[Callable[[Any], Any]] = None  # reads a string kind's value, or raises
 
     def check(self, value) -> None:
         """Raises a TapekitError naming this option when `value` is not allowed."""
         if value is None:
             return
+        if self.parse is not None:
+            self.parse(value)
         if self.kind == "integer":
             if isinstance(value, bool) or not isinstance(value, int) and not _is_integer(value):
                 raise TapekitError(f"{self.name} must be an integer, got {value!r}.")
@@ -200,7 +204,8 @@ FIT_OPTIONS = (
     Option("max_time", "string", None,
            "A wall-time budget for this fit, e.g. 3h50m, 90m, 45s or seconds: stop at the next "
            "step once the budget, less the measured time of a checkpoint save, is used up, "
-           "save, and exit 0 (the reason is in run.json). A resumed run gets a fresh budget."),
+           "save, and exit 0 (the reason is in run.json). A resumed run gets a fresh budget.",
+           parse=lambda value: parse_duration(value)),
     Option("steps_per_loop", "integer", 100,
            "Steps per compiled in-graph loop; metrics are logged once per loop.", minimum=1),
     Option("eval_every_steps", "integer", None,
@@ -405,6 +410,18 @@ def define_flags(flag_values, options: Sequence[Option] = TRAINER_OPTIONS + FIT_
             kwargs["lower_bound"] = 1e-300  # absl has no exclusive bound
         define: Callable = getattr(flags, f"DEFINE_{option.kind}")
         define(name=option.name, default=option.default, help=option.help, **kwargs)
+        if option.parse is not None:  # refused while the flags are parsed, in the same words
+            flags.register_validator(option.name, functools.partial(_parses, option),
+                                     flag_values=flag_values)
+
+
+def _parses(option: Option, value) -> bool:
+    from absl import flags
+    try:
+        option.check(value)
+    except TapekitError as error:
+        raise flags.ValidationError(str(error)) from None
+    return True
 
 
 def signature(first: str):

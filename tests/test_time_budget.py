@@ -216,13 +216,13 @@ def test_max_time_stops_mid_loop_saves_exits_zero_and_a_resume_gets_a_fresh_budg
     assert second_stop["step"] > step + 10 and 2.0 < second_stop["used_secs"] < 3.0  # fresh budget
 
 
-def test_a_bad_max_time_is_one_line(tmp_path, cli_env):
+def test_a_bad_max_time_is_one_line_before_anything_is_written(tmp_path, cli_env):
+    model_dir = tmp_path / "run"
     result = run_cli(["--trainer=test_time_budget:SlowSteps", "--train_steps=10",
-                      "--max_time=abc", f"--model_dir={tmp_path}"], cli_env, cwd=TESTS)
-    assert result.returncode != 0
-    assert result.stderr.strip().splitlines()[-1] == (
-        "tapekit-train: error: max_time must be a duration such as 3h50m, 90m, 45s, 1.5h, "
-        "02:30:00 or a number of seconds; got 'abc'.")
+                      "--max_time=abc", f"--model_dir={model_dir}"], cli_env, cwd=TESTS)
+    assert result.returncode != 0 and not model_dir.exists()  # refused while parsing flags
+    assert ("flag --max_time=abc: max_time must be a duration such as 3h50m, 90m, 45s, 1.5h, "
+            "02:30:00 or a number of seconds; got 'abc'.") in result.stderr  # absl's bad-flag line
 
 
 def test_each_fit_call_gets_a_fresh_budget_and_no_watcher_outlives_it():
