@@ -22,6 +22,7 @@ VERSION_SENSITIVE = {
     "test_compat.py": "private TensorFlow/Keras names, each checked on named versions",
     "test_optimizer_table.py": "every Keras optimizer and clipping option, by hand and resumed",
     "test_updates.py": "gradient summing and clipping inside Keras optimizers",
+    "test_gradient_norms.py": "norms of what Keras optimizers are given and clip, in the graph",
     "test_ema.py": "the optimizer's EMA of the weights",
     "test_checkpointing.py": "tf.train.Checkpoint of Keras variables",
     "test_state.py": "what a checkpoint holds (Keras variables, optimizer slots, iterators)",
