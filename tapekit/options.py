@@ -340,7 +340,8 @@ def step_ranges(value) -> Optional[Tuple[Tuple[int, int], ...]]:
 
 def logger_names(value, model_dir: Optional[str]) -> Tuple[str, ...]:
     """`loggers` ("tensorboard,jsonl" or a list of names) as a tuple of known names, in order,
-    without repeats; "" or None: none."""
+    without repeats; "" or None: none. Checked on every worker before anything is written:
+    csv and mlflow need a model_dir, mlflow needs MLflow installed."""
     if value is None:
         return ()
     items = value.split(",") if isinstance(value, str) else list(value)
@@ -357,6 +358,11 @@ def logger_names(value, model_dir: Optional[str]) -> Tuple[str, ...]:
     if needs_dir and not model_dir:
         raise TapekitError(f"loggers={','.join(needs_dir)} needs a model_dir (the CSV file, and "
                            "the MLflow run's id that a resumed run continues, are kept there).")
+    if "mlflow" in result:
+        import importlib.util
+        if importlib.util.find_spec("mlflow") is None:
+            raise TapekitError("loggers=mlflow needs MLflow, which is not installed: "
+                               "pip install 'tapekit[mlflow]'")
     return tuple(result)
 
 

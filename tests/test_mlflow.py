@@ -43,7 +43,7 @@ def test_a_run_and_its_resume_are_one_mlflow_run_in_a_sqlite_store(tmp_path, cli
     model_dir = tmp_path / "regression" / "run1"
     for train_steps in (40, 80):  # stopped at 40, resumed to 80
         result = run_cli(COMMON + [f"--model_dir={model_dir}", f"--train_steps={train_steps}",
-                                   "--loggers=jsonl,mlflow"], env, cwd=tmp_path)  # ./mlruns there
+                                   "--loggers=jsonl,mlflow"], env, cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
         if train_steps == 40:
             first_id = recorded_run_id(model_dir)
@@ -71,6 +71,10 @@ def test_a_run_and_its_resume_are_one_mlflow_run_in_a_sqlite_store(tmp_path, cli
     best = {item.path for item in client.list_artifacts(first_id, "best")}
     assert "best/best.json" in best
     assert not os.path.exists(tmp_path / "mlflow.db")  # the user's URI, not the default
+    # Artifacts beside the user's store, not in ./mlruns under the current folder.
+    assert run.info.artifact_uri.startswith(str(tmp_path / "mlartifacts")), run.info.artifact_uri
+    assert os.path.exists(tmp_path / "mlartifacts") and not os.path.exists(tmp_path / "mlruns")
+    assert run.data.tags["tapekit.model_dir"] == str(model_dir)
 
 
 def test_without_a_tracking_uri_the_store_is_beside_the_model_dir_and_steps_only_go_up(
@@ -118,7 +122,8 @@ class Raise(Callback):
 def test_a_fit_that_raises_leaves_the_run_failed(tmp_path, monkeypatch):
     from tapekit.trainers.regression import RegressionTrainer
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/store.db")
-    monkeypatch.chdir(tmp_path)  # MLflow's artifacts for a sqlite URI: ./mlruns
+    os.makedirs(tmp_path / "elsewhere")
+    monkeypatch.chdir(tmp_path / "elsewhere")  # where MLflow itself would put ./mlruns
     trainer = RegressionTrainer(model="linear", model_dir=str(tmp_path / "exp" / "run"),
                                 loggers="mlflow", progress="none")
     with pytest.raises(ValueError):
@@ -127,6 +132,7 @@ def test_a_fit_that_raises_leaves_the_run_failed(tmp_path, monkeypatch):
     assert run.info.status == "FAILED"
     assert steps(MlflowClient(f"sqlite:///{tmp_path}/store.db"), run.info.run_id,
                  "train/loss") == [10, 20]
+    assert os.listdir(tmp_path / "elsewhere") == []
 
 
 def free_port():
@@ -204,8 +210,103 @@ def test_a_server_run_goes_on_when_the_server_stops_in_the_middle(tmp_path, serv
     assert [row["step"] for row in rows if row["split"] == "train"][-1] == 200
 
 
-def test_without_mlflow_the_logger_says_how_to_get_it(tmp_path, monkeypatch):
+def test_without_mlflow_the_trainer_says_how_to_get_it_before_writing_anything(tmp_path,
+                                                                              monkeypatch):
     from tapekit.errors import TapekitError
+    from tapekit.trainers.regression import RegressionTrainer
     monkeypatch.setitem(sys.modules, "mlflow", None)  # as if not installed
+    model_dir = tmp_path / "run"
     with pytest.raises(TapekitError, match=r"pip install 'tapekit\[mlflow\]'"):
-        MlflowLogger(str(tmp_path / "run"))
+        RegressionTrainer(model="linear", model_dir=str(model_dir), loggers="jsonl,mlflow")
+    assert not os.path.exists(model_dir)
+    with pytest.raises(TapekitError, match=r"pip install 'tapekit\[mlflow\]'"):
+        MlflowLogger(str(model_dir))
+
+
+def mlflow_warnings(caplog):
+    return [record.getMessage() for record in caplog.records
+            if record.levelno >= logging.WARNING and "mlflow" in record.getMessage().lower()]
+
+
+def test_an_unsupported_tracking_uri_is_said_once_and_every_value_is_counted(
+        tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "bogus://x")
+    crashes = []
+    monkeypatch.setattr("threading.excepthook", crashes.append)
+    caplog.set_level(logging.WARNING)
+    logger = MlflowLogger(str(tmp_path / "runs" / "a"), queue_size=2)
+    logger.on_train_begin(0)
+    for step in range(10, 110, 10):  # more than the queue holds: the thread keeps draining it
+        logger.on_loop_end(step, {"loss": 1.0, "accuracy": 0.5})
+        time.sleep(0.05)
+    logger.on_train_end(100, None)
+    logger.on_loop_stats(100, {"time/train_secs": 1.0})
+    assert crashes == []
+    assert logger.dropped == 21
+    warnings = mlflow_warnings(caplog)
+    assert len(warnings) == 2, warnings  # the reason, then the count
+    assert "bogus://x" in warnings[0] and "\n" not in warnings[0]
+    assert "does not support" in warnings[0] and "full" not in warnings[0]
+    assert warnings[1].startswith("mlflow: 20 metric value(s) were not logged")
+
+
+class Trainer:
+    def __init__(self, **stopped):
+        self.preempted = self.interrupted = self.stopped_by_time = False
+        self.__dict__.update(stopped)
+
+
+@pytest.mark.parametrize("stopped, status, best", [
+    ({}, "FINISHED", True), ({"preempted": True}, "KILLED", False),
+    ({"interrupted": True}, "KILLED", False), ({"stopped_by_time": True}, "KILLED", True)])
+def test_the_end_of_a_run_as_it_stopped(tmp_path, monkeypatch, stopped, status, best):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    os.makedirs(tmp_path / "elsewhere")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    model_dir = tmp_path / "sweep" / "run"
+    os.makedirs(model_dir / "best")
+    (model_dir / "best" / "best.json").write_text("{}")
+    (model_dir / "run.json").write_text("{}")
+    logger = MlflowLogger(str(model_dir), experiment="Default")  # the store's own experiment
+    logger.trainer = Trainer(**stopped)
+    logger.on_train_begin(0)
+    logger.on_loop_end(10, {"loss": 1.0})
+    logger.on_train_end(10, None)
+    client = MlflowClient(f"sqlite:///{tmp_path}/sweep/mlflow.db")
+    run = client.get_run(logger.run_id)
+    assert run.info.status == status
+    artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
+    assert artifacts == ({"run.json", "best"} if best else {"run.json"})
+    assert run.info.artifact_uri.startswith(str(tmp_path / "sweep" / "mlartifacts"))
+    assert os.listdir(tmp_path / "elsewhere") == []  # no ./mlruns
+
+
+def test_a_sender_that_misses_the_end_stops_and_the_next_fit_waits_for_it(tmp_path, monkeypatch,
+                                                                           caplog):
+    """A tracker that accepts connections and never answers: the end does not wait past its
+    deadline, the late thread makes no further call and ends, and a second fit's thread
+    starts after it (never two on one logger)."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(8)
+        logger = MlflowLogger(str(tmp_path / "hung" / "run"),
+                              tracking_uri=f"http://127.0.0.1:{hung.getsockname()[1]}",
+                              flush_timeout_secs=0.5)
+        logger.on_train_begin(0)
+        first = logger._thread
+        logger.on_loop_end(10, {"loss": 1.0})
+        start = time.monotonic()
+        logger.on_train_end(10, None)
+        assert time.monotonic() - start < 1.5
+        assert first.is_alive()  # still in its request
+        logger.on_train_begin(10)
+        second = logger._thread
+        logger.on_loop_end(20, {"loss": 1.0})
+        logger.on_train_end(20, None)
+        first.join(10)
+        second.join(10)
+        assert not first.is_alive() and not second.is_alive()
+    assert logger.dropped >= 1

@@ -1,6 +1,7 @@
 """`tapekit.options`: one table behind the constructor, the command line and its checks."""
 
 import inspect
+import sys
 
 import pytest
 from absl import flags
@@ -93,7 +94,7 @@ def test_a_bad_max_time_says_what_is_accepted(text):
         options_lib.parse_duration(text)
 
 
-def test_loggers_are_known_names_and_files_need_a_model_dir():
+def test_loggers_are_known_names_and_files_need_a_model_dir(monkeypatch):
     assert options_lib.resolve({"model_dir": "/tmp/x", "loggers": "tensorboard, CSV,csv"}).loggers \
         == ("tensorboard", "csv")
     assert options_lib.resolve({"loggers": ""}).loggers == ()
@@ -101,3 +102,9 @@ def test_loggers_are_known_names_and_files_need_a_model_dir():
         options_lib.resolve({"loggers": "wandb"})
     with pytest.raises(TapekitError, match="loggers=mlflow needs a model_dir"):
         options_lib.resolve({"loggers": ["mlflow"]})
+    # MLflow missing: said on every worker while the options are resolved, before anything is made.
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # as if not installed: find_spec says None
+    with pytest.raises(TapekitError, match=r"^loggers=mlflow needs MLflow, which is not installed: "
+                                           r"pip install 'tapekit\[mlflow\]'$"):
+        options_lib.resolve({"model_dir": "/tmp/x", "loggers": "jsonl,mlflow"})
+    assert options_lib.resolve({"model_dir": "/tmp/x", "loggers": "jsonl"}).loggers == ("jsonl",)

@@ -7,6 +7,7 @@ import queue
 import re
 import threading
 import time
+import urllib.parse
 from typing import Any, Dict, List, Optional, Tuple
 
 from absl import logging
@@ -48,18 +49,31 @@ class MlflowLogger(Callback):
       checkpoint older than the last step logged trains those steps again but does not log
       them again (MLflow cannot delete points; tapekit's resume is exact, so the first
       values stand). What a killed job had not sent is not sent later.
+    * Artifacts: an experiment tapekit creates on a local sqlite store keeps its artifacts
+      beside the store (DB_FOLDER/mlartifacts), as does the store tapekit makes when it
+      creates the database file (its "Default" experiment too), not in ./mlruns under the
+      current folder (MLflow's default); a file store keeps them inside itself.
     * At the end: run.json and MODEL_DIR/best/ as artifacts, then the status: FINISHED, or
-      KILLED when stopped by a signal (to be resumed) or a second Ctrl-C, FAILED when `fit`
-      raised. A tracker that is failing then is not waited for: the run stays RUNNING there.
+      FAILED when `fit` raised, or KILLED when the run stopped to be resumed: by SIGTERM or
+      Ctrl-C (`preempted`, `interrupted`; then only run.json is uploaded, time being short)
+      or when `max_time` was used up (`stopped_by_time`: a job's time limit, resumed by the
+      next job like a preemption). The whole end (the metrics still queued, the artifacts,
+      the status) shares one deadline, `flush_timeout_secs` (2 s after a second Ctrl-C);
+      what is left then is dropped and counted, and the run may stay RUNNING there.
 
     Everything MLflow is asked runs on a background thread fed by a bounded queue: training
     never waits for the tracker. When the tracker is unreachable (down at the start, or
     stopped during the run) the thread logs one warning and goes on; what it could not send,
-    or what did not fit in the queue, is dropped and counted in one line at the end.
-    `on_train_end` waits up to `flush_timeout_secs` for the queue to drain. HTTP requests
-    get a 5 s timeout and 1 retry unless MLFLOW_HTTP_REQUEST_TIMEOUT and
-    MLFLOW_HTTP_REQUEST_MAX_RETRIES say otherwise (they are set in this process's
-    environment only when unset).
+    or what did not fit in the queue, is dropped and counted in one line at the end; a
+    tracker that cannot be reached is tried again every 30 s, a tracking URI MLflow does
+    not support is said once and not tried again. One logger has at most one such thread:
+    one that missed the end's deadline is told to stop, and the next `fit`'s thread waits
+    for it before it talks to the tracker.
+
+    `HTTP_SETTINGS` (a 5 s timeout, 1 retry, backoff factor 1 for HTTP requests) are put in
+    `os.environ` by `on_train_begin`, for the whole process, each only when unset
+    (MLFLOW_HTTP_REQUEST_TIMEOUT, MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+    MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR): MLflow's client reads them from the environment.
     """
 
     def __init__(self, model_dir: str, experiment: Optional[str] = None,
@@ -96,9 +110,13 @@ class MlflowLogger(Callback):
         self.dropped, self._warned = 0, False
         self._queue = queue.Queue(maxsize=self._queue.maxsize)
         self._ending = threading.Event()
+        previous = self._sender
+        if previous is not None:  # one that missed an earlier end: it stops, then this one starts
+            previous.stop.set()
         sender = self._sender = _Sender(self, self._queue, self._ending, self._recorded,
-                                        run_settings(self.model_dir))
-        self._thread = threading.Thread(target=sender.run, name=THREAD_NAME, daemon=True)
+                                        run_settings(self.model_dir), previous)
+        self._thread = sender.thread = threading.Thread(target=sender.run, name=THREAD_NAME,
+                                                        daemon=True)
         self._thread.start()
 
     def on_loop_end(self, step, logs):
@@ -115,14 +133,17 @@ class MlflowLogger(Callback):
 
     def on_train_end(self, step, logs):
         trainer = self.trainer
-        stopped = bool(getattr(trainer, "preempted", False) or getattr(trainer, "interrupted", False))
-        self._finish("KILLED" if stopped else "FINISHED")
+        signal = bool(getattr(trainer, "preempted", False) or getattr(trainer, "interrupted", False))
+        if signal:  # time is short: run.json only
+            self._finish("KILLED", best=False)
+        else:
+            self._finish("KILLED" if getattr(trainer, "stopped_by_time", False) else "FINISHED")
 
     def on_exception(self, step, error):
         if isinstance(error, Exception):
             self._finish("FAILED")
         else:  # a second Ctrl-C asks to leave at once
-            self._finish("KILLED", min(self.flush_timeout_secs, 2.0))
+            self._finish("KILLED", min(self.flush_timeout_secs, 2.0), best=False)
 
     def _send(self, step: int, values: Dict[str, Any]) -> None:
         self._record_run_id()
@@ -140,7 +161,8 @@ class MlflowLogger(Callback):
         """Sends `item` on a thread of its own, waited for up to `flush_timeout_secs`; not
         when the run never reached the tracker or the tracker was failing at the end."""
         sender = self._sender
-        if sender is None or sender.run_id is None or sender.client is None or sender.failing:
+        if (sender is None or sender.run_id is None or sender.client is None or sender.failing
+                or sender.stop.is_set()):
             self._drop(len(item[2]), "the MLflow tracker is unreachable")
             return
         thread = threading.Thread(target=sender.send, args=([item],), name=THREAD_NAME,
@@ -148,21 +170,28 @@ class MlflowLogger(Callback):
         thread.start()
         thread.join(self.flush_timeout_secs)
 
-    def _finish(self, status: str, wait_secs: Optional[float] = None) -> None:
-        """Queues the end and waits up to `wait_secs` (`flush_timeout_secs`) for the thread."""
+    def _finish(self, status: str, wait_secs: Optional[float] = None, best: bool = True) -> None:
+        """Queues the end (the status; `best`: upload MODEL_DIR/best/ too) and waits up to
+        `wait_secs` (`flush_timeout_secs`) for the thread: one deadline for the metrics
+        still queued, the artifacts and the status. A thread still busy then is told to
+        stop (it makes no further call to the tracker)."""
         if self._thread is None:
             return
-        self._ending.set()
         wait_secs = self.flush_timeout_secs if wait_secs is None else wait_secs
         deadline = time.monotonic() + wait_secs
+        if self._sender is not None:
+            self._sender.deadline = deadline
+        self._ending.set()
         try:  # waits for room: the end (status, artifacts) is sent after every loop's metrics
-            self._queue.put((_END, status, None), timeout=wait_secs)
+            self._queue.put((_END, status, best), timeout=wait_secs)
         except queue.Full:
             pass
         self._thread.join(max(0.0, deadline - time.monotonic()))
         self._record_run_id()
         if self._thread.is_alive():
-            left = sum(len(item[2] or {}) for item in list(self._queue.queue))
+            if self._sender is not None:
+                self._sender.stop.set()
+            left = sum(len(item[2]) for item in list(self._queue.queue) if item[0] is not _END)
             self._drop(left, f"the MLflow tracker did not take the run's end within {wait_secs:g} s")
         if self.dropped:
             logging.warning("mlflow: %d metric value(s)%s were not logged (the tracker was "
@@ -199,60 +228,108 @@ class _Sender:
     RETRY_START_SECS = 30.0  # a tracker down at the start is tried again this often
 
     def __init__(self, logger: MlflowLogger, items: "queue.Queue", ending: threading.Event,
-                 run_id: Optional[str], params: Dict[str, Any]):
+                 run_id: Optional[str], params: Dict[str, Any],
+                 previous: Optional["_Sender"] = None):
         self.logger = logger
         self.items = items
         self.ending = ending
         self.run_id = run_id
         self.params = params
+        self.previous = previous  # an earlier fit's sender, told to stop: waited for first
         self.client = None
         self.last_step: Dict[str, int] = {}
         self.failing = False
+        self.unsupported = False  # a tracking URI that can never work: not tried again
         self.tried = 0.0
+        self.stop = threading.Event()  # set when the end's deadline passed: no further call
+        self.deadline: Optional[float] = None  # the end's (time.monotonic())
+        self.thread: Optional[threading.Thread] = None
 
     def run(self) -> None:
+        previous = self.previous
+        if previous is not None and previous.thread is not None:
+            previous.thread.join()  # it makes no further call; at most its last one ends
+        self.previous = None
         started = self._start()
-        while True:
-            items = [self.items.get()]
+        while not self.stop.is_set():
+            try:
+                items = [self.items.get(timeout=0.5)]
+            except queue.Empty:
+                continue
             while items[-1][0] is not _END and len(items) < 100:
                 try:
                     items.append(self.items.get_nowait())
                 except queue.Empty:
                     break
             metrics = [item for item in items if item[0] is not _END]
-            if metrics:
-                if not started and time.monotonic() - self.tried >= self.RETRY_START_SECS:
-                    started = self._start()
-                if started and not (self.failing and self.ending.is_set()):
-                    self.send(metrics)
-                else:
-                    self.logger._drop(sum(len(points) for _, _, points in metrics),
-                                      "the MLflow tracker is unreachable")
-            if items[-1][0] is _END:  # a tracker that is down is not waited for at the end
-                if not self.failing and (started or self._start()):
-                    self._end(items[-1][1])
-                return
+            try:
+                if metrics:
+                    if (not started and not self.unsupported
+                            and time.monotonic() - self.tried >= self.RETRY_START_SECS):
+                        started = self._start()
+                    if started and not (self.failing and self.ending.is_set()):
+                        self.send(metrics)
+                    else:
+                        self.logger._drop(sum(len(points) for _, _, points in metrics),
+                                          "the MLflow tracker is unreachable")
+                if items[-1][0] is _END:  # a tracker that is down is not waited for at the end
+                    if not self.failing and (started or self._start()):
+                        self._end(items[-1][1], items[-1][2])
+                    return
+            except Exception as error:  # a bug or a client surprise: keep draining and counting
+                self._failed("log", error)
+                self.logger._drop(sum(len(points) for _, _, points in metrics), "")
+                if items[-1][0] is _END:
+                    return
+
+    def _failed(self, what: str, error: BaseException) -> None:
+        self.failing = True
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        self.logger._drop(0, f"the MLflow tracker at {self.logger._uri} failed to {what} "
+                             f"({type(error).__name__}: {first})")
 
     def _call(self, what: str, function, *args, **kwargs):
-        """`function(...)`, or None after warning once (the tracker is unreachable)."""
+        """`function(...)`, or None after warning once (the tracker is unreachable), or
+        without calling once the end's deadline has passed or the thread is told to stop."""
+        if self.stop.is_set() or (self.deadline is not None and time.monotonic() > self.deadline):
+            return None
         try:
             result = function(*args, **kwargs)
         except Exception as error:  # any client error: the run goes on without MLflow
-            self.failing = True
-            uri = self.logger._uri
-            self.logger._drop(0, f"the MLflow tracker at {uri} failed to {what} "
-                                 f"({type(error).__name__}: {str(error).splitlines()[0][:200]})")
+            self._failed(what, error)
             return None
         self.failing = False
         return result if result is not None else True
 
     def _start(self) -> bool:
-        """Connects, and continues the recorded run or starts one. False: unreachable."""
+        """Connects, and continues the recorded run or starts one. False: not now (the
+        tracker is unreachable; `unsupported`: never)."""
         self.tried = time.monotonic()
+        if self.stop.is_set():
+            return False
+        try:
+            return self._connect()
+        except Exception as error:  # no client (an unsupported URI, a store that cannot be made)
+            self.failing = True
+            first = (str(error).strip().splitlines() or [""])[0][:200]
+            if "unsupported" in type(error).__name__.lower() or "unsupported uri" in first.lower():
+                self.unsupported = True
+                self.logger._drop(0, f"MLflow does not support the tracking URI {self.logger._uri} "
+                                     f"({type(error).__name__}), so nothing is sent to MLflow in "
+                                     f"this run; set MLFLOW_TRACKING_URI to an http(s), sqlite or "
+                                     f"file URI")
+            else:
+                self.logger._drop(0, f"no MLflow client for {self.logger._uri} "
+                                     f"({type(error).__name__}: {first}); tried again every "
+                                     f"{self.RETRY_START_SECS:g} s")
+            return False
+
+    def _connect(self) -> bool:
         uri, artifact_location = tracking_uri(self.logger.model_dir, self.logger.tracking_uri)
         self.logger._uri = uri
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
+        _make_sqlite_store(uri, artifact_location)
         self.client = MlflowClient(uri)
         run = None
         if self.run_id is not None:
@@ -297,9 +374,11 @@ class _Sender:
                 return None
         else:
             experiment_id = experiment.experiment_id
-        tags = {"mlflow.source.name": "tapekit", "tapekit.model_dir": self.logger.model_dir}
+        model_dir = self.logger.model_dir
+        tags = {"mlflow.source.name": "tapekit",
+                "tapekit.model_dir": model_dir if files.is_remote(model_dir) else os.path.abspath(model_dir)}
         return self._call("create a run", self.client.create_run, experiment_id,
-                          tags=tags, run_name=os.path.basename(os.path.normpath(self.logger.model_dir)))
+                          tags=tags, run_name=os.path.basename(os.path.normpath(model_dir)))
 
     def _log_params(self, run) -> None:
         from mlflow.entities import Param
@@ -328,7 +407,7 @@ class _Sender:
             for metric in batch:
                 self.last_step[metric.key] = max(metric.step, self.last_step.get(metric.key, -1))
 
-    def _end(self, status: str) -> None:
+    def _end(self, status: str, best: bool = True) -> None:
         model_dir = self.logger.model_dir
         record = files.read_text(os.path.join(model_dir, record_lib.RECORD_FILE))
         if record is not None:
@@ -338,23 +417,51 @@ class _Sender:
                 with open(path, "w") as stream:
                     stream.write(record)
                 self._call("log run.json", self.client.log_artifact, self.run_id, path)
-        best = os.path.join(model_dir, "best")
-        if not files.is_remote(best) and os.path.isdir(best):
-            self._call("log best/", self.client.log_artifacts, self.run_id, best, "best")
+        folder = os.path.join(model_dir, "best")
+        if best and not files.is_remote(folder) and os.path.isdir(folder):
+            self._call("log best/", self.client.log_artifacts, self.run_id, folder, "best")
         self._call("end the run", self.client.set_terminated, self.run_id, status)
 
 
 def tracking_uri(model_dir: str, uri: Optional[str] = None) -> Tuple[str, Optional[str]]:
     """(the tracking URI to log to, the artifact location for an experiment created there):
     `uri`, else MLflow's when one is set, else sqlite:///PARENT/mlflow.db with artifacts in
-    PARENT/mlartifacts (MLflow's own default when the model_dir has a scheme)."""
+    PARENT/mlartifacts (MLflow's own default when the model_dir has a scheme). A local
+    sqlite URI's artifacts go to DB_FOLDER/mlartifacts; other stores' to MLflow's default
+    (a file store: inside the store)."""
     import mlflow
-    if uri:
+    if not uri:
+        if mlflow.is_tracking_uri_set() or files.is_remote(model_dir):
+            uri = mlflow.get_tracking_uri()
+        else:
+            parent = os.path.dirname(os.path.abspath(model_dir))
+            uri = f"sqlite:///{os.path.join(parent, 'mlflow.db')}"
+    database = sqlite_path(uri)
+    if database is None:
         return uri, None
-    if mlflow.is_tracking_uri_set() or files.is_remote(model_dir):
-        return mlflow.get_tracking_uri(), None
-    parent = os.path.dirname(os.path.abspath(model_dir))
-    return f"sqlite:///{os.path.join(parent, 'mlflow.db')}", os.path.join(parent, "mlartifacts")
+    return uri, os.path.join(os.path.dirname(database), "mlartifacts")
+
+
+def sqlite_path(uri: str) -> Optional[str]:
+    """The absolute path of a local sqlite URI's database file (sqlite:///relative.db,
+    sqlite:////absolute.db); None for any other URI (an in-memory database too)."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None
+    path = urllib.parse.unquote(uri[len(prefix):].split("?")[0])
+    return os.path.abspath(path) if path and path != ":memory:" else None
+
+
+def _make_sqlite_store(uri: str, artifact_location: Optional[str]) -> None:
+    """Creates a local sqlite store that does not exist yet with `artifact_location` as its
+    default artifact root, so that its "Default" experiment keeps artifacts there too (an
+    MlflowClient would give it ./mlruns under the current folder)."""
+    database = sqlite_path(uri)
+    if database is None or artifact_location is None or os.path.exists(database):
+        return
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    os.makedirs(os.path.dirname(database), exist_ok=True)
+    SqlAlchemyStore(uri, artifact_location)
 
 
 def experiment_name(model_dir: str, experiment: Optional[str] = None) -> str:
