@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 import types
 
 import pytest
@@ -246,3 +247,83 @@ def test_the_controller_and_callbacks_import_and_run_without_tensorflow():
                             env=env, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "4 ('end', 40)"
+
+
+# ---------------------------------------------------------------------- the end of a fit
+
+
+class Saver:
+    """A checkpointer that notes each save (and the final wait) in a shared journal."""
+
+    def __init__(self, journal, fail=False):
+        self.journal, self.fail = journal, fail
+
+    def save(self, step):
+        if self.fail:
+            raise OSError("disk full")
+        time.sleep(0.05)
+        self.journal.append(("save", step))
+
+    def wait(self):
+        self.journal.append(("wait",))
+
+
+class Journal(callbacks_lib.Callback):
+    """Notes its hooks in a shared journal, with the run.json stop records seen at the end."""
+
+    def __init__(self, journal, runner, fail_on_begin=False):
+        self.journal, self.runner, self.fail_on_begin = journal, runner, fail_on_begin
+
+    def on_train_begin(self, step):
+        if self.fail_on_begin:
+            raise ValueError("a bad callback")
+
+    def on_loop_stats(self, step, stats):
+        self.journal.append(("stats", step, stats["time/checkpoint_secs"] >= 0.05))
+
+    def on_train_end(self, step, logs):
+        self.journal.append(("end", step, len(self.runner.stop_records)))
+
+    def on_exception(self, step, error):
+        self.journal.append(("exception", type(error).__name__))
+
+
+def test_at_the_end_the_final_save_comes_first_then_the_stats_row_then_the_loggers():
+    journal, runner = [], FakeRunner()
+    saver = callbacks_lib.SaveCheckpoints(Saver(journal), None)
+    controller(runner, [Journal(journal, runner), saver]).train(20, 10)
+    assert journal == [("stats", 10, False), ("save", 20), ("wait",), ("stats", 20, True),
+                       ("end", 20, 0)]
+
+
+def test_a_max_time_stop_is_in_run_json_before_the_loggers_end(monkeypatch):
+    journal = []
+
+    def slow_loop(index, steps):
+        monkeypatch.setattr(controller_lib.TimeBudget, "check", lambda self: True)  # used up
+
+    runner = FakeRunner(script=slow_loop)
+    controller(runner, [Journal(journal, runner)]).train(100, 10, max_time=3600)
+    assert runner.status.stopped_by_time and journal[-1] == ("end", 10, 1)
+
+
+def test_a_budget_used_up_after_the_last_step_stops_nothing(monkeypatch):
+    runner = FakeRunner(step=0)
+    monkeypatch.setattr(controller_lib.TimeBudget, "check", lambda self: True)  # always used up
+    controller(runner, eval_every_steps=10).train(10, 10, max_time=3600)
+    assert not runner.status.stopped_by_time and runner.stop_records == []
+    assert [step for step, _ in runner.evaluations] == [10]  # the last evaluation ran
+
+
+def test_an_exception_in_on_train_begin_or_the_final_save_tells_each_callback_once():
+    journal, runner = [], FakeRunner()
+    with pytest.raises(ValueError, match="a bad callback"):
+        controller(runner, [Journal(journal, runner), Journal(journal, runner, fail_on_begin=True)]
+                   ).train(20, 10)
+    assert journal == [("exception", "ValueError")] * 2 and runner.loops == []
+    journal, runner = [], FakeRunner()
+    saver = callbacks_lib.SaveCheckpoints(Saver(journal, fail=True), None)
+    with pytest.raises(OSError, match="disk full"):
+        controller(runner, [Journal(journal, runner), saver]).train(20, 10)
+    assert journal[-1] == ("exception", "OSError") and journal.count(("exception", "OSError")) == 1
+    assert ("end", 20, 0) not in journal  # the loggers' end never came: they were told of the error

@@ -13,6 +13,7 @@ eagerly, once per loop; it imports no TensorFlow.
 import contextlib
 import os
 import sys
+import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
@@ -26,7 +27,7 @@ from tapekit.faults.nonfinite import NonFiniteCheck
 from tapekit.faults.stop import StopSignals
 from tapekit.run.accounting import LoopClock, host_memory
 from tapekit.run.hooks import LoopHook
-from tapekit.run.profiler import Profiler
+from tapekit.run.profiler import Profiler, worker_profile_dir  # noqa: F401 (the engine's)
 from tapekit.run.runner import LoopResult, Runner
 from tapekit.run.time_budget import TimeBudget
 
@@ -41,7 +42,8 @@ def default_callbacks(runner: Runner, options, train_steps: Optional[int],
     Progress first, then `keep_best` (MODEL_DIR/best/, on every worker: it adds the best
     value to the evaluation's logs), then (with `write_dir`: the chief's model_dir) the
     loggers and sample images, and last the checkpoints (on every worker
-    that has a `checkpointer`), so that a loop is recorded before it is saved. The loggers are
+    that has a `checkpointer`), so that a loop is recorded before it is saved. At the end
+    the checkpoints go first (`Controller`). The loggers are
     those `options.loggers` names (`tapekit.callbacks.loggers`). The non-finite check
     is not a callback: the controller makes it before any of these runs. `summary_writers`:
     the run's (`tapekit.compiled.step_summaries.SummaryWriters`), which TensorBoard shares.
@@ -99,16 +101,18 @@ class Controller:
         self.callbacks = list(callbacks)
         self.eval_every_steps = eval_every_steps
         self.eval_steps = eval_steps
+        self.profiler = Profiler(profile_steps, profile_dir, lambda *args: self._each(
+            "on_profile", *args)) if profile_steps else None
         # In the order they act on a loop: undo it, then judge what is kept.
         self.hooks: List[LoopHook] = [hook for hook in (
-            rollback, NonFiniteCheck(nan_policy, lambda: runner.latest_checkpoint),
-            Profiler(profile_steps, profile_dir, lambda *args: self._each("on_profile", *args))
-            if profile_steps else None) if hook is not None]
+            rollback, NonFiniteCheck(nan_policy, lambda: runner.latest_checkpoint), self.profiler)
+            if hook is not None]
         for callback in self.callbacks:
             callback.set_trainer(trainer)
         self.clock = LoopClock()  # where each loop's time went: `on_loop_stats`
         self._stats_step: Optional[int] = None  # the recorded loop whose stats are due
         self._budget = TimeBudget(None)
+        self._told: set = set()  # the callbacks told of an exception in this fit
 
     def train(self, train_steps: Optional[int], steps_per_loop: int,
               train_epochs: Optional[int] = None,
@@ -126,14 +130,15 @@ class Controller:
         With `train_epochs` (and `train_steps` None) it trains until the runner has finished
         that many passes over the data (`runner.epochs_done`); rows then carry `epoch` (the
         1-based epoch the loop ended in), callbacks get `on_epoch_end`, and evaluation also
-        follows each `eval_every_epochs`-th epoch.
+        follows each `eval_every_epochs`-th epoch. The end: `_end`.
         """
         runner, status = self.runner, self.runner.status
         self._goal = (train_steps, train_epochs, eval_every_epochs)
         step, history, logs = runner.current_step, [], None
         status.stop_training = status.preempted = status.interrupted = status.stopped_by_time = False
-        self._budget = TimeBudget.of(max_time)
-        self._each("on_train_begin", step)
+        self._budget, self._told = TimeBudget.of(max_time, runner), set()
+        with self._telling_of_exceptions():
+            self._each("on_train_begin", step)
         with StopSignals(runner.request_stop) as signals, self._telling_of_exceptions(), \
                 self._budget.watching(runner.request_stop):
             while self._more(step) and not status.stop_training:
@@ -166,7 +171,8 @@ class Controller:
                 with self._between_loops(step):
                     self._after(step, start_step, logs if result.steps_run else None,
                                 replayed, signals, epoch_ended)
-        self._end(step, logs)
+        with self._telling_of_exceptions():
+            self._end(step, logs)
         return history
 
     def _loop_length(self, step: int, steps_per_loop: int) -> int:
@@ -207,7 +213,7 @@ class Controller:
             if not replayed:
                 self._each("on_loop_end", step, logs)
                 self._stats_step = step
-            if self._stop_voted(signals):  # every worker stops at this step
+            if self._stop_voted(signals, step):  # every worker stops at this step
                 return  # not evaluating: the grace period is for the checkpoint
         if replayed:
             return
@@ -217,7 +223,7 @@ class Controller:
             self._evaluate(step)
         else:
             return
-        self._time_voted()  # the budget ran out during the evaluation: stop before the next loop
+        self._time_voted(step)  # the budget ran out during the evaluation: stop before the next loop
 
     def _run_loop(self, num_steps: int) -> Tuple[LoopResult, float]:
         """Runs one compiled loop, timed (its seconds, at least 1 ns), after handing the
@@ -243,27 +249,47 @@ class Controller:
             self._each("on_loop_stats", step, stats)
 
     def _end(self, step: int, logs: Optional[Dict[str, float]]) -> None:
+        """After the last loop, timed as a whole (the time budget's reserve: `saw_end`): the
+        hooks end (a capture stops), a max_time stop goes into run.json (before the loggers
+        upload it), the checkpoint savers' `on_train_end` (the final save, and its wait)
+        runs, then a capture's analysis (on a normal end only: a stop leaves the grace
+        period to the save), the last loop's stats row (counting the final save), and last
+        the other callbacks' `on_train_end`: a slow tracker's upload cannot use up a
+        preemption's grace period before the checkpoint exists. An exception from
+        `on_train_begin` to here reaches each callback's `on_exception` once (`_told`)."""
+        started = time.monotonic()
+        status = self.runner.status
+        stopped = status.preempted or status.interrupted or status.stopped_by_time
         for hook in self.hooks:
             hook.end()
+        if status.stopped_by_time:
+            self.runner.record_stop(self._budget.stop_record(step))
+        savers = [callback for callback in self.callbacks
+                  if isinstance(callback, callbacks_lib.SaveCheckpoints)]
         with self._between_loops(step):
-            self._each("on_train_end", step, logs)
-        self._loop_stats()  # the last loop's: after on_train_end, to count the final save
-        status, latest = self.runner.status, self.runner.latest_checkpoint
+            self._each("on_train_end", step, logs, only=savers)
+            if self.profiler is not None:
+                self.profiler.finish(analyse=not stopped)
+            self._loop_stats()  # the last loop's: after the final save, which it counts
+            self._each("on_train_end", step, logs,
+                       only=[callback for callback in self.callbacks if callback not in savers])
+        latest = self.runner.latest_checkpoint
         saved = f"checkpoint {latest} saved" if latest else "nothing saved (no model_dir)"
         if status.preempted:
             logging.warning("preempted at step %d, %s", step, saved)
         if status.interrupted:
             logging.warning("interrupted at step %d, %s", step, saved)
         if status.stopped_by_time:
-            self.runner.record_stop(self._budget.stop_record(step))
             logging.warning("max_time (%s s) used up: stopped at step %d, %s",
                             f"{self._budget.seconds:g}", step, saved)
+        self._budget.saw_end(time.monotonic() - started, status.stopped_by_time)
 
     @contextlib.contextmanager
     def _telling_of_exceptions(self):
         """Calls each callback's `on_exception` when training stops with one (a logger marks
-        its run failed), after ending the hooks (the profiler stops its trace), then lets it
-        pass; a hook or callback failing there only logs."""
+        its run failed), after ending the hooks (the profiler stops its trace, unanalysed),
+        then lets it pass; a hook or callback failing there only logs. Each callback is
+        told once per fit (`_told`), however many of these contexts the exception leaves."""
         try:
             yield
         except BaseException as error:
@@ -272,17 +298,23 @@ class Controller:
                     hook.end()
                 except Exception:  # the first error is the one to report
                     logging.exception("%s.end failed", type(hook).__name__)
+            if self.profiler is not None:
+                self.profiler.finish(analyse=False)
             for callback in self.callbacks:
+                if id(callback) in self._told:
+                    continue
+                self._told.add(id(callback))
                 try:
                     getattr(callback, "on_exception", lambda *_: None)(self.runner.current_step, error)
                 except Exception:  # the first error is the one to report
                     logging.exception("%s.on_exception failed", type(callback).__name__)
             raise
 
-    def _each(self, hook: str, *args) -> None:
-        """Calls `hook` on each callback, timed: `SaveCheckpoints` as checkpoint time (its
-        longest call also tells the time budget what a save takes), the rest as callbacks."""
-        for callback in self.callbacks:
+    def _each(self, hook: str, *args, only: Optional[Sequence[Callback]] = None) -> None:
+        """Calls `hook` on each callback (of `only`, in order), timed: `SaveCheckpoints` as
+        checkpoint time (its longest call also tells the time budget what a save takes), the
+        rest as callbacks."""
+        for callback in self.callbacks if only is None else only:
             saves = isinstance(callback, callbacks_lib.SaveCheckpoints)
             with self.clock.timing("checkpoint" if saves else "callbacks") as timed:
                 getattr(callback, hook)(*args)
@@ -320,16 +352,20 @@ class Controller:
         """A signal arrived, or the time budget is used up (on this worker)."""
         return signals.stopping or self._budget.expired
 
-    def _stop_voted(self, signals: StopSignals) -> bool:
+    def _stop_voted(self, signals: StopSignals, step: int) -> bool:
         """Whether every worker stops at this step: a signal on any of them (one vote), or
         the time budget used up on any (a second, only with a budget)."""
         if self.runner.any_worker(signals.stopping):
             self._stop_on_signal(signals)
             return True
-        return self._time_voted()
+        return self._time_voted(step)
 
-    def _time_voted(self) -> bool:
-        if self._budget.seconds is None or not self.runner.any_worker(self._budget.check()):
+    def _time_voted(self, step: int) -> bool:
+        """Whether every worker stops at `step` for the time budget: only when there is more
+        to train (a budget used up after the last step stops nothing), and only with a budget
+        (every worker decides both alike, so all vote or none)."""
+        if (self._budget.seconds is None or not self._more(step)
+                or not self.runner.any_worker(self._budget.check())):
             return False
         status = self.runner.status
         status.stop_training = status.stopped_by_time = True

@@ -14,7 +14,6 @@ same numbers on every run of the seed (TensorFlow cannot restore an earlier glob
 """
 
 import contextlib
-import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import keras
@@ -199,7 +198,7 @@ class Engine:
                 self, defaults + list(callbacks),
                 trainer=self.trainer, eval_every_steps=eval_every_steps, eval_steps=eval_steps,
                 nan_policy=options.nan_policy, profile_steps=options.profile_steps, rollback=rollback,
-                profile_dir=os.path.join(self.model_dir, "profile") if self.model_dir else None)
+                profile_dir=controller_lib.worker_profile_dir(self.model_dir, self.strategy))
             self.request_stop(False)
             with distribute.peers_stopping_explained(self):
                 history = controller.train(train_steps, int(steps_per_loop),

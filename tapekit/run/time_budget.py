@@ -1,27 +1,42 @@
 """`max_time`: a wall-time budget for one `fit`, which stops it cleanly with a checkpoint.
 
-The budget counts from the `fit` call. It is used up when what is left of it is what a
-checkpoint save takes (`reserve`: the longest save measured in this `fit`, and never less
-than `DEFAULT_RESERVE_SECS` or a tenth of the budget, whichever is smaller, for the saves
-not measured yet). A watcher thread then asks the running compiled loop to stop at its
+The budget counts from the `fit` call. It is used up when what is left of it is the
+`reserve`, the time kept for the end of the run after the stop (the hooks' end, every
+callback's `on_train_end` including the loggers' uploads, the final save and with
+`--async_checkpoint` the wait for it):
+
+    reserve = max(min(DEFAULT_RESERVE_SECS, budget / 10), longest save, last end)
+
+where "longest save" is the longest `SaveCheckpoints` call measured in this `fit` and "last
+end" is how long the end of the same trainer's previous `fit` in this process took
+(`saw_end`; 0 before one ended). So a first 3 s budget keeps 0.3 s, a first 4 h budget
+30 s; once an end took 45 s, that trainer's later budgets keep 45 s. When the end takes
+longer than the reserve, the run overruns its budget by the difference and the log says so.
+
+Once the budget is used up, a watcher thread asks the running compiled loop to stop at its
 next step (`Runner.request_stop`, as SIGTERM does); the outer loop (`Controller.train`)
 also checks between loops (a budget used up during an evaluation), every worker agreeing
 (`Runner.any_worker`), skips the evaluation due (what is left of a batch slot is for the
-checkpoint; the resumed run or `--mode=evaluate` evaluates later), saves, records the stop in
-run.json (`record_stop`) and returns normally. Several workers have no stop flag (they must
-stop at the same step): the loop in progress ends first, so there `steps_per_loop` times the
-step time adds to the overrun. A new `fit` gets a fresh budget. Imports no TensorFlow.
+checkpoint; the resumed run or `--mode=evaluate` evaluates later), records the stop in
+run.json (`record_stop`, before the loggers' end uploads it), saves and returns normally.
+Several workers have no stop flag (they must stop at the same step): the loop in progress
+ends first, so there `steps_per_loop` times the step time adds to the overrun.
+A new `fit` gets a fresh budget. Imports no TensorFlow.
 """
 
 import datetime
 import threading
 import time
+import weakref
 from typing import Any, Callable, Dict, Optional
 
 from absl import logging
 
-# Kept for the final save until one is measured (a tenth of a shorter budget).
+# Kept for the end of the run until an end is measured (a tenth of a shorter budget).
 DEFAULT_RESERVE_SECS = 30.0
+
+# How long the end of each trainer's last `fit` took (`saw_end`), by its runner.
+_last_end_secs: "weakref.WeakKeyDictionary[Any, float]" = weakref.WeakKeyDictionary()
 
 
 class TimeBudget:
@@ -33,19 +48,23 @@ class TimeBudget:
         self.started = now()
         self.expired = False
         self._longest_save = 0.0
+        self._runner: Any = None  # whose last end counts (`of`)
         self._wake = threading.Condition()
         self._watching = False
 
     @classmethod
-    def of(cls, max_time) -> "TimeBudget":
+    def of(cls, max_time, runner=None) -> "TimeBudget":
         """`max_time` as given to `Controller.train`: a `TimeBudget` (started at the `fit`
-        call), seconds (starting now) or None."""
-        return max_time if isinstance(max_time, TimeBudget) else cls(max_time)
+        call), seconds (starting now) or None; `runner`'s last end counts in its reserve."""
+        budget = max_time if isinstance(max_time, TimeBudget) else cls(max_time)
+        budget._runner = runner
+        return budget
 
     @property
     def reserve(self) -> float:
-        """The seconds kept for the final checkpoint save."""
-        return max(min(DEFAULT_RESERVE_SECS, self.seconds / 10), self._longest_save)
+        """The seconds kept for the end of the run (the final save among it)."""
+        last_end = _last_end_secs.get(self._runner, 0.0) if self._runner is not None else 0.0
+        return max(min(DEFAULT_RESERVE_SECS, self.seconds / 10), self._longest_save, last_end)
 
     def remaining(self) -> float:
         """Seconds until the budget, less the reserve, is used up (inf: no budget)."""
@@ -60,6 +79,19 @@ class TimeBudget:
                 self._longest_save = seconds
                 self._wake.notify()  # the deadline moved closer
 
+    def saw_end(self, seconds: float, stopped: bool) -> None:
+        """The end of a `fit` (everything after its last loop) took `seconds`: part of the
+        reserve of the same runner's later budgets. `stopped`: this budget stopped the run,
+        so an end longer than its reserve overran it (a warning)."""
+        reserve = self.reserve if self.seconds is not None else 0.0
+        if self._runner is not None:
+            _last_end_secs[self._runner] = seconds
+        if stopped and seconds > reserve:
+            logging.warning("max_time: the end of the run (callbacks, final save) took %.1f s, "
+                            "more than the %.1f s kept for it: the budget overran by about "
+                            "%.1f s; this trainer's later fits keep %.1f s", seconds, reserve,
+                            seconds - reserve, seconds)
+
     def check(self) -> bool:
         """Whether the budget is used up (says so in a line, once). Eager, any thread."""
         with self._wake:
@@ -70,7 +102,7 @@ class TimeBudget:
             return self.expired
         self.expired = True
         logging.warning("max_time: %.1f s of the %.1f s budget used (%.1f s kept for the "
-                        "checkpoint save): stopping at the next step, then saving a checkpoint",
+                        "end of the run): stopping at the next step, then saving a checkpoint",
                         self._now() - self.started, self.seconds, self.reserve)
         return True
 
