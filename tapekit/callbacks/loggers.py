@@ -23,8 +23,8 @@ def loggers_for(options, model_dir: str, summary_writers=None, samples=None) -> 
     """The loggers `options.loggers` names, in that order, writing to `model_dir` (the
     chief's): tensorboard (`TensorBoard` into MODEL_DIR/summaries, sharing the run's
     `summary_writers` and the image `samples`, and the `HParams` session), jsonl
-    (`MetricsFile`), csv (`CsvLogger`), mlflow (`MlflowLogger`; says how to install it
-    when MLflow is missing)."""
+    (`MetricsFile`), csv (`CsvLogger`), mlflow (`MlflowLogger`; a missing MLflow is
+    refused earlier, by `options.logger_names`)."""
     from tapekit.callbacks.csv_logger import CsvLogger
     from tapekit.callbacks.hparams import HParams
     from tapekit.callbacks.metrics_file import MetricsFile
