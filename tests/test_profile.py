@@ -122,3 +122,54 @@ def test_a_run_that_fails_inside_the_window_stops_the_profiler(tmp_path):
     assert glob.glob(str(tmp_path / "run" / "profile" / "plugins" / "profile" / "*" / "*.xplane.pb"))
     tf.profiler.experimental.start(str(tmp_path / "again"))
     tf.profiler.experimental.stop()
+
+
+def test_a_run_stopped_by_a_signal_inside_the_window_leaves_its_trace_unanalysed(tmp_path, caplog):
+    import signal
+
+    import tapekit
+
+    class SigtermAt5(tapekit.Callback):
+        def on_loop_end(self, step, logs):
+            if step == 5:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer = RegressionTrainer(model_dir=str(tmp_path), profile_steps=(3, 100), progress="none")
+    with caplog.at_level(logging.INFO, logger="absl"):
+        trainer.fit(train_steps=200, steps_per_loop=10, callbacks=[SigtermAt5()])
+    assert trainer.preempted and trainer.current_step == 5
+    assert glob.glob(os.path.join(tmp_path, "profile", "plugins", "profile", "*", "*.xplane.pb"))
+    assert f"profile of steps 3-5 is in {tmp_path}/profile, not analysed (training stopped early)" \
+        in caplog.text
+    assert not profile_rows(tmp_path) and "step time" not in caplog.text
+
+
+def test_a_run_resumed_inside_the_window_warms_up_before_capturing(tmp_path, caplog):
+    RegressionTrainer(model_dir=str(tmp_path), progress="none").fit(train_steps=5, steps_per_loop=5)
+    trainer = RegressionTrainer(model_dir=str(tmp_path), profile_steps=(4, 8), progress="none")
+    with caplog.at_level(logging.INFO, logger="absl"):
+        trainer.fit(train_steps=10, steps_per_loop=5)
+    assert "profiling steps 7 to 8 into" in caplog.text  # step 6 traced the one-step function
+    (row,) = profile_rows(tmp_path)
+    assert row["step"] == 8 and row["step_time_ms"] > 0
+
+
+def test_several_workers_profile_into_their_own_folders_and_no_older_capture_is_read(tmp_path):
+    from tapekit.run import profiler
+
+    def strategy(task_type, task_id):
+        cluster = tf.train.ClusterSpec({"worker": ["localhost:1", "localhost:2"]})
+        resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+            cluster, task_type=task_type, task_id=task_id)
+        return type("Strategy", (), {"cluster_resolver": resolver})()
+
+    assert profiler.worker_profile_dir("/m", strategy("worker", 1)) == "/m/profile/worker_1"
+    assert profiler.worker_profile_dir("/m", tf.distribute.get_strategy()) == "/m/profile"
+    assert profiler.worker_profile_dir(None, tf.distribute.get_strategy()) is None
+    logdir = str(tmp_path)
+    tf.profiler.experimental.start(logdir)
+    tf.profiler.experimental.stop()
+    runs = set(profiler._runs(logdir))
+    assert len(runs) == 1 and profiler._new_traces(logdir, set())  # the capture just made
+    with pytest.raises(FileNotFoundError, match="no trace was written under"):
+        profiler._new_traces(logdir, runs)  # nothing new: the older capture is not read

@@ -241,3 +241,15 @@ def test_each_fit_call_gets_a_fresh_budget_and_no_watcher_outlives_it():
     trainer.fit(train_steps=trainer.current_step + 5, steps_per_loop=5, max_time=60)
     assert not trainer.stopped_by_time
     assert not [thread for thread in threading.enumerate() if thread.name == "tapekit-max-time"]
+
+
+def test_the_reserve_counts_the_trainers_last_end_and_an_overrun_is_said(caplog):
+    runner, other = SlowRunner(step=0), SlowRunner(step=0)
+    # The end of this fit: the final save, 0.2 s (the budget's first reserve is 0.1 s).
+    Controller(runner, [SaveCheckpoints(SlowCheckpointer(0.2), None)]).train(5, 5, max_time=1.0)
+    assert TimeBudget.of(1.0, runner).reserve >= 0.2  # the same trainer's next fit keeps it
+    assert TimeBudget.of(1.0, other).reserve == pytest.approx(0.1)  # not another's
+    budget = TimeBudget.of(1.0, other)
+    with caplog.at_level("WARNING", logger="absl"):
+        budget.saw_end(0.5, stopped=True)
+    assert "took 0.5 s, more than the 0.1 s kept for it: the budget overran by about 0.4 s" in caplog.text
