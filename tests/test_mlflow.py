@@ -61,7 +61,7 @@ def test_a_run_and_its_resume_are_one_mlflow_run_in_a_sqlite_store(tmp_path, cli
     assert steps(client, first_id, "eval/best_loss") == [20, 40, 60, 80]
     timings = sorted(key for key in run.data.metrics if key.startswith("time/"))
     assert timings and all(steps(client, first_id, key) == [10, 20, 30, 40, 50, 60, 70, 80]
-                           for key in timings), timings  # each fit's last comes after its end
+                           for key in timings), timings  # each fit's last loop too
     rows = [json.loads(line) for line in open(model_dir / "metrics.jsonl")]
     history = client.get_metric_history(first_id, "train/loss")
     assert [point.value for point in history] == pytest.approx(

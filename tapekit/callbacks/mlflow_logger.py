@@ -149,7 +149,7 @@ class MlflowLogger(Callback):
         self._record_run_id()
         points = {name: float(value) for name, value in values.items()
                   if isinstance(value, (int, float)) or hasattr(value, "__float__")}
-        if self._thread is None:  # the last loop's stats come after on_train_end
+        if self._thread is None:  # after on_train_end (a callback that logs at its own end)
             self._send_after_end((int(step), time.time(), points))
             return
         try:
@@ -158,17 +158,19 @@ class MlflowLogger(Callback):
             self._drop(len(points), "the queue to the tracker is full")
 
     def _send_after_end(self, item) -> None:
-        """Sends `item` on a thread of its own, waited for up to `flush_timeout_secs`; not
-        when the run never reached the tracker or the tracker was failing at the end."""
+        """Sends `item` on a thread of its own, waited for until the end's deadline; not when
+        the run never reached the tracker, the tracker was failing at the end or the
+        deadline has passed."""
         sender = self._sender
+        left = (sender.deadline - time.monotonic()) if sender and sender.deadline else 0.0
         if (sender is None or sender.run_id is None or sender.client is None or sender.failing
-                or sender.stop.is_set()):
+                or sender.stop.is_set() or left <= 0):
             self._drop(len(item[2]), "the MLflow tracker is unreachable")
             return
         thread = threading.Thread(target=sender.send, args=([item],), name=THREAD_NAME,
                                   daemon=True)
         thread.start()
-        thread.join(self.flush_timeout_secs)
+        thread.join(left)
 
     def _finish(self, status: str, wait_secs: Optional[float] = None, best: bool = True) -> None:
         """Queues the end (the status; `best`: upload MODEL_DIR/best/ too) and waits up to
