@@ -57,6 +57,13 @@ def traced_operations() -> List:
     return tf.compat.v1.get_default_graph().get_operations()
 
 
+def traced_graph():
+    """The graph being traced (a `tf.function`'s, or a branch's of `tf.cond` or body's of
+    `tf.while_loop` inside it: each is a graph of its own), or None when running eagerly.
+    Checked on TensorFlow 2.16 and 2.21."""
+    return None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
+
+
 def captured_as() -> dict:
     """outer tensor ref -> ref of the placeholder that stands for it inside the graph being
     traced (`FuncGraph.captures`: a variable's handle is read through it). Checked on

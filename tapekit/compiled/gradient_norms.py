@@ -22,16 +22,21 @@ A step that applies no update is left out of the means: a step skipped for a non
 gradient (`nan_policy=skip_step`, and every loss-scale overflow under mixed_float16), and
 the micro-steps of `gradient_accumulation_steps` before the one that applies the update.
 So a routine overflow never reads as a bad step, and a loop that applied no update reports
-0. Where every step applies its update (no accumulation, no skipping), a non-finite norm
-stays in the mean, as a non-finite loss does, and `nan_policy` sees it.
+0. So is a step that does not run the optimizer's `apply_gradients`: one under a tensor
+condition (`if self.global_step % 2 == 0:`, a `tf.cond`) counts the steps it ran in. Where
+every step applies its update (no accumulation, no skipping), a non-finite norm stays in
+the mean, as a non-finite loss does, and `nan_policy` sees it.
 
 How: `tapekit.compiled.updates.GradientUpdater.apply` (per replica, traced) starts an
 `UpdateWatch` on the global gradient just before the optimizer runs, and finishes it after,
 into the step's `StepNorms` (carried by the step's `tapekit.compiled.tracing.StepTrace`).
 Every replica holds the same global gradient and weights, so each computes the same numbers
 (no communication is added); on several replicas the option makes the updater sum the
-gradient over replicas itself, once, as it does for clipping. Off (the default), the step
-has no `StepNorms` and no op of this module is traced.
+gradient over replicas itself, once, as it does for clipping. An update in the step's own
+control flow adds to per-replica `Scratch` variables instead (its tensors cannot leave
+the branch), read and zeroed as the step's metrics are built; such a step's weights are
+known only when it runs, so its loop is traced again carrying counts. Off (the default),
+the step has no `StepNorms` and no op of this module is traced.
 """
 
 import dataclasses
@@ -39,6 +44,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import keras
 import tensorflow as tf
+
+from tapekit import compat
+from tapekit.errors import TapekitError
 
 METRICS = ("grad_norm", "grad_norm_clipped", "update_ratio", "clipped_share")
 
@@ -74,37 +82,105 @@ class _Sums:
     applied: Any  # True (unconditional) or a bool tensor
 
 
+_SCRATCH = ("gradient", "clipped_gradient", "update", "weights", "clipped", "applied")
+
+
+class Scratch:
+    """Per-replica scratch variables: what updates inside the step's own control flow (an
+    `apply_gradients` under `tf.cond` or in a `tf.while_loop`, e.g. `if self.global_step % 2
+    == 0:` with AutoGraph) added in one step, per optimizer: the squared norms summed, and
+    whether it clipped and whether it applied (1.0 or 0.0).
+
+    Created eagerly in the strategy scope with the loop, only with `log_gradient_norms`; they
+    belong to the loop, not to the trainer, so they are in no checkpoint. Each replica's
+    copy (`synchronization=ON_READ`) is written by that replica only: no communication. They
+    are 0 between steps: the step that adds to them reads and zeroes them as it builds its
+    metrics (automatic control dependencies order the writes, the read, then the reset).
+    """
+
+    def __init__(self, plan: NormsPlan):
+        self._variables = {
+            id(optimizer): {key: tf.Variable(0.0, trainable=False, name=f"gradient_norms_{key}",
+                                             synchronization=tf.VariableSynchronization.ON_READ,
+                                             aggregation=tf.VariableAggregation.NONE)
+                            for key in _SCRATCH}
+            for _, optimizer in plan.optimizers}
+
+    def add(self, optimizer, sums: "_Sums") -> None:
+        """Adds one update's `sums` to this replica's copy (in whatever branch it runs)."""
+        variables = self._variables[id(optimizer)]
+        for key in ("gradient", "clipped_gradient", "update", "weights"):
+            variables[key].assign_add(getattr(sums, key))
+        for key in ("clipped", "applied"):
+            value = getattr(sums, key)
+            if value is True:
+                variables[key].assign(1.0)
+            elif value is not False:
+                variables[key].assign(tf.maximum(variables[key].read_value(),
+                                                  tf.cast(value, tf.float32)))
+
+    def taken(self, optimizer) -> "_Sums":
+        """This step's sums of `optimizer` (its `applied` a bool tensor); the variables are
+        zeroed after they are read."""
+        variables = self._variables[id(optimizer)]
+        values = {key: tf.identity(variable.read_value()) for key, variable in variables.items()}
+        for variable in variables.values():
+            variable.assign(0.0)
+        return _Sums(values["gradient"], values["clipped_gradient"], values["update"],
+                     values["weights"], values["clipped"] > 0.0, values["applied"] > 0.0)
+
+
 class StepNorms:
     """One replica's step: what each optimizer's updates added. Traced, per replica.
 
     Several `apply_gradients` calls of one optimizer in a step (two models, or two calls)
     add their squared norms: the norms of all their gradients (weights, updates) together.
+    An update in the step's own control flow (a branch of `tf.cond`, the body of a
+    `tf.while_loop`: another graph than the step's) cannot hand its tensors out of it: it
+    adds to `scratch` instead, read as the step's metrics are built; a branch not taken adds
+    nothing, so the step counts as one that applied no update for that optimizer.
     """
 
-    def __init__(self, plan: NormsPlan):
+    def __init__(self, plan: NormsPlan, scratch: Optional[Scratch] = None):
         self.plan = plan
+        self._scratch = scratch
+        self._graph = compat.traced_graph()  # the step's; None: the step runs eagerly
         self._sums: Dict[int, _Sums] = {}
+        self._in_control_flow: Dict[int, Any] = {}  # id -> optimizer: added to `scratch`
+
+    @property
+    def in_control_flow(self) -> bool:
+        """Whether some update of this step ran in the step's own control flow (its weights
+        are then known only when the step runs)."""
+        return bool(self._in_control_flow)
 
     def add(self, optimizer, sums: _Sums) -> None:
+        if self._graph is not None and compat.traced_graph() not in (None, self._graph):
+            if self._scratch is None:
+                raise TapekitError(
+                    "internal: log_gradient_norms saw an update in the step's control flow "
+                    "without scratch variables to add it to.")
+            self._scratch.add(optimizer, sums)
+            self._in_control_flow[id(optimizer)] = optimizer
+            return
         before = self._sums.get(id(optimizer))
         if before is not None:
-            applied = (True if before.applied is True and sums.applied is True
-                       else tf.logical_or(before.applied, sums.applied))
-            unclipped = before.clipped_gradient is before.gradient and (
-                sums.clipped_gradient is sums.gradient)
-            gradient = before.gradient + sums.gradient
-            sums = _Sums(gradient, gradient if unclipped
-                         else before.clipped_gradient + sums.clipped_gradient,
-                         before.update + sums.update, before.weights + sums.weights,
-                         tf.logical_or(before.clipped, sums.clipped), applied)
+            sums = _added(before, sums)
         self._sums[id(optimizer)] = sums
+
+    def _step_sums(self, optimizer) -> Optional[_Sums]:
+        sums = self._sums.get(id(optimizer))
+        if id(optimizer) in self._in_control_flow:
+            taken = self._scratch.taken(optimizer)
+            sums = taken if sums is None else _added(sums, taken)
+        return sums
 
     def columns(self) -> List[Tuple[tf.Tensor, Any]]:
         """(value, weight) per metric of `plan.metric_names`: the weight is 1 where every
         step applies its update, else 1.0 or 0.0 (the step applied an update or not)."""
         columns = []
         for _, optimizer in self.plan.optimizers:
-            sums = self._sums.get(id(optimizer))
+            sums = self._step_sums(optimizer)
             if sums is None:  # not applied through tapekit in this step (see `check`)
                 columns += [(tf.zeros([]), 0)] * len(METRICS)
                 continue
@@ -120,7 +196,21 @@ class StepNorms:
     def missing(self) -> List[str]:
         """The names of the plan's optimizers this step did not apply through tapekit."""
         return [name for name, optimizer in self.plan.optimizers
-                if id(optimizer) not in self._sums]
+                if id(optimizer) not in self._sums and id(optimizer) not in self._in_control_flow]
+
+
+def _added(before: _Sums, sums: _Sums) -> _Sums:
+    """Two updates' sums of one optimizer in one step, together."""
+    applied = (True if before.applied is True and sums.applied is True
+               else tf.logical_or(before.applied, sums.applied))
+    unclipped = before.clipped_gradient is before.gradient and (
+        sums.clipped_gradient is sums.gradient)
+    gradient = before.gradient + sums.gradient
+    clipped = (False if before.clipped is False and sums.clipped is False
+               else tf.logical_or(before.clipped, sums.clipped))
+    return _Sums(gradient, gradient if unclipped
+                 else before.clipped_gradient + sums.clipped_gradient,
+                 before.update + sums.update, before.weights + sums.weights, clipped, applied)
 
 
 class UpdateWatch:

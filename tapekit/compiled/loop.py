@@ -29,7 +29,7 @@ from absl import logging
 
 from tapekit import compat
 from tapekit.compiled import build, means, step_summaries, tracing, xla
-from tapekit.compiled.gradient_norms import NormsPlan, StepNorms
+from tapekit.compiled.gradient_norms import NormsPlan, Scratch, StepNorms
 from tapekit.errors import TapekitError, user_message
 from tapekit.run.runner import LoopResult
 
@@ -170,6 +170,13 @@ class CompiledLoop:
         self._eager_noted = False
         self._measured_step = self._measure
         self._norms_warned = False
+        # log_gradient_norms: per-replica variables for updates in the step's control flow
+        # (outside any checkpoint); once one is seen, the loop carries counts (retraced).
+        self._norms_scratch = None
+        if plan.gradient_norms is not None:
+            with strategy.scope():
+                self._norms_scratch = Scratch(plan.gradient_norms)
+        self._norms_in_control_flow = False
         if plan.jit_compile and strategy.num_replicas_in_sync > 1:  # updates outside XLA
             self._measured_step = xla.SplitStep(
                 self._measure, self._updates_measured if plan.gradient_norms else None)
@@ -212,7 +219,7 @@ class CompiledLoop:
 
     def _step_norms(self) -> Optional[StepNorms]:
         norms = self.plan.gradient_norms
-        return None if norms is None else StepNorms(norms)
+        return None if norms is None else StepNorms(norms, self._norms_scratch)
 
     def _norm_columns(self, norms):
         """(value, recorded entry) of the step's gradient metrics: each weighted by whether
@@ -223,6 +230,11 @@ class CompiledLoop:
             logging.warning("log_gradient_norms: %s reported as 0: train_step does not apply its "
                             "gradients with self.apply_gradients(tape, loss, model, optimizer)",
                             ", ".join(missing))
+        if norms.in_control_flow and not self._carries_counts:
+            # Planned with constant weights; the step's gradient metrics now have weights
+            # known only when it runs: traced again, carrying counts (`__call__`).
+            self._norms_in_control_flow = True
+            raise _TracedAgain()
         return [(value, (None, weight)) for value, weight in norms.columns()]
 
     def _updates_measured(self, apply_updates, measured):
@@ -307,8 +319,9 @@ class CompiledLoop:
     def _traced_loop(self, iterator, num_steps, one_step):
         # Python side effects: run only while tracing. A one-step trace is not a retrace.
         spec = self._input_spec(iterator) if one_step else self._count_trace(iterator)
-        self._carries_counts = self.plan.finite_means or not self.plan.static_weights_for(
-            self._delivered(build.per_replica_spec(spec)))
+        self._carries_counts = (self.plan.finite_means or self._norms_in_control_flow
+                                or not self.plan.static_weights_for(
+                                    self._delivered(build.per_replica_spec(spec))))
         with self._summaries_of_loop():
             return self._run(iterator, num_steps, one_step)
 
@@ -541,8 +554,13 @@ class CompiledLoop:
         num_steps = tf.constant(NO_BAD_STEP if num_steps is None else num_steps, tf.int64)
         run = self._run_eagerly if self.runs_eagerly else self._call
         with marker() if marker else contextlib.nullcontext():
-            results = {name: value.numpy()
-                       for name, value in run(iterator, num_steps, marker is not None).items()}
+            try:
+                results = run(iterator, num_steps, marker is not None)
+            except _TracedAgain:  # the first trace, abandoned: it ran nothing
+                self.trace_count -= 1
+                self._concrete = self._concrete_one_step = None
+                results = run(iterator, num_steps, marker is not None)
+            results = {name: value.numpy() for name, value in results.items()}
         means = [float(value) for value in results["means"]]
         steps_run, first_bad = int(results["steps_run"]), int(results["first_bad"])
         bad_steps = int(results["bad_steps"])
@@ -567,6 +585,12 @@ class CompiledLoop:
             setattr(self, attribute, cached)
         concrete = cached[1]
         return concrete(num_steps) if iterator is None else concrete(iterator, num_steps)
+
+
+class _TracedAgain(Exception):
+    """Raised while a loop is traced with constant weights for a step whose gradient
+    metrics (`log_gradient_norms`, an update in the step's control flow) turn out to have
+    weights known only when it runs; `CompiledLoop.__call__` traces it again, carrying counts."""
 
 
 def call_loop(loop: CompiledLoop, iterator, num_steps) -> LoopResult:
