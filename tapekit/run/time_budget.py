@@ -48,7 +48,7 @@ class TimeBudget:
         self.started = now()
         self.expired = False
         self._longest_save = 0.0
-        self._runner: Any = None  # whose last end counts (`of`)
+        self.runner: Any = None  # whose last end counts in the reserve (`of`)
         self._wake = threading.Condition()
         self._watching = False
 
@@ -57,13 +57,13 @@ class TimeBudget:
         """`max_time` as given to `Controller.train`: a `TimeBudget` (started at the `fit`
         call), seconds (starting now) or None; `runner`'s last end counts in its reserve."""
         budget = max_time if isinstance(max_time, TimeBudget) else cls(max_time)
-        budget._runner = runner
+        budget.runner = runner
         return budget
 
     @property
     def reserve(self) -> float:
         """The seconds kept for the end of the run (the final save among it)."""
-        last_end = _last_end_secs.get(self._runner, 0.0) if self._runner is not None else 0.0
+        last_end = _last_end_secs.get(self.runner, 0.0) if self.runner is not None else 0.0
         return max(min(DEFAULT_RESERVE_SECS, self.seconds / 10), self._longest_save, last_end)
 
     def remaining(self) -> float:
@@ -84,8 +84,8 @@ class TimeBudget:
         reserve of the same runner's later budgets. `stopped`: this budget stopped the run,
         so an end longer than its reserve overran it (a warning)."""
         reserve = self.reserve if self.seconds is not None else 0.0
-        if self._runner is not None:
-            _last_end_secs[self._runner] = seconds
+        if self.runner is not None:
+            _last_end_secs[self.runner] = seconds
         if stopped and seconds > reserve:
             logging.warning("max_time: the end of the run (callbacks, final save) took %.1f s, "
                             "more than the %.1f s kept for it: the budget overran by about "
