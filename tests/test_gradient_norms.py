@@ -362,3 +362,27 @@ def test_an_update_written_inside_tf_cond_reports_the_steps_it_applied(nested):
     assert len(history) == 2
     for loop, expected in zip(history, _hand_loops(x, y, 3, 2, lambda step: step % 2 == 0)):
         check(loop, expected)
+
+
+def test_a_run_with_norms_on_two_replicas_resumes_bit_for_bit(tmp_path):
+    """On several replicas the option routes the update through tapekit's own sum: a run
+    stopped at step 4 and resumed by a new trainer still ends bitwise where the whole run
+    does (weights, Adam's slots), with the same norms in its last loop."""
+    x, y = rows(64)
+    data = batches(x, y).repeat()
+
+    def trainer(**options):
+        return Linear(lambda: keras.optimizers.Adam(0.05, clipnorm=0.5), models=2,
+                      log_gradient_norms=True, deterministic=True, **TWO_REPLICAS, **options)
+
+    whole = trainer(model_dir=str(tmp_path / "whole"), checkpoint_every_steps=4)
+    whole_last = whole.fit(train_steps=8, steps_per_loop=4, dataset=data)[-1]
+    resumed = trainer(restore_from=str(tmp_path / "whole" / "checkpoints" / "ckpt-4"))
+    resumed_last = resumed.fit(train_steps=8, steps_per_loop=4, dataset=data)[-1]
+    assert resumed.history[0]["step"] == 8  # one loop: 5-8
+    for name in ("model", "other_model", "optimizer", "other_optimizer"):
+        for a, b in zip(getattr(whole, name).variables, getattr(resumed, name).variables):
+            np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=f"{name} {a.path}")
+    norms = [key for key in whole_last if key.split("/")[0] in METRICS]
+    assert len(norms) == 8  # four per optimizer, suffixed
+    assert {key: whole_last[key] for key in norms} == {key: resumed_last[key] for key in norms}
